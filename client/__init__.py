@@ -1,0 +1,1 @@
+"""Clients of the Triton ensemble (tritonclient gRPC/HTTP, shared memory)."""

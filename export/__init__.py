@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX (and TensorRT plans on GPUs) -> Triton model repository."""

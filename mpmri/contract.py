@@ -1,0 +1,247 @@
+"""The one source of truth shared by preprocessing, training, export, the model repository and the service.
+
+Everything that must agree between training and serving lives here: the sequence order, the model
+grid, normalization constants, tensor names, shapes and data types. Nothing else in the code base
+may hard-code these values (no train/serve skew).
+
+Conventions
+-----------
+* Arrays are ``[B, S, D, H, W]`` (batch, sequence, slice, row, column); without batch ``[S, D, H, W]``.
+* Physical coordinates are DICOM patient coordinates (LPS) in millimetres.
+* Index order of a volume array is ``(k, j, i)`` = ``(D, H, W)``; SimpleITK / ITK index order is
+  ``(i, j, k)``. :class:`GridGeometry` converts between voxel indices and LPS millimetres.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+CONTRACT_VERSION = "1"
+
+# --------------------------------------------------------------------------------------------------
+# Sequences
+# --------------------------------------------------------------------------------------------------
+#: Channel order of every image tensor ``[.., S, ..]``. T2W is required; ADC and DWI may be missing.
+SEQUENCES: tuple[str, ...] = ("t2w", "adc", "dwi")
+NUM_SEQUENCES: int = len(SEQUENCES)
+REQUIRED_SEQUENCES: tuple[str, ...] = ("t2w",)
+#: Minimum b-value (s/mm^2) accepted as "high-b" DWI.
+MIN_HIGH_B_VALUE_S_PER_MM2: float = 800.0
+
+
+def sequence_index(name: str) -> int:
+    """Channel index of ``name`` in :data:`SEQUENCES`."""
+    return SEQUENCES.index(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model grid (geometric harmonization)
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GridSpec:
+    """The model grid: a box centred on the T2W field of view, aligned with T2W's orientation.
+
+    Attributes:
+        size_dhw: number of voxels ``(D, H, W)``.
+        spacing_mm_dhw: voxel spacing in mm ``(slice, row, column)``.
+    """
+
+    size_dhw: tuple[int, int, int] = (16, 64, 64)
+    spacing_mm_dhw: tuple[float, float, float] = (3.0, 1.5, 1.5)
+
+    @property
+    def extent_mm_dhw(self) -> tuple[float, float, float]:
+        """Physical extent of the grid in mm ``(slice, row, column)``."""
+        return tuple(n * s for n, s in zip(self.size_dhw, self.spacing_mm_dhw))  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size_dhw": list(self.size_dhw), "spacing_mm_dhw": list(self.spacing_mm_dhw)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GridSpec:
+        return cls(size_dhw=tuple(d["size_dhw"]), spacing_mm_dhw=tuple(d["spacing_mm_dhw"]))  # type: ignore[arg-type]
+
+
+DEFAULT_GRID = GridSpec()
+
+
+@dataclasses.dataclass(frozen=True)
+class GridGeometry:
+    """Geometry of one concrete grid instance in patient space (LPS mm).
+
+    Attributes:
+        origin_lps_mm: LPS position of the centre of voxel ``(0, 0, 0)``.
+        direction: 3x3 direction cosines, row-major like ITK: column ``c`` is the LPS unit vector of
+            ITK axis ``c`` (axis 0 = i = W, axis 1 = j = H, axis 2 = k = D).
+        spacing_mm_ijk: spacing along ITK axes ``(i, j, k)`` = ``(W, H, D)`` in mm.
+        size_ijk: voxel counts along ``(i, j, k)``.
+    """
+
+    origin_lps_mm: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major (ITK GetDirection order)
+    spacing_mm_ijk: tuple[float, float, float]
+    size_ijk: tuple[int, int, int]
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def index_to_lps(self, index_kji: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Continuous voxel index ``(k, j, i)`` (array order D, H, W) -> LPS mm. Accepts ``[..., 3]``."""
+        idx = np.asarray(index_kji, dtype=np.float64)[..., ::-1]  # -> (i, j, k)
+        scaled = idx * np.asarray(self.spacing_mm_ijk)
+        return np.asarray(self.origin_lps_mm) + scaled @ self.direction_matrix.T
+
+    def lps_to_index(self, point_lps_mm: Sequence[float] | np.ndarray) -> np.ndarray:
+        """LPS mm -> continuous voxel index ``(k, j, i)`` (array order D, H, W). Accepts ``[..., 3]``."""
+        p = np.asarray(point_lps_mm, dtype=np.float64) - np.asarray(self.origin_lps_mm)
+        ijk = (p @ self.direction_matrix) / np.asarray(self.spacing_mm_ijk)
+        return ijk[..., ::-1]
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing_mm_ijk))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "origin_lps_mm": list(self.origin_lps_mm),
+            "direction": list(self.direction),
+            "spacing_mm_ijk": list(self.spacing_mm_ijk),
+            "size_ijk": list(self.size_ijk),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GridGeometry:
+        return cls(
+            origin_lps_mm=tuple(float(v) for v in d["origin_lps_mm"]),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in d["direction"]),
+            spacing_mm_ijk=tuple(float(v) for v in d["spacing_mm_ijk"]),  # type: ignore[arg-type]
+            size_ijk=tuple(int(v) for v in d["size_ijk"]),  # type: ignore[arg-type]
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Intensity harmonization
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PercentileNormalization:
+    """Robust linear scaling: the ``lower``/``upper`` percentiles (inside the model grid) map to 0/1.
+
+    Output is clipped to ``[clip_min, clip_max]`` to bound outliers.
+    """
+
+    lower_percentile: float = 1.0
+    upper_percentile: float = 99.0
+    clip_min: float = -0.5
+    clip_max: float = 1.5
+    kind: str = "percentile"
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedScaleNormalization:
+    """Fixed physical scaling for quantitative maps: ``x / divisor`` clipped to ``[clip_min, clip_max]``.
+
+    For ADC the stored unit is 1e-6 mm^2/s, so ``divisor = 3000`` maps 3.0e-3 mm^2/s to 1.0.
+    """
+
+    divisor: float = 3000.0
+    clip_min: float = 0.0
+    clip_max: float = 1.5
+    unit: str = "1e-6 mm^2/s"
+    kind: str = "fixed_scale"
+
+
+NormalizationSpec = PercentileNormalization | FixedScaleNormalization
+
+#: Per-sequence intensity normalization, keyed by sequence name (same order as :data:`SEQUENCES`).
+NORMALIZATION: dict[str, NormalizationSpec] = {
+    "t2w": PercentileNormalization(),
+    "adc": FixedScaleNormalization(),
+    "dwi": PercentileNormalization(),
+}
+
+#: Value written into the channel of a sequence that is missing (its availability is 0).
+MISSING_CHANNEL_FILL_VALUE: float = 0.0
+
+
+def normalization_to_dict() -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(NORMALIZATION[name]) for name in SEQUENCES}
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------
+PIRADS_CATEGORIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+NUM_PIRADS: int = len(PIRADS_CATEGORIES)
+LABEL_DEFINITIONS: dict[str, str] = {
+    "significant": "clinically significant prostate cancer (synthetic ground truth: lesion.significant)",
+    "pirads": "PI-RADS-like category 1-5 (synthetic rules, docs/synthetic_studies.md)",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving tensors (Triton). Shapes exclude the batch dimension (Triton max_batch_size adds it).
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32"
+    shape: tuple[int, ...]  # without batch
+
+    @property
+    def triton_dtype(self) -> str:
+        return {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}[self.dtype]
+
+    @property
+    def client_dtype(self) -> str:
+        return {"float32": "FP32", "float16": "FP16", "int64": "INT64", "bool": "BOOL"}[self.dtype]
+
+
+def tensor_specs(grid: GridSpec = DEFAULT_GRID) -> dict[str, TensorSpec]:
+    """All named tensors of the serving graph for ``grid``."""
+    d, h, w = grid.size_dhw
+    s = NUM_SEQUENCES
+    specs = [
+        TensorSpec("images", "float32", (s, d, h, w)),
+        TensorSpec("availability", "float32", (s,)),
+        TensorSpec("sequence_maps", "float32", (s, d, h, w)),
+        TensorSpec("fused_map", "float32", (1, d, h, w)),
+        TensorSpec("cspca_probability", "float32", (1,)),
+        TensorSpec("pirads_distribution", "float32", (NUM_PIRADS,)),
+    ]
+    return {t.name: t for t in specs}
+
+
+#: Model names in the Triton repository and their input/output tensor names.
+LOCALIZATION_MODEL = "localization"
+FUSION_MODEL = "map_fusion"
+CLASSIFICATION_MODEL = "classification"
+ENSEMBLE_MODEL = "mpmri_ensemble"
+MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    LOCALIZATION_MODEL: (("images",), ("sequence_maps",)),
+    FUSION_MODEL: (("sequence_maps", "availability"), ("fused_map",)),
+    CLASSIFICATION_MODEL: (("images", "fused_map"), ("cspca_probability", "pirads_distribution")),
+    ENSEMBLE_MODEL: (("images", "availability"), ("sequence_maps", "fused_map", "cspca_probability", "pirads_distribution")),
+}
+
+
+def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
+    """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests)."""
+    return {
+        "contract_version": CONTRACT_VERSION,
+        "sequences": list(SEQUENCES),
+        "grid": grid.to_dict(),
+        "normalization": normalization_to_dict(),
+        "missing_channel_fill_value": MISSING_CHANNEL_FILL_VALUE,
+        "pirads_categories": list(PIRADS_CATEGORIES),
+        "labels": LABEL_DEFINITIONS,
+    }
+
+
+def contract_json(grid: GridSpec = DEFAULT_GRID) -> str:
+    return json.dumps(contract_dict(grid), indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""Localization, map fusion and classification networks (torch, MONAI building blocks)."""

@@ -1,0 +1,1 @@
+"""Two-phase training (localization, then classification with joint fine-tuning) and evaluation."""
