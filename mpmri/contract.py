@@ -226,7 +226,10 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     LOCALIZATION_MODEL: (("images",), ("sequence_maps",)),
     FUSION_MODEL: (("sequence_maps", "availability"), ("fused_map",)),
     CLASSIFICATION_MODEL: (("images", "fused_map"), ("cspca_probability", "pirads_distribution")),
-    ENSEMBLE_MODEL: (("images", "availability"), ("sequence_maps", "fused_map", "cspca_probability", "pirads_distribution")),
+    ENSEMBLE_MODEL: (
+        ("images", "availability"),
+        ("sequence_maps", "fused_map", "cspca_probability", "pirads_distribution"),
+    ),
 }
 
 

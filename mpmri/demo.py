@@ -51,7 +51,7 @@ def _stage(name: str, t0: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from client.triton_client import EnsembleClient
-    from export.onnx_export import export_repository
+    from export.pipeline import export_repository
     from networks.candidates import extract_candidates
     from networks.checkpoint import DEFAULT_CHECKPOINT
     from preprocess_service.pipeline import preprocess_study

@@ -20,3 +20,44 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def synthetic_case(synthetic_dataset: list[Path]) -> Path:
     """One synthetic case directory: ``<case>/dicom/<series>/*.dcm`` and ``<case>/ground_truth.json``."""
     return synthetic_dataset[0]
+
+
+# --- Triton serving (task D): one random-init checkpoint, one exported repository, one server per session ---
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init CPU-profile checkpoint (seeded); stands in for the trained one in serving tests."""
+    import torch
+
+    from networks import build_networks, save_checkpoint
+
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("checkpoint") / "random.pt"
+    save_checkpoint(path, build_networks("cpu"), {"note": "random init for tests"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def exported_repository(random_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``mpmri export`` of :func:`random_checkpoint` into a temporary model repository."""
+    from export.pipeline import export_repository
+
+    repository = tmp_path_factory.mktemp("export") / "model_repository"
+    export_repository(random_checkpoint, repository, progress=lambda message: None)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def triton_server(exported_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real embedded Triton (CPU) serving :func:`exported_repository` on free ports, started once."""
+    from serving.embedded import EmbeddedTriton, free_port
+
+    server = EmbeddedTriton(
+        exported_repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_level="warning",
+        build_dir=tmp_path_factory.mktemp("triton_build"),
+    )
+    with server:
+        yield server

@@ -1,0 +1,105 @@
+"""The real embedded Triton serves the ensemble; gRPC/HTTP (+ shared memory) agree with onnxruntime and torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.triton_client import EnsembleClient, TritonClientError
+from export.onnx_export import max_abs_diffs, ort_chain, ort_session, parity_inputs, torch_chain
+from export.repository import NETWORK_MODELS
+from mpmri.contract import ENSEMBLE_MODEL, MODEL_IO
+from networks import load_checkpoint
+from serving.embedded import EmbeddedTriton, TritonStartError, free_port
+from serving.triton_env import TritonEnvironmentError, check_stub_python, find_installation, server_environment
+
+pytestmark = pytest.mark.triton
+OUTPUTS = MODEL_IO[ENSEMBLE_MODEL][1]
+
+
+@pytest.fixture(scope="module")
+def references(exported_repository: Path, random_checkpoint: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs (batch 2: one full study, one T2W-only) and the in-process onnxruntime and torch outputs."""
+    nets, _ = load_checkpoint(random_checkpoint)
+    inputs = parity_inputs(nets.grid, batch=2, seed=3)
+    sessions = {m: ort_session(exported_repository / m / "1" / "model.onnx") for m in NETWORK_MODELS}
+    return {"inputs": inputs, "ort": ort_chain(sessions, inputs), "torch": torch_chain(nets, inputs)}
+
+
+def _assert_close(got: dict[str, np.ndarray], refs: dict[str, dict[str, np.ndarray]]) -> None:
+    availability = refs["inputs"]["availability"]
+    for name in OUTPUTS:
+        assert got[name].shape == refs["torch"][name].shape, name
+    ort_diff = max_abs_diffs(got, refs["ort"], OUTPUTS, availability)
+    torch_diff = max_abs_diffs(got, refs["torch"], OUTPUTS, availability)
+    assert all(v <= 1e-5 for k, v in ort_diff.items() if not k.endswith("]")), ort_diff
+    assert all(v <= 1e-4 for k, v in torch_diff.items() if not k.endswith("]")), torch_diff
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
+def test_ensemble_outputs_match_onnxruntime_and_torch(
+    triton_server: EmbeddedTriton, references: dict[str, dict[str, np.ndarray]], protocol: str, shared_memory: str
+) -> None:
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    with EnsembleClient(url, protocol=protocol, shared_memory=shared_memory) as client:
+        assert client.is_ready()
+        inputs = references["inputs"]
+        _assert_close(client.infer(inputs["images"], inputs["availability"]), references)
+        # a second request reuses the registered regions (and an unbatched request drops the batch axis)
+        single = client.infer(inputs["images"][0], inputs["availability"][0])
+        np.testing.assert_allclose(single["cspca_probability"], references["ort"]["cspca_probability"][0], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA shared memory needs a GPU")
+def test_ensemble_outputs_via_cuda_shared_memory(
+    triton_server: EmbeddedTriton, references: dict[str, dict[str, np.ndarray]]
+) -> None:
+    pytest.importorskip("cuda.bindings.runtime")
+    with EnsembleClient(triton_server.grpc_url, protocol="grpc", shared_memory="cuda") as client:
+        inputs = references["inputs"]
+        _assert_close(client.infer(inputs["images"], inputs["availability"]), references)
+
+
+def test_client_rejects_images_of_wrong_shape(triton_server: EmbeddedTriton) -> None:
+    with EnsembleClient(triton_server.grpc_url) as client, pytest.raises(TritonClientError, match="images must be"):
+        client.infer(np.zeros((1, 2, 16, 64, 64), np.float32), np.ones((1, 2), np.float32))
+
+
+def test_start_fails_clearly_when_weights_are_missing(tmp_path: Path) -> None:
+    from export.repository import write_configs
+
+    write_configs(tmp_path)
+    with pytest.raises(TritonStartError, match=r"model\.onnx is missing: run mpmri export"):
+        EmbeddedTriton(tmp_path, free_port(), free_port(), free_port()).start()
+
+
+def test_start_failure_reports_server_log_tail(exported_repository: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "repo"
+    shutil.copytree(exported_repository, broken)
+    (broken / "map_fusion" / "1" / "model.onnx").write_bytes(b"not an onnx model")
+    server = EmbeddedTriton(broken, free_port(), free_port(), free_port(), build_dir=tmp_path / "build")
+    with pytest.raises(TritonStartError, match="exited with code") as info:
+        server.start()
+    assert "map_fusion" in str(info.value)  # the log tail names the model that failed to load
+
+
+def test_environment_check_rejects_python_without_the_venv(tmp_path: Path) -> None:
+    """A python3 outside the venv (e.g. a system one with numpy 2, or none at all) must be refused."""
+    inst = find_installation()
+    base = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    (tmp_path / "python3").symlink_to(base)  # no pyvenv.cfg beside it: the base interpreter's site-packages
+    env = server_environment(inst, base={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    env["PATH"] = f"{tmp_path}:/usr/bin:/bin"
+    probe = os.popen(f"{base} -c 'import numpy, onnxruntime; print(numpy.__version__[0])' 2>/dev/null").read().strip()
+    if probe == "1":
+        pytest.skip("the base interpreter itself has numpy 1.x and onnxruntime")
+    with pytest.raises(TritonEnvironmentError, match="numpy"):
+        check_stub_python(inst, env)
