@@ -1,0 +1,438 @@
+"""DICOM ingestion: read every object once (headers + raw pixel bytes, no decoding) and describe its frames.
+
+Sources are a folder (recursive, any file names), a sequence of raw DICOM bytes (what the gRPC service
+receives) or already-read :class:`pydicom.Dataset` objects. Pixel data is decoded later, only for the
+series that are chosen (:func:`decode_frames`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from preprocess_service.errors import (
+    NotDicomError,
+    TooManyInstancesError,
+    TruncatedDicomError,
+    UnsupportedPixelDataError,
+)
+
+Source = Path | str | Sequence[bytes] | Sequence[Dataset] | Mapping[str, Sequence[Dataset]]
+
+ENHANCED_MR_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR Image Storage
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR Image Storage
+    }
+)
+#: SOP classes that must carry Pixel Data; such an object without it was cut short.
+_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
+        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+        *ENHANCED_MR_SOP_CLASSES,
+    }
+)
+_UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit LE
+_GE_BVALUE = Tag(0x0043, 0x1039)
+_SIEMENS_BVALUE = Tag(0x0019, 0x100C)
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """One 2D image plane: a single-frame instance, or one frame of an enhanced multi-frame instance.
+
+    Geometry fields are ``None`` when the object lacks them (the volume builder then refuses the series).
+    """
+
+    instance: int  #: index into :attr:`Ingested.datasets`
+    frame_index: int | None  #: 0-based frame of a multi-frame object, ``None`` for single-frame
+    position_lps_mm: tuple[float, float, float] | None  #: ImagePositionPatient (centre of first voxel)
+    orientation: tuple[float, ...] | None  #: ImageOrientationPatient, 6 direction cosines (row, column)
+    pixel_spacing_mm: tuple[float, float] | None  #: PixelSpacing (between rows, between columns)
+    rows: int
+    columns: int
+    rescale_slope: float
+    rescale_intercept: float
+    b_value_s_per_mm2: float | None
+    instance_number: int | None
+
+
+@dataclass
+class SeriesInfo:
+    """Header summary of one series (all its frames); nothing is decoded yet."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    sop_class_uid: str
+    description: str
+    protocol_name: str
+    series_number: int | None
+    image_type: tuple[str, ...]
+    scanning_sequence: tuple[str, ...]
+    frames: list[FrameHeader] = field(default_factory=list)
+
+    @property
+    def b_values_s_per_mm2(self) -> list[float]:
+        """Distinct b-values (s/mm^2) found in the frame headers, ascending."""
+        return sorted({f.b_value_s_per_mm2 for f in self.frames if f.b_value_s_per_mm2 is not None})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "series_uid": self.series_uid,
+            "description": self.description,
+            "protocol_name": self.protocol_name,
+            "series_number": self.series_number,
+            "modality": self.modality,
+            "image_type": list(self.image_type),
+            "num_frames": len(self.frames),
+            "b_values_s_per_mm2": self.b_values_s_per_mm2,
+        }
+
+
+@dataclass
+class Ingested:
+    """Every readable DICOM object of the input plus the objects skipped while reading."""
+
+    datasets: list[Dataset]
+    labels: list[str]  #: where each dataset came from (relative file path or ``bytes[i]``)
+    skipped: list[dict[str, str]]  #: ``{"source": ..., "reason": ...}``
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def _list_files(folder: Path) -> list[Path]:
+    files: list[Path] = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        files.extend(Path(root) / n for n in sorted(names))
+    return files
+
+
+def _check_complete(ds: Dataset, label: str) -> None:
+    """Raise :class:`TruncatedDicomError` when the last element is shorter than declared, or pixel data is short."""
+    keys = list(ds.keys())
+    if not keys:
+        raise TruncatedDicomError(f"{label}: truncated DICOM file (no data elements after the file meta)")
+    if keys:
+        last = ds.get_item(keys[-1])
+        if (
+            isinstance(last, RawDataElement)
+            and last.length != 0xFFFFFFFF
+            and last.value is not None
+            and len(last.value) < last.length
+        ):
+            raise TruncatedDicomError(
+                f"{label}: truncated DICOM file (element {Tag(last.tag)} declares {last.length} bytes, "
+                f"{len(last.value)} present)"
+            )
+    sop_class = str(ds.get("SOPClassUID", ""))
+    meta = getattr(ds, "file_meta", None)
+    if not sop_class and meta is not None:
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+    if sop_class in _IMAGE_SOP_CLASSES and "PixelData" not in ds:
+        raise TruncatedDicomError(f"{label}: truncated DICOM file ({UID(sop_class).name} without Pixel Data)")
+    if "PixelData" in ds and _is_uncompressed(ds):
+        expected = _expected_pixel_bytes(ds)
+        actual = len(ds.PixelData)
+        if expected is not None and actual < expected:
+            raise TruncatedDicomError(f"{label}: truncated DICOM file (Pixel Data has {actual} of {expected} bytes)")
+
+
+def _is_uncompressed(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
+    return tsyntax in _UNCOMPRESSED_SYNTAXES or tsyntax == "1.2.840.10008.1.2.2" or tsyntax == ""
+
+
+def _expected_pixel_bytes(ds: Dataset) -> int | None:
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        return int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _read_one(data: bytes, label: str) -> Dataset:
+    """Read one object; :class:`InvalidDicomError` means 'not DICOM', other failures mean a damaged file."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        raise
+    except Exception as err:  # struct.error, EOFError, BytesLengthException, ...: all mean a damaged file
+        raise TruncatedDicomError(f"{label}: truncated or corrupt DICOM file ({type(err).__name__})") from err
+    _check_complete(ds, label)
+    return ds
+
+
+def read_source(source: Source, max_instances: int) -> Ingested:
+    """Read every DICOM object of ``source`` once (no pixel decoding).
+
+    Non-DICOM files inside a folder are skipped and recorded; an input without any DICOM object raises
+    :class:`NotDicomError`. A damaged DICOM object raises :class:`TruncatedDicomError`.
+    """
+    datasets: list[Dataset] = []
+    labels: list[str] = []
+    skipped: list[dict[str, str]] = []
+    if isinstance(source, bytes | bytearray | memoryview):  # one object's bytes, not a sequence of objects
+        source = [bytes(source)]
+    if isinstance(source, Mapping):  # e.g. SyntheticStudy.series: {name: [Dataset, ...]}
+        source = [obj for group in source.values() for obj in group]
+    if isinstance(source, str | Path):
+        folder = Path(source)
+        if folder.is_file():
+            items: list[tuple[bytes | Path | Dataset, str]] = [(folder, folder.name)]
+        elif folder.is_dir():
+            items = [(p, str(p.relative_to(folder))) for p in _list_files(folder)]
+        else:
+            raise NotDicomError(f"{folder}: no such file or folder")
+    else:
+        items = []
+        for i, obj in enumerate(source):
+            if isinstance(obj, Dataset):
+                items.append((obj, f"dataset[{i}]"))
+            elif isinstance(obj, bytes | bytearray | memoryview):
+                items.append((bytes(obj), f"bytes[{i}]"))
+            else:
+                raise NotDicomError(f"item {i} of the input is {type(obj).__name__}, not DICOM bytes or a Dataset")
+    if len(items) > max_instances:
+        raise TooManyInstancesError(
+            f"input holds {len(items)} objects, more than the limit of {max_instances} instances"
+        )
+    for obj, label in items:
+        if isinstance(obj, Dataset):
+            _check_complete(obj, label)
+            ds = obj
+        else:
+            if isinstance(obj, Path):
+                try:
+                    obj = obj.read_bytes()
+                except OSError as err:
+                    skipped.append(
+                        {"source": label, "reason": f"unreadable file ({err.strerror or type(err).__name__})"}
+                    )
+                    continue
+            try:
+                ds = _read_one(obj, label)
+            except InvalidDicomError:
+                skipped.append({"source": label, "reason": "not a DICOM file"})
+                continue
+        datasets.append(ds)
+        labels.append(label)
+    if not datasets:
+        what = f"{len(items)} input object(s)" if items else "an empty input"
+        raise NotDicomError(f"no DICOM object found in {what}")
+    return Ingested(datasets=datasets, labels=labels, skipped=skipped)
+
+
+# --------------------------------------------------------------------------------------------------
+# Header interpretation
+# --------------------------------------------------------------------------------------------------
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _number(value: Any) -> float | None:
+    """First number of a (possibly private, possibly raw-bytes) element value."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        text = value.decode("ascii", errors="ignore").replace("\x00", " ").strip()
+        value = text.split("\\")[0] if text else None
+        if value is None:
+            return None
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        if not value:
+            return None
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def b_value_of(ds: Dataset) -> float | None:
+    """b-value (s/mm^2) of a single-frame object: DiffusionBValue, else GE (0043,1039), else Siemens (0019,100C)."""
+    b = _number(ds.get("DiffusionBValue"))
+    if b is not None:
+        return b
+    if _GE_BVALUE in ds:
+        b = _number(ds[_GE_BVALUE].value)
+        if b is not None:
+            return b % 1e9 if b >= 1e9 else b  # some GE versions add 1e9 to the b-value
+    if _SIEMENS_BVALUE in ds:
+        return _number(ds[_SIEMENS_BVALUE].value)
+    return None
+
+
+def _first(seq_parent: Dataset | None, seq_name: str) -> Dataset | None:
+    if seq_parent is None:
+        return None
+    seq = seq_parent.get(seq_name)
+    return seq[0] if seq else None
+
+
+def _frames_of(ds: Dataset, instance: int) -> list[FrameHeader]:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    inst_no = ds.get("InstanceNumber")
+    inst_no = int(inst_no) if inst_no not in (None, "") else None
+    if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds:
+        shared = _first(ds, "SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+        n = int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame))
+        frames = []
+        for f in range(n):
+            pf = per_frame[f] if f < len(per_frame) else None
+
+            def group(name: str, pf: Dataset | None = pf) -> Dataset | None:
+                return _first(pf, name) or _first(shared, name)
+
+            pos = group("PlanePositionSequence")
+            ori = group("PlaneOrientationSequence")
+            pix = group("PixelMeasuresSequence")
+            pvt = group("PixelValueTransformationSequence")
+            dif = group("MRDiffusionSequence")
+            frames.append(
+                FrameHeader(
+                    instance=instance,
+                    frame_index=f,
+                    position_lps_mm=_floats(pos.get("ImagePositionPatient") if pos else None, 3),  # type: ignore[arg-type]
+                    orientation=_floats(ori.get("ImageOrientationPatient") if ori else None, 6),
+                    pixel_spacing_mm=_floats(pix.get("PixelSpacing") if pix else None, 2),  # type: ignore[arg-type]
+                    rows=rows,
+                    columns=cols,
+                    rescale_slope=float(pvt.get("RescaleSlope", 1.0) or 1.0) if pvt else 1.0,
+                    rescale_intercept=float(pvt.get("RescaleIntercept", 0.0) or 0.0) if pvt else 0.0,
+                    b_value_s_per_mm2=_number(dif.get("DiffusionBValue")) if dif else None,
+                    instance_number=inst_no,
+                )
+            )
+        return frames
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return [
+        FrameHeader(
+            instance=instance,
+            frame_index=None,
+            position_lps_mm=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+            pixel_spacing_mm=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            rows=rows,
+            columns=cols,
+            rescale_slope=float(slope) if slope not in (None, "") else 1.0,
+            rescale_intercept=float(intercept) if intercept not in (None, "") else 0.0,
+            b_value_s_per_mm2=b_value_of(ds),
+            instance_number=inst_no,
+        )
+    ]
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip().upper() for v in value.split("\\") if v.strip())
+    return tuple(str(v).strip().upper() for v in value if str(v).strip())
+
+
+def series_key(ds: Dataset) -> tuple[str, str]:
+    """``(StudyInstanceUID, SeriesInstanceUID)`` of an object (empty strings when absent)."""
+    return str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+
+
+def describe_series(ingested: Ingested, indices: Sequence[int]) -> SeriesInfo:
+    """Build the :class:`SeriesInfo` of the objects ``indices`` (all of one series), frames in input order."""
+    first = ingested.datasets[indices[0]]
+    study_uid, series_uid = series_key(first)
+    sn = first.get("SeriesNumber")
+    info = SeriesInfo(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        description=str(first.get("SeriesDescription", "") or ""),
+        protocol_name=str(first.get("ProtocolName", "") or ""),
+        series_number=int(sn) if sn not in (None, "") else None,
+        image_type=_strings(first.get("ImageType")),
+        scanning_sequence=_strings(first.get("ScanningSequence")),
+    )
+    for i in indices:
+        info.frames.extend(_frames_of(ingested.datasets[i], i))
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# Pixel decoding (chosen series only)
+# --------------------------------------------------------------------------------------------------
+def _decode_instance(ds: Dataset, label: str) -> np.ndarray:
+    """Stored pixel values of one object as ``[frames, rows, columns]`` (no rescale applied)."""
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise UnsupportedPixelDataError(f"{label}: colour pixel data (SamplesPerPixel != 1) is not an MR image")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits_alloc = int(ds.BitsAllocated)
+    bits_stored = int(ds.get("BitsStored", bits_alloc))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
+    little = tsyntax in _UNCOMPRESSED_SYNTAXES or (tsyntax == "" and getattr(ds, "is_little_endian", True) is not False)
+    # Fast path: uncompressed little-endian 8/16-bit data straight from the bytes.
+    if little and bits_alloc in (8, 16) and (bits_stored == bits_alloc or not signed):
+        dtype = np.dtype(f"{'i' if signed else 'u'}{bits_alloc // 8}").newbyteorder("<")
+        n = rows * cols * frames
+        arr = np.frombuffer(ds.PixelData, dtype=dtype, count=n)
+        if not signed and bits_stored < bits_alloc:
+            arr = arr & np.asarray((1 << bits_stored) - 1, dtype=dtype)
+        return arr.reshape(frames, rows, cols)
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # codec missing, corrupt fragments, ...
+        raise UnsupportedPixelDataError(
+            f"{label}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        ) from err
+    return np.asarray(arr).reshape(frames, rows, cols)
+
+
+def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarray:
+    """Decode ``frames`` and apply each frame's RescaleSlope/Intercept. Returns float32 ``[N, rows, cols]``.
+
+    Every object is decoded once, even when several of its frames are requested.
+    """
+    if not frames:
+        raise ValueError("no frames to decode")
+    rows, cols = frames[0].rows, frames[0].columns
+    out = np.empty((len(frames), rows, cols), dtype=np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for n, fr in enumerate(frames):
+        stored = cache.get(fr.instance)
+        if stored is None:
+            stored = _decode_instance(ingested.datasets[fr.instance], ingested.labels[fr.instance])
+            cache[fr.instance] = stored
+        out[n] = stored[fr.frame_index or 0]
+    slopes = np.asarray([f.rescale_slope for f in frames], dtype=np.float32)
+    intercepts = np.asarray([f.rescale_intercept for f in frames], dtype=np.float32)
+    if np.any(slopes != 1.0) or np.any(intercepts != 0.0):
+        out *= slopes[:, None, None]
+        out += intercepts[:, None, None]
+    return out

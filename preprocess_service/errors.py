@@ -1,0 +1,53 @@
+"""Typed, user-facing preprocessing errors (each ``str(err)`` is one line naming the problem)."""
+
+from __future__ import annotations
+
+from mpmri.errors import MpmriError
+
+
+class PreprocessError(MpmriError):
+    """Base class of every expected preprocessing failure."""
+
+
+class NotDicomError(PreprocessError):
+    """The input contains no readable DICOM object."""
+
+
+class TruncatedDicomError(PreprocessError):
+    """A DICOM file ends early (header or pixel data shorter than declared)."""
+
+
+class TooManyInstancesError(PreprocessError):
+    """More instances than :attr:`PreprocessSettings.max_instances` (protects the service)."""
+
+
+class MultipleStudiesError(PreprocessError):
+    """The input holds more than one StudyInstanceUID and none was selected."""
+
+
+class NotMRError(PreprocessError):
+    """No MR image is present (e.g. a CT-only input)."""
+
+
+class NoT2WError(PreprocessError):
+    """No series could be identified as T2-weighted; T2W is required (it defines the model grid)."""
+
+
+class InconsistentGeometryError(PreprocessError):
+    """A chosen series has mixed orientations, duplicate or missing slices, or non-uniform spacing."""
+
+
+class SingleSliceSeriesError(PreprocessError):
+    """A chosen series has a single slice, so no 3D volume can be built."""
+
+
+class UnsupportedPixelDataError(PreprocessError):
+    """Pixel data of a chosen series cannot be decoded (missing codec, colour data, ...)."""
+
+
+class RulesFileError(PreprocessError):
+    """The series rules file is missing, not JSON, or does not follow the documented format."""
+
+
+class StudyNotFoundError(PreprocessError):
+    """The requested StudyInstanceUID is not in the input."""

@@ -1,0 +1,101 @@
+"""Geometric harmonization: the model grid (contract.GridSpec) placed on the T2W volume, and resampling onto it.
+
+The grid takes T2W's direction, is centred on the centre of the T2W volume, and has the size/spacing of
+the :class:`~mpmri.contract.GridSpec`. Every sequence is resampled straight onto this small grid in
+physical (LPS) space with SimpleITK, so oblique and differently spaced series are handled alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from mpmri.contract import DEFAULT_GRID, GridGeometry, GridSpec
+
+
+def grid_geometry_for(reference: sitk.Image, spec: GridSpec = DEFAULT_GRID) -> GridGeometry:
+    """Model grid aligned with ``reference`` (T2W) and centred on the centre of its voxel box."""
+    direction = np.asarray(reference.GetDirection(), dtype=np.float64).reshape(3, 3)
+    ref_size = np.asarray(reference.GetSize(), dtype=np.float64)
+    ref_spacing = np.asarray(reference.GetSpacing(), dtype=np.float64)
+    centre = np.asarray(reference.GetOrigin()) + direction @ (ref_spacing * (ref_size - 1) / 2.0)
+    size_ijk = tuple(int(v) for v in spec.size_dhw[::-1])
+    spacing_ijk = np.asarray(spec.spacing_mm_dhw[::-1], dtype=np.float64)
+    origin: np.ndarray = centre - direction @ (spacing_ijk * (np.asarray(size_ijk, dtype=np.float64) - 1) / 2.0)
+    return GridGeometry(
+        origin_lps_mm=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction.reshape(-1)),
+        spacing_mm_ijk=tuple(float(v) for v in spacing_ijk),  # type: ignore[arg-type]
+        size_ijk=size_ijk,  # type: ignore[arg-type]
+    )
+
+
+def grid_image(geometry: GridGeometry, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
+    """An all-zero SimpleITK image with the grid geometry (reference for resampling)."""
+    img = sitk.Image([int(v) for v in geometry.size_ijk], pixel_type)
+    img.SetOrigin(geometry.origin_lps_mm)
+    img.SetSpacing(geometry.spacing_mm_ijk)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def array_to_grid_image(array_dhw: np.ndarray, geometry: GridGeometry) -> sitk.Image:
+    """Wrap a ``[D, H, W]`` array on the grid as a SimpleITK image (e.g. to write NIfTI)."""
+    expected = tuple(geometry.size_ijk[::-1])
+    if tuple(array_dhw.shape) != expected:
+        raise ValueError(f"array shape {array_dhw.shape} does not match grid (D, H, W) {expected}")
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array_dhw))
+    img.SetOrigin(geometry.origin_lps_mm)
+    img.SetSpacing(geometry.spacing_mm_ijk)
+    img.SetDirection(geometry.direction)
+    return img
+
+
+def _resample(
+    image: sitk.Image, geometry: GridGeometry, interpolator: int, default: float, pixel_type: int
+) -> sitk.Image:
+    # One thread per call: the grid is tiny (65k voxels), and concurrent service calls must not oversubscribe.
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(grid_image(geometry))
+    f.SetTransform(sitk.Transform())
+    f.SetInterpolator(interpolator)
+    f.SetDefaultPixelValue(default)
+    f.SetOutputPixelType(pixel_type)
+    f.SetNumberOfThreads(1)
+    return f.Execute(image)
+
+
+def resample_to_grid(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> np.ndarray:
+    """Linear resampling of ``image`` onto the grid in physical space. Returns float32 ``[D, H, W]``.
+
+    Grid voxels outside the image get ``default_value``.
+    """
+    out = _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(out)
+
+
+def resample_label_to_grid(label: sitk.Image, geometry: GridGeometry) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image onto the grid. Returns uint8 ``[D, H, W]`` (0 outside)."""
+    return sitk.GetArrayFromImage(_resample(label, geometry, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8))
+
+
+def inside_fov_mask(image: sitk.Image, geometry: GridGeometry) -> np.ndarray:
+    """Boolean ``[D, H, W]``: grid voxels whose centre lies inside ``image``'s field of view.
+
+    Inside means the continuous source index lies in ``[-0.5, size - 0.5]`` on every axis (the voxel box),
+    the same region in which the linear interpolator returns image values.
+    """
+    grid_dir = geometry.direction_matrix
+    src_dir = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    src_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    # source continuous index = offset + sum over grid axes a of step[a] * index[a] (affine, separable)
+    offset = ((np.asarray(geometry.origin_lps_mm) - np.asarray(image.GetOrigin())) @ src_dir) / src_spacing
+    steps = ((grid_dir * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing  # [grid axis, src axis]
+    size_i, size_j, size_k = geometry.size_ijk
+    ci = np.arange(size_i)[None, None, :, None] * steps[0]
+    cj = np.arange(size_j)[None, :, None, None] * steps[1]
+    ck = np.arange(size_k)[:, None, None, None] * steps[2]
+    src_ijk = offset + ck + cj + ci  # [D, H, W, 3]
+    size = np.asarray(image.GetSize(), dtype=np.float64)
+    eps = 1e-6
+    return np.all((src_ijk >= -0.5 - eps) & (src_ijk <= size - 0.5 + eps), axis=-1)

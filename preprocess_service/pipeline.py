@@ -1,0 +1,295 @@
+"""``preprocess_study``: DICOM study -> normalized model tensor ``[S, D, H, W]`` on the contract grid.
+
+Stages (each timed in ``meta["timings_s"]``): read (headers + raw bytes, once) -> select (group by
+study/series, ignore non-images/localizers, identify T2W/ADC/high-b DWI by the rules file) -> assemble
+(sort along the slice normal, geometry checks) -> decode (pixels of chosen series only, rescale) ->
+resample (linear, physical space, onto the grid from T2W) -> normalize (contract.NORMALIZATION).
+
+No global state: safe to call concurrently from several threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from pydicom.uid import UID
+
+from mpmri.contract import (
+    CONTRACT_VERSION,
+    DEFAULT_GRID,
+    MIN_HIGH_B_VALUE_S_PER_MM2,
+    MISSING_CHANNEL_FILL_VALUE,
+    NORMALIZATION,
+    SEQUENCES,
+    GridGeometry,
+    GridSpec,
+)
+from preprocess_service import grid as grid_mod
+from preprocess_service.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
+from preprocess_service.errors import (
+    MultipleStudiesError,
+    NoT2WError,
+    NotMRError,
+    PreprocessError,
+    StudyNotFoundError,
+)
+from preprocess_service.normalize import normalize_channel
+from preprocess_service.series_selection import Choice, Selection, load_rules, select_series
+from preprocess_service.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
+
+logger = logging.getLogger(__name__)
+
+#: plausible median ADC inside the FOV in 1e-6 mm^2/s; outside -> a warning about units
+ADC_PLAUSIBLE_MEDIAN_RANGE: tuple[float, float] = (50.0, 5000.0)
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Settings of :func:`preprocess_study`.
+
+    Attributes:
+        grid: model grid (size/spacing); the contract default unless a model was trained otherwise.
+        rules_path: series rules JSON; ``None`` uses the packaged ``series_rules.json``.
+        max_instances: refuse inputs with more objects than this (protects the service).
+        study_instance_uid: which study to use when the input holds several (else an error).
+        min_b_value_s_per_mm2: lowest b-value accepted as high-b DWI.
+        tolerance: geometry check tolerances.
+    """
+
+    grid: GridSpec = DEFAULT_GRID
+    rules_path: Path | None = None
+    max_instances: int = 5000
+    study_instance_uid: str | None = None
+    min_b_value_s_per_mm2: float = MIN_HIGH_B_VALUE_S_PER_MM2
+    tolerance: GeometryTolerance = field(default_factory=GeometryTolerance)
+
+
+@dataclass
+class PreprocessedStudy:
+    """Output of :func:`preprocess_study`.
+
+    Attributes:
+        tensor: float32 ``[S, D, H, W]``, channels in :data:`mpmri.contract.SEQUENCES` order; a missing
+            channel holds :data:`mpmri.contract.MISSING_CHANNEL_FILL_VALUE`.
+        availability: float32 ``[S]``, 1.0 present / 0.0 missing.
+        geometry: the grid in patient space (index ``(k, j, i)`` <-> LPS mm).
+        meta: JSON-serializable record (chosen series + reasons, skipped objects, normalization
+            parameters, grid, warnings, per-stage timings in seconds).
+    """
+
+    tensor: np.ndarray
+    availability: np.ndarray
+    geometry: GridGeometry
+    meta: dict[str, Any]
+
+    def grid_image(self) -> sitk.Image:
+        """Empty (all-zero uint8) SimpleITK image with the grid geometry, e.g. for resampling labels."""
+        return grid_mod.grid_image(self.geometry)
+
+    def channel_image(self, sequence: str) -> sitk.Image:
+        """One channel as a float32 SimpleITK image on the grid (for writing NIfTI)."""
+        return grid_mod.array_to_grid_image(self.tensor[SEQUENCES.index(sequence)], self.geometry)
+
+
+def uid_hash(uid: str) -> str:
+    """Short, non-reversible tag of a UID for messages and logs."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:10]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def add(self, stage: str, start: float) -> None:
+        self.t[stage] = self.t.get(stage, 0.0) + (time.perf_counter() - start)
+
+
+def _group_series(ingested: Ingested, skipped: list[dict[str, str]]) -> dict[tuple[str, str], list[int]]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, ds in enumerate(ingested.datasets):
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            sop = str(ds.get("SOPClassUID", ""))
+            name = UID(sop).name if sop else "no SOP class"
+            skipped.append({"source": ingested.labels[i], "reason": f"non-image object ({name})"})
+            continue
+        groups.setdefault(series_key(ds), []).append(i)
+    return groups
+
+
+def _choose_study(series: list[SeriesInfo], settings: PreprocessSettings, skipped: list[dict[str, str]]) -> str:
+    mr_studies = sorted({s.study_uid for s in series if s.modality.upper() == "MR"})
+    if not mr_studies:
+        mods = sorted({s.modality or "missing" for s in series})
+        found = f"modality {', '.join(mods)}" if mods else "no images"
+        raise NotMRError(f"no MR images in the input (found {found})")
+    if settings.study_instance_uid is not None:
+        if settings.study_instance_uid not in mr_studies:
+            raise StudyNotFoundError(
+                f"study {uid_hash(settings.study_instance_uid)} (sha256 prefix) is not among the "
+                f"{len(mr_studies)} MR studies of the input"
+            )
+        chosen = settings.study_instance_uid
+    elif len(mr_studies) > 1:
+        tags = ", ".join(uid_hash(u) for u in mr_studies)
+        raise MultipleStudiesError(
+            f"input holds {len(mr_studies)} MR studies (StudyInstanceUID sha256 prefixes {tags}); "
+            "pass study_instance_uid to choose one"
+        )
+    else:
+        chosen = mr_studies[0]
+    for s in series:
+        if s.study_uid != chosen:
+            skipped.append({"source": f"series '{s.description}'", "series_uid": s.series_uid, "reason": "other study"})
+    return chosen
+
+
+def _build(ingested: Ingested, choice: Choice, settings: PreprocessSettings, timer: _Timer) -> Volume:
+    label = f"series '{choice.series.description or choice.series.series_uid}' ({choice.sequence})"
+    t = time.perf_counter()
+    geometry = stack_geometry(choice.frames, label, settings.tolerance)
+    timer.add("assemble", t)
+    t = time.perf_counter()
+    array = decode_frames(ingested, [choice.frames[i] for i in geometry.order])
+    timer.add("decode", t)
+    t = time.perf_counter()
+    image = image_from_array(array, geometry)
+    timer.add("assemble", t)
+    return Volume(image=image, geometry=geometry)
+
+
+def _build_with_fallback(
+    ingested: Ingested, selection: Selection, seq: str, settings: PreprocessSettings, timer: _Timer, warnings: list[str]
+) -> tuple[Choice, Volume] | None:
+    """Build the chosen series of ``seq``; for ADC/DWI fall back to the next candidate on a geometry error."""
+    choice = selection.choices.get(seq)
+    if choice is None:
+        return None
+    candidates = [choice] + (selection.alternatives.get(seq, []) if seq != "t2w" else [])
+    first_error: PreprocessError | None = None
+    for cand in candidates:
+        try:
+            return cand, _build(ingested, cand, settings, timer)
+        except PreprocessError as err:
+            if first_error is None:
+                first_error = err
+            if cand is not candidates[-1]:
+                warnings.append(f"{seq}: {err}; trying the next candidate")
+    assert first_error is not None
+    raise first_error
+
+
+def preprocess_study(
+    source: Path | str | Sequence[bytes] | Sequence[pydicom.Dataset] | Mapping[str, Sequence[pydicom.Dataset]],
+    settings: PreprocessSettings = PreprocessSettings(),
+) -> PreprocessedStudy:
+    """Turn one mpMRI DICOM study into the normalized model tensor on the contract grid.
+
+    Args:
+        source: a folder (searched recursively, any file names), raw DICOM bytes, read datasets, or a
+            mapping of series name -> datasets (e.g. ``synth.generator.SyntheticStudy.series``).
+        settings: see :class:`PreprocessSettings`.
+
+    Returns:
+        :class:`PreprocessedStudy` with ``tensor`` float32 ``[S, D, H, W]`` and ``availability`` ``[S]``.
+
+    Raises:
+        preprocess_service.errors.PreprocessError: a subclass naming the problem (not DICOM, truncated,
+            too many instances, several studies, not MR, no T2W, inconsistent geometry, single slice, ...).
+    """
+    timer = _Timer()
+    t_total = time.perf_counter()
+    t = time.perf_counter()
+    rules = load_rules(settings.rules_path)
+    ingested = read_source(source, settings.max_instances)
+    timer.add("read", t)
+
+    t = time.perf_counter()
+    skipped: list[dict[str, str]] = list(ingested.skipped)
+    groups = _group_series(ingested, skipped)
+    all_series = [describe_series(ingested, idx) for idx in groups.values()]
+    study_uid = _choose_study(all_series, settings, skipped)
+    study_series = [s for s in all_series if s.study_uid == study_uid]
+    selection = select_series(study_series, rules, settings.min_b_value_s_per_mm2)
+    skipped.extend(selection.skipped)
+    warnings: list[str] = list(selection.warnings)
+    timer.add("select", t)
+    if "t2w" not in selection.choices:
+        seen = "; ".join(
+            f"'{row['description']}' -> {row.get('sequence') or row.get('ignored') or 'unidentified'}"
+            for row in selection.series_table
+        )
+        raise NoT2WError(f"no T2W series identified among {len(study_series)} series ({seen})")
+
+    built: dict[str, tuple[Choice, Volume]] = {}
+    for seq in SEQUENCES:
+        result = _build_with_fallback(ingested, selection, seq, settings, timer, warnings)
+        if result is not None:
+            built[seq] = result
+
+    t = time.perf_counter()
+    geometry = grid_mod.grid_geometry_for(built["t2w"][1].image, settings.grid)
+    timer.add("resample", t)
+
+    d, h, w = settings.grid.size_dhw
+    tensor = np.full((len(SEQUENCES), d, h, w), MISSING_CHANNEL_FILL_VALUE, dtype=np.float32)
+    availability = np.zeros(len(SEQUENCES), dtype=np.float32)
+    norm_meta: dict[str, Any] = {}
+    for ch, seq in enumerate(SEQUENCES):
+        if seq not in built:
+            if seq not in selection.choices and not any(w.startswith(f"{seq} missing") for w in warnings):
+                warnings.append(
+                    f"{seq} missing: no series identified as {seq}; channel filled with "
+                    f"{MISSING_CHANNEL_FILL_VALUE:g}, availability 0"
+                )
+            norm_meta[seq] = None
+            continue
+        _, volume = built[seq]
+        t = time.perf_counter()
+        values = grid_mod.resample_to_grid(volume.image, geometry)
+        inside = grid_mod.inside_fov_mask(volume.image, geometry)
+        timer.add("resample", t)
+        t = time.perf_counter()
+        tensor[ch], params = normalize_channel(values, inside, NORMALIZATION[seq])
+        timer.add("normalize", t)
+        availability[ch] = 1.0
+        norm_meta[seq] = params
+        if not inside.any():
+            warnings.append(f"{seq}: its field of view does not overlap the T2W-centred grid")
+        if seq == "adc":
+            med = params.get("median_inside_fov")
+            lo, hi = ADC_PLAUSIBLE_MEDIAN_RANGE
+            if med is not None and not lo <= med <= hi:
+                warnings.append(
+                    f"adc: median {med:.4g} inside the FOV is outside {lo:g}..{hi:g}; expected unit 1e-6 mm^2/s"
+                )
+
+    timer.t["total"] = time.perf_counter() - t_total
+    meta: dict[str, Any] = {
+        "contract_version": CONTRACT_VERSION,
+        "sequences": list(SEQUENCES),
+        "availability": {seq: bool(availability[i]) for i, seq in enumerate(SEQUENCES)},
+        "study_instance_uid": study_uid,
+        "series": {seq: (built[seq][0].to_meta() if seq in built else None) for seq in SEQUENCES},
+        "source_volumes": {seq: (built[seq][1].to_meta() if seq in built else None) for seq in SEQUENCES},
+        "series_table": selection.series_table,
+        "skipped": skipped,
+        "normalization": norm_meta,
+        "grid_spec": settings.grid.to_dict(),
+        "grid": geometry.to_dict(),
+        "rules": rules.source,
+        "warnings": warnings,
+        "num_objects": len(ingested.datasets) + len(ingested.skipped),
+        "timings_s": {k: round(v, 6) for k, v in timer.t.items()},
+    }
+    for warning in warnings:
+        logger.warning("study %s: %s", uid_hash(study_uid), warning)
+    return PreprocessedStudy(tensor=tensor, availability=availability, geometry=geometry, meta=meta)

@@ -1,0 +1,211 @@
+"""Small in-memory DICOM series for tests and benchmarks (synthetic, no patient data).
+
+:func:`make_series` builds a classic single-frame MR series (or one enhanced multi-frame MR object)
+whose pixel values are a function of the LPS position of each pixel centre, so tests can place a
+marker at a known patient coordinate and check where it lands on the model grid.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+ValueFn = Callable[[np.ndarray], np.ndarray]  # LPS points [..., 3] (mm) -> physical values [...]
+
+
+def blob(
+    center_lps_mm: Sequence[float], sigma_mm: float = 3.0, peak: float = 1000.0, background: float = 100.0
+) -> ValueFn:
+    """Value function: a Gaussian blob of ``peak`` at ``center_lps_mm`` on a constant ``background``."""
+    c = np.asarray(center_lps_mm, dtype=np.float64)
+
+    def fn(p: np.ndarray) -> np.ndarray:
+        r2 = np.sum((p - c) ** 2, axis=-1)
+        return background + peak * np.exp(-r2 / (2.0 * sigma_mm**2))
+
+    return fn
+
+
+def slice_axes(orientation: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row direction, column direction and normal of an ImageOrientationPatient."""
+    o = np.asarray(orientation, dtype=np.float64)
+    r, c = o[:3] / np.linalg.norm(o[:3]), o[3:] / np.linalg.norm(o[3:])
+    return r, c, np.cross(r, c)
+
+
+def oblique_orientation(angle_deg: float, axis: Sequence[float] = (1.0, 0.0, 0.0)) -> tuple[float, ...]:
+    """Axial orientation rotated by ``angle_deg`` about ``axis`` (Rodrigues), as 6 direction cosines."""
+    k = np.asarray(axis, dtype=np.float64)
+    k /= np.linalg.norm(k)
+    a = np.deg2rad(angle_deg)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rot = np.eye(3) + np.sin(a) * kx + (1 - np.cos(a)) * kx @ kx
+    r, c = rot @ np.array([1.0, 0, 0]), rot @ np.array([0, 1.0, 0])
+    return tuple(float(v) for v in (*r, *c))
+
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def make_series(
+    *,
+    description: str,
+    value_fn: ValueFn,
+    center_lps_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    orientation: Sequence[float] = AXIAL,
+    rows: int = 64,
+    columns: int = 64,
+    num_slices: int = 12,
+    pixel_spacing_mm: tuple[float, float] = (2.0, 2.0),
+    slice_spacing_mm: float = 4.0,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    series_number: int = 1,
+    modality: str = "MR",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "M", "ND"),
+    b_values: Sequence[float] | None = None,
+    rescale: tuple[float, float] | None = None,
+    instance_order: str = "shuffled",
+    enhanced: bool = False,
+    seed: int = 0,
+) -> list[Dataset]:
+    """A synthetic MR series centred on ``center_lps_mm``.
+
+    Args:
+        description: SeriesDescription (drives identification).
+        value_fn: physical value at LPS points (mm); stored values are ``(value - intercept) / slope``.
+        b_values: per stack repetition; a series with ``len(b_values)`` stacks (multi-b DWI) and the
+            b-value in DiffusionBValue (or MRDiffusionSequence for ``enhanced``).
+        rescale: ``(slope, intercept)`` written as RescaleSlope/RescaleIntercept.
+        instance_order: ``"shuffled"``, ``"reversed"`` or ``"sorted"``: order of the returned
+            instances and their InstanceNumbers (slice order must not depend on it).
+        enhanced: one Enhanced MR Image object with per-frame functional groups instead.
+
+    Returns:
+        Datasets with file meta (serializable with :func:`to_bytes`).
+    """
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_uid = generate_uid()
+    r, c, n = slice_axes(orientation)
+    ps_row, ps_col = pixel_spacing_mm
+    centre = np.asarray(center_lps_mm, dtype=np.float64)
+    origin0 = (
+        centre
+        - r * ps_col * (columns - 1) / 2.0
+        - c * ps_row * (rows - 1) / 2.0
+        - n * slice_spacing_mm * (num_slices - 1) / 2.0
+    )
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    slope, intercept = rescale if rescale is not None else (1.0, 0.0)
+    bs: list[float | None] = list(b_values) if b_values is not None else [None]
+    frames: list[tuple[np.ndarray, np.ndarray, float | None]] = []  # (ipp, stored [rows, cols], b)
+    for b in bs:
+        for k in range(num_slices):
+            ipp = origin0 + n * slice_spacing_mm * k
+            pts = ipp + ii[..., None] * ps_col * r + jj[..., None] * ps_row * c
+            value = value_fn(pts)
+            if b is not None:
+                value = value * np.exp(-b / 3000.0)  # crude diffusion weighting, keeps the marker visible
+            stored = np.clip(np.round((value - intercept) / slope), 0, 65535).astype(np.uint16)
+            frames.append((ipp, stored, b))
+    order = np.arange(len(frames))
+    if instance_order == "shuffled":
+        rng.shuffle(order)
+    elif instance_order == "reversed":
+        order = order[::-1]
+    elif instance_order != "sorted":
+        raise ValueError(f"unknown instance_order {instance_order!r}")
+
+    def base(sop_class: str) -> Dataset:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.Modality = modality
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.SeriesDescription = description
+        ds.SeriesNumber = series_number
+        ds.PatientName = "Synthetic^Phantom"
+        ds.PatientID = "SYNTH"
+        ds.ImageType = list(image_type)
+        ds.Rows, ds.Columns = rows, columns
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        return ds
+
+    if enhanced:
+        ds = base(ENHANCED_MR_IMAGE_STORAGE)
+        ds.NumberOfFrames = len(frames)
+        ds.InstanceNumber = 1
+        shared = Dataset()
+        po = Dataset()
+        po.ImageOrientationPatient = [float(v) for v in orientation]
+        pm = Dataset()
+        pm.PixelSpacing = [ps_row, ps_col]
+        pm.SliceThickness = slice_spacing_mm
+        shared.PlaneOrientationSequence = DicomSequence([po])
+        shared.PixelMeasuresSequence = DicomSequence([pm])
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        per_frame = []
+        pixels = []
+        for idx in order:
+            ipp, stored, b = frames[idx]
+            fg = Dataset()
+            pp = Dataset()
+            pp.ImagePositionPatient = [float(v) for v in ipp]
+            fg.PlanePositionSequence = DicomSequence([pp])
+            pvt = Dataset()
+            pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = slope, intercept, "US"
+            fg.PixelValueTransformationSequence = DicomSequence([pvt])
+            if b is not None:
+                dif = Dataset()
+                dif.DiffusionBValue = float(b)
+                fg.MRDiffusionSequence = DicomSequence([dif])
+            per_frame.append(fg)
+            pixels.append(stored)
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence(per_frame)
+        ds.PixelData = np.stack(pixels).tobytes()
+        return [ds]
+
+    out = []
+    for number, idx in enumerate(order, start=1):
+        ipp, stored, b = frames[idx]
+        ds = base(MR_IMAGE_STORAGE)
+        ds.InstanceNumber = number
+        ds.ImagePositionPatient = [float(v) for v in ipp]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [ps_row, ps_col]
+        ds.SliceThickness = slice_spacing_mm
+        if rescale is not None:
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        if b is not None:
+            ds.DiffusionBValue = float(b)
+        ds.PixelData = stored.tobytes()
+        out.append(ds)
+    return out
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    """Serialize a dataset as a DICOM Part 10 file (preamble + file meta)."""
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
