@@ -161,7 +161,7 @@ def build_monai_chain() -> Callable[[dict[str, str]], dict[str, Any]]:
     pct = [k for k in keys if isinstance(contract.NORMALIZATION[k], contract.PercentileNormalization)]
     fixed = [k for k in keys if isinstance(contract.NORMALIZATION[k], contract.FixedScaleNormalization)]
     transforms: list[Any] = [
-        LoadImaged(keys=keys, reader=PydicomReader()),
+        LoadImaged(keys=keys, reader=PydicomReader()),  # type: ignore[arg-type]  # instances are accepted
         EnsureChannelFirstd(keys=keys),
         Spacingd(keys=["t2w"], pixdim=(sw, sh, sd), mode="bilinear"),
         ResizeWithPadOrCropd(keys=["t2w"], spatial_size=(w, h, d)),

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         t = _stage(f"ensemble {contract.ENSEMBLE_MODEL} answered over {args.protocol}", t)
     t = _stage("Triton stopped", t)
 
-    fused = np.asarray(outputs["fused_map"])[0, 0]
+    fused = np.asarray(outputs["fused_map"])[0]  # unbatched request: [1, D, H, W] -> [D, H, W]
     candidates, _ = extract_candidates(fused, pre.geometry)
     report = build_report(study.truth, pre.meta, outputs, candidates)
     (out / "report.json").write_text(json.dumps(report, indent=2))
