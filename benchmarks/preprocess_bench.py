@@ -75,14 +75,12 @@ def run_mpmri_folder(folder: Path) -> tuple[np.ndarray, dict[str, float]]:
     return res.tensor, dict(res.meta["timings_s"])
 
 
-def run_picai_prep(series_dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, float]]:
+def _picai_resample_normalize(scans: list[Any]) -> tuple[np.ndarray, dict[str, float]]:
+    """picai_prep's ``Sample.preprocess`` onto the contract grid (linear), then percentile/fixed scaling."""
     import SimpleITK as sitk
-    from picai_prep.dcm2mha import DICOMImageReader
     from picai_prep.preprocessing import PreprocessingSettings, Sample
 
     t0 = time.perf_counter()
-    scans = [DICOMImageReader(series_dirs[s], verify_dicom_filenames=False).image for s in contract.SEQUENCES]
-    t1 = time.perf_counter()
     settings = PreprocessingSettings(
         matrix_size=list(contract.DEFAULT_GRID.size_dhw),
         spacing=list(contract.DEFAULT_GRID.spacing_mm_dhw),
@@ -90,10 +88,19 @@ def run_picai_prep(series_dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, 
     )
     sample = Sample(scans=scans, settings=settings)
     sample.preprocess()
-    t2 = time.perf_counter()
+    t1 = time.perf_counter()
     tensor = _normalize_numpy({s: sitk.GetArrayFromImage(img) for s, img in zip(contract.SEQUENCES, sample.scans)})
-    t3 = time.perf_counter()
-    return tensor, {"read": t1 - t0, "resample": t2 - t1, "normalize": t3 - t2}
+    return tensor, {"resample": t1 - t0, "normalize": time.perf_counter() - t1}
+
+
+def run_picai_prep(series_dirs: dict[str, Path]) -> tuple[np.ndarray, dict[str, float]]:
+    from picai_prep.dcm2mha import DICOMImageReader
+
+    t0 = time.perf_counter()
+    scans = [DICOMImageReader(series_dirs[s], verify_dicom_filenames=False).image for s in contract.SEQUENCES]
+    t1 = time.perf_counter()
+    tensor, stages = _picai_resample_normalize(scans)
+    return tensor, {"read": t1 - t0, **stages}
 
 
 #: dcm2mha mappings a site would configure for the vendor naming styles of the synthetic studies
@@ -109,7 +116,6 @@ def run_picai_dcm2mha(dicom_dir: Path, work_dir: Path) -> tuple[np.ndarray, dict
 
     import SimpleITK as sitk
     from picai_prep.dcm2mha import Dicom2MHAConverter
-    from picai_prep.preprocessing import PreprocessingSettings, Sample
 
     shutil.rmtree(work_dir, ignore_errors=True)
     archive = [
@@ -129,16 +135,8 @@ def run_picai_dcm2mha(dicom_dir: Path, work_dir: Path) -> tuple[np.ndarray, dict
     ).convert()
     scans = [sitk.ReadImage(str(work_dir / "p0" / f"p0_s0_{s}.mha")) for s in contract.SEQUENCES]
     t1 = time.perf_counter()
-    settings = PreprocessingSettings(
-        matrix_size=list(contract.DEFAULT_GRID.size_dhw),
-        spacing=list(contract.DEFAULT_GRID.spacing_mm_dhw),
-        scan_interpolator=sitk.sitkLinear,
-    )
-    sample = Sample(scans=scans, settings=settings)
-    sample.preprocess()
-    t2 = time.perf_counter()
-    tensor = _normalize_numpy({s: sitk.GetArrayFromImage(img) for s, img in zip(contract.SEQUENCES, sample.scans)})
-    return tensor, {"dcm2mha": t1 - t0, "resample": t2 - t1, "normalize": time.perf_counter() - t2}
+    tensor, stages = _picai_resample_normalize(scans)
+    return tensor, {"dcm2mha": t1 - t0, **stages}
 
 
 def build_monai_chain() -> Callable[[dict[str, str]], dict[str, Any]]:

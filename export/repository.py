@@ -65,6 +65,7 @@ class RepositorySettings:
         cpu_intra_op_threads: onnxruntime intra-op threads per CPU instance.
         cpu_allow_spinning: onnxruntime thread spinning on CPU (off: ~20% lower latency on 2 shared cores).
         gpu_tensorrt_precision: precision of onnxruntime's TensorRT execution provider on GPU.
+        cpu_dynamic_batching: dynamic batcher on the CPU instances (off: requests go straight to the instance).
     """
 
     max_batch_size: int = 8
@@ -73,6 +74,7 @@ class RepositorySettings:
     cpu_intra_op_threads: int = 2
     cpu_allow_spinning: bool = False
     gpu_tensorrt_precision: str = "FP16"
+    cpu_dynamic_batching: bool = True
 
 
 DEFAULT_SETTINGS = RepositorySettings()
@@ -157,7 +159,8 @@ def network_config_cpu(
     config.backend = "onnxruntime"
     config.default_model_filename = ONNX_FILENAME
     config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
-    config.dynamic_batching.max_queue_delay_microseconds = 0
+    if settings.cpu_dynamic_batching:
+        config.dynamic_batching.max_queue_delay_microseconds = 0
     config.parameters["intra_op_thread_count"].string_value = str(settings.cpu_intra_op_threads)
     config.parameters["inter_op_thread_count"].string_value = "1"
     config.parameters["session.intra_op.allow_spinning"].string_value = "1" if settings.cpu_allow_spinning else "0"

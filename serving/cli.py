@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--inputs-npz", type=Path, default=None, help="preprocessed study: images [S,D,H,W], availability [S]"
     )
     perf.add_argument("--models", default=None, help="comma-separated models (default: ensemble + the three networks)")
+    perf.add_argument("--rounds", type=int, default=30, help="request-by-request interleaved rounds (b)")
+    perf.add_argument("--requests-per-round", type=int, default=10, help="requests per sampler per round (b)")
+    perf.add_argument("--pa-rounds", type=int, default=12, help="chain / perf_analyzer block rounds (a)")
+    perf.add_argument("--pa-requests-per-round", type=int, default=30, help="requests per block (a)")
     perf.set_defaults(func=_run_bench)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
@@ -83,6 +87,9 @@ def _run_triton(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from serving.perf import BenchSettings, run_triton_benchmark
 
     settings = BenchSettings(
@@ -93,8 +100,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         benchmarks_md=args.benchmarks_md,
         shared_memory=args.shared_memory,
         inputs_npz=args.inputs_npz,
+        rounds=args.rounds,
+        requests_per_round=args.requests_per_round,
+        pa_rounds=args.pa_rounds,
+        pa_requests_per_round=args.pa_requests_per_round,
     )
     if args.models:
         settings = dataclasses.replace(settings, models=tuple(m for m in args.models.split(",") if m))
-    run_triton_benchmark(_server(args), settings)
+    command = "mpmri " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_triton_benchmark(_server(args), settings, command=command)
     return 0

@@ -10,21 +10,25 @@ perf_analyzer comes from ``scripts/install_perf_analyzer.sh`` (run automatically
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from export.onnx_export import ort_chain, ort_session, parity_inputs
-from export.repository import MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME, parse_config
+from export.repository import ALL_MODELS, MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME, parse_config
 from mpmri.contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, tensor_specs
 from mpmri.errors import MpmriError
 from serving.embedded import EmbeddedTriton
@@ -57,6 +61,11 @@ class BenchSettings:
             inputs and outputs through POSIX shared memory like ``EnsembleClient(shared_memory="system")``.
         inputs_npz: optional preprocessed study (``images [S,D,H,W]``, ``availability [S]``); otherwise
             realistic synthetic-like tensors (:func:`export.onnx_export.parity_inputs`).
+        rounds, requests_per_round: the request-by-request interleaved comparison (in-process chain, ensemble
+            via Python gRPC + system shared memory, ensemble via ``EnsembleClient``): rounds x requests each.
+        pa_rounds, pa_requests_per_round: the block-interleaved comparison (in-process chain block, then a
+            perf_analyzer block of the same size, order alternating): rounds x requests each.
+        goal_ratio: the latency goal, ensemble p50 / in-process chain p50 at batch 1.
     """
 
     concurrency: tuple[int, ...] = (1, 2, 4)
@@ -69,6 +78,11 @@ class BenchSettings:
     benchmarks_md: Path = Path("BENCHMARKS.md")
     inputs_npz: Path | None = None
     shared_memory: str = "system"
+    rounds: int = 30
+    requests_per_round: int = 10
+    pa_rounds: int = 12
+    pa_requests_per_round: int = 30
+    goal_ratio: float = 1.05
 
 
 def ensure_perf_analyzer() -> Path:
@@ -134,6 +148,17 @@ def write_input_data(path: Path, model: str, tensors: dict[str, np.ndarray]) -> 
     return path
 
 
+def _shared_memory_args(settings: BenchSettings) -> list[str]:
+    """perf_analyzer flags passing inputs and outputs through shared memory (none for ``shared_memory="none"``)."""
+    if settings.shared_memory == "none":
+        return []
+    largest_output = (
+        max(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in tensor_specs().values())
+        * settings.batch_size
+    )
+    return [f"--shared-memory={settings.shared_memory}", f"--output-shared-memory-size={largest_output}"]
+
+
 def run_perf_analyzer(
     url: str, model: str, input_data: Path, concurrency: int, settings: BenchSettings, csv_path: Path
 ) -> dict[str, float]:
@@ -152,12 +177,7 @@ def run_perf_analyzer(
         "--max-trials", "8",
         "-f", str(csv_path),
     ]  # fmt: skip
-    if settings.shared_memory != "none":
-        largest_output = (
-            max(int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize for spec in tensor_specs().values())
-            * settings.batch_size
-        )
-        cmd += [f"--shared-memory={settings.shared_memory}", f"--output-shared-memory-size={largest_output}"]
+    cmd += _shared_memory_args(settings)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "stable measurement" in proc.stdout + proc.stderr:
         # shared, noisy CPUs: retry once with a window twice as long and a looser stability criterion
@@ -187,25 +207,331 @@ class BaselineResult:
 
 def measure_inprocess_chain(repository: Path, tensors: dict[str, np.ndarray], iterations: int) -> BaselineResult:
     """The three ONNX models chained in-process with the CPU config's onnxruntime threads (spinning off)."""
-    threads = int(
-        parse_config(repository / NETWORK_MODELS[0] / "configs" / "cpu.pbtxt")
-        .parameters["intra_op_thread_count"]
-        .string_value
-    )
-    sessions = {m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME, threads=threads) for m in NETWORK_MODELS}
-    for _ in range(5):
-        ort_chain(sessions, tensors)
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        ort_chain(sessions, tensors)
-        times.append((time.perf_counter() - start) * 1e3)
+    times = InprocessChainSampler(repository, tensors, warmup=5).sample(iterations)
     return BaselineResult(statistics.median(times), statistics.fmean(times), iterations)
 
 
-def _machine() -> str:
-    import os
+# --------------------------------------------------------------------------------------------------
+# Interleaved comparison: ensemble vs in-process chain in alternating rounds of the same run
+# --------------------------------------------------------------------------------------------------
+class LatencySampler(Protocol):
+    """Serves ``n`` batch-1 requests one after another and returns their latencies (ms)."""
 
+    def sample(self, n: int) -> list[float]: ...
+
+
+class CallSampler:
+    """A sampler whose unit is one synchronous request (:meth:`call`); can alternate request by request."""
+
+    def call(self) -> None:
+        raise NotImplementedError
+
+    def sample(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self.call()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+    def close(self) -> None:
+        """Release connections / shared memory (no-op by default)."""
+
+
+class InprocessChainSampler(CallSampler):
+    """The three ONNX models of ``repository`` chained in-process with onnxruntime (the baseline).
+
+    Same ONNX files and the same onnxruntime settings as the served models' ``configs/cpu.pbtxt``
+    (intra-op threads, spinning off, sequential execution); one call = one study through all three models.
+    """
+
+    def __init__(self, repository: Path, tensors: dict[str, np.ndarray], warmup: int = 3) -> None:
+        self.threads = int(
+            parse_config(repository / NETWORK_MODELS[0] / "configs" / "cpu.pbtxt")
+            .parameters["intra_op_thread_count"]
+            .string_value
+        )
+        self.sessions = {
+            m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME, threads=self.threads)
+            for m in NETWORK_MODELS
+        }
+        self.tensors = {name: tensors[name] for name in MODEL_IO[ENSEMBLE_MODEL][0]}
+        for _ in range(warmup):
+            self.call()
+
+    def call(self) -> None:
+        ort_chain(self.sessions, self.tensors)
+
+
+class TritonShmSampler(CallSampler):
+    """What perf_analyzer does per request, from Python: one synchronous ``infer`` with every input and
+    output in registered system shared memory (inputs written once, outputs not read back).
+
+    Only region names and shapes cross gRPC, so the latency is the server's work plus one local RPC; the
+    Python request building adds ~0.1 ms over perf_analyzer's C++ (both are reported side by side).
+    ``outputs``: the outputs to request (default: all of the model's outputs).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        tensors: dict[str, np.ndarray],
+        model: str = ENSEMBLE_MODEL,
+        outputs: Sequence[str] | None = None,
+        warmup: int = 3,
+    ) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self.client = grpcclient.InferenceServerClient(url=url)
+        self.model = model
+        self.regions: list[tuple[str, object]] = []
+        specs = tensor_specs()
+        inputs_names, output_names = MODEL_IO[model][0], tuple(outputs or MODEL_IO[model][1])
+        prefix = f"mpmri_bench_{os.getpid()}_{id(self)}"
+        self.inputs, self.outputs = [], []
+        for name in inputs_names:
+            array = np.ascontiguousarray(tensors[name], dtype=specs[name].dtype)
+            region = self._region(f"{prefix}_{name}", array.nbytes)
+            shm.set_shared_memory_region(region, [array])
+            item = grpcclient.InferInput(name, list(array.shape), specs[name].client_dtype)
+            item.set_shared_memory(f"{prefix}_{name}", array.nbytes)
+            self.inputs.append(item)
+        batch = int(tensors[inputs_names[0]].shape[0])
+        for name in output_names:
+            nbytes = batch * int(np.prod(specs[name].shape)) * np.dtype(specs[name].dtype).itemsize
+            self._region(f"{prefix}_{name}", nbytes)
+            item = grpcclient.InferRequestedOutput(name)
+            item.set_shared_memory(f"{prefix}_{name}", nbytes)
+            self.outputs.append(item)
+        for _ in range(warmup):
+            self.call()
+
+    def _region(self, name: str, nbytes: int) -> object:
+        handle = self._shm.create_shared_memory_region(name, f"/{name}", nbytes)
+        self.regions.append((name, handle))
+        self.client.register_system_shared_memory(name, f"/{name}", nbytes)
+        return handle
+
+    def call(self) -> None:
+        self.client.infer(self.model, self.inputs, outputs=self.outputs)
+
+    def close(self) -> None:
+        for name, handle in self.regions:
+            with contextlib.suppress(Exception):  # perf_analyzer may have unregistered it already
+                self.client.unregister_system_shared_memory(name)
+            self._shm.destroy_shared_memory_region(handle)
+        self.regions = []
+        self.client.close()
+
+
+class ClientLoopSampler(CallSampler):
+    """:class:`client.triton_client.EnsembleClient` calls (e.g. gRPC + system shared memory).
+
+    Unlike perf_analyzer (inputs written to shared memory once, outputs never read), every call writes the
+    inputs and copies the outputs back into numpy arrays: what an application calling the ensemble pays.
+    """
+
+    def __init__(
+        self, url: str, tensors: dict[str, np.ndarray], protocol: str, shared_memory: str, warmup: int = 3
+    ) -> None:
+        from client.triton_client import EnsembleClient
+
+        self.client = EnsembleClient(url, protocol=protocol, shared_memory=shared_memory)
+        self.images, self.availability = tensors["images"], tensors["availability"]
+        for _ in range(warmup):
+            self.call()
+
+    def call(self) -> None:
+        self.client.infer(self.images, self.availability)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class PerfAnalyzerSampler:
+    """perf_analyzer (concurrency 1) sending exactly ``n`` requests; per-request latencies from its profile export.
+
+    ``--request-count n`` after ``--warmup-request-count warmup`` requests: the measured requests are the
+    ones of this block only, so blocks interleave with the baseline at a granularity of ``n`` requests.
+    perf_analyzer unregisters *all* shared-memory regions of the server when it starts: do not interleave
+    it with :class:`TritonShmSampler` / :class:`ClientLoopSampler` on the same server.
+    """
+
+    def __init__(
+        self, url: str, model: str, input_data: Path, settings: BenchSettings, work: Path, warmup: int = 3
+    ) -> None:
+        self.url, self.model, self.input_data, self.settings = url, model, input_data, settings
+        self.work, self.warmup = work, warmup
+        self.calls = 0
+
+    def sample(self, n: int) -> list[float]:
+        self.calls += 1
+        export = self.work / f"{self.model}_block{self.calls}.json"
+        export.parent.mkdir(parents=True, exist_ok=True)
+        export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite a profile export
+        cmd = [
+            str(ensure_perf_analyzer()),
+            "-m", self.model,
+            "-u", self.url,
+            "-i", self.settings.protocol,
+            "-b", str(self.settings.batch_size),
+            "--input-data", str(self.input_data),
+            "--concurrency-range", "1:1",
+            "--request-count", str(n),
+            "--warmup-request-count", str(self.warmup),
+            "--profile-export-file", str(export),
+            *_shared_memory_args(self.settings),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 or not export.exists():
+            tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-4:])
+            raise BenchmarkError(f"perf_analyzer failed on {self.model} ({n} requests): {tail}")
+        return profile_export_latencies_ms(export)
+
+
+def profile_export_latencies_ms(path: Path) -> list[float]:
+    """Per-request latencies (ms, first response - send) from a perf_analyzer ``--profile-export-file``."""
+    data = json.loads(path.read_text())
+    latencies = [
+        (request["response_timestamps"][0] - request["timestamp"]) / 1e6
+        for experiment in data["experiments"]
+        for request in experiment["requests"]
+        if request.get("response_timestamps")
+    ]
+    if not latencies:
+        raise BenchmarkError(f"perf_analyzer profile export {path} holds no completed requests")
+    return latencies
+
+
+@dataclasses.dataclass(frozen=True)
+class InterleavedResult:
+    """Latencies (ms) of several samplers measured in alternating rounds of the same run.
+
+    Attributes:
+        reference: label of the baseline sampler (the in-process chain).
+        rounds: per round, ``{label: latencies_ms}`` (``requests_per_round`` each).
+        orders: per round, the order the samplers ran in (rotated every round).
+    """
+
+    reference: str
+    rounds: list[dict[str, list[float]]]
+    orders: list[tuple[str, ...]]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.rounds[0])
+
+    def round_p50s(self, label: str) -> list[float]:
+        return [statistics.median(r[label]) for r in self.rounds]
+
+    def ratios(self, label: str) -> list[float]:
+        """Per-round p50(``label``) / p50(reference): each ratio compares neighbours in time."""
+        return [a / b for a, b in zip(self.round_p50s(label), self.round_p50s(self.reference), strict=True)]
+
+    def ratio_summary(self, label: str) -> dict[str, float]:
+        """Median of the per-round ratios, their quartiles and extremes."""
+        ratios = sorted(self.ratios(label))
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1]}
+
+    def pooled(self, label: str) -> dict[str, float]:
+        """p50/p90/mean over all requests of ``label`` (all rounds pooled)."""
+        values = np.asarray([v for r in self.rounds for v in r[label]])
+        return {
+            "p50_ms": float(np.percentile(values, 50)),
+            "p90_ms": float(np.percentile(values, 90)),
+            "mean_ms": float(values.mean()),
+            "requests": float(values.size),
+        }
+
+
+def measure_interleaved(
+    samplers: Mapping[str, LatencySampler],
+    reference: str,
+    rounds: int,
+    requests_per_round: int,
+    alternate: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> InterleavedResult:
+    """Measure every sampler for ``requests_per_round`` requests per round, ``rounds`` times.
+
+    Noise on a shared machine comes in bursts; a ratio between neighbours in time, and the median of those
+    ratios over rounds, is far less sensitive to it than two separate measurements.
+
+    Args:
+        alternate: ``False``: per round, each sampler serves a block of requests (order rotated every round
+            so each sampler is first / last equally often). ``True``: requests alternate one by one between
+            the samplers (all must be :class:`CallSampler`; order rotated every cycle), so every sampler
+            sees the same noise within a round.
+    """
+    if reference not in samplers:
+        raise BenchmarkError(f"reference sampler {reference!r} is not among {sorted(samplers)}")
+    labels = list(samplers)
+    results: list[dict[str, list[float]]] = []
+    orders: list[tuple[str, ...]] = []
+    cycle = 0
+    for index in range(rounds):
+        shift = index % len(labels)
+        order = tuple(labels[shift:] + labels[:shift])
+        if alternate:
+            measured: dict[str, list[float]] = {label: [] for label in labels}
+            for _ in range(requests_per_round):
+                shift = cycle % len(labels)
+                cycle += 1
+                for label in labels[shift:] + labels[:shift]:
+                    sampler = samplers[label]
+                    if not isinstance(sampler, CallSampler):
+                        raise BenchmarkError(f"{label}: alternating needs a CallSampler")
+                    start = time.perf_counter()
+                    sampler.call()
+                    measured[label].append((time.perf_counter() - start) * 1e3)
+        else:
+            measured = {label: samplers[label].sample(requests_per_round) for label in order}
+        results.append({label: measured[label] for label in labels})
+        orders.append(order)
+        if progress is not None:
+            p50s = "  ".join(f"{label} {statistics.median(measured[label]):6.2f}" for label in labels)
+            progress(f"round {index + 1}/{rounds}: p50 ms  {p50s}")
+    return InterleavedResult(reference=reference, rounds=results, orders=orders)
+
+
+#: Triton per-model statistics fields (``ModelInferenceStatistics.inference_stats``) in report order
+STAT_FIELDS: tuple[str, ...] = ("queue", "compute_input", "compute_infer", "compute_output", "success")
+
+
+def server_stats_snapshot(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Cumulative Triton statistics ``{model: {field: (count, ns)}}`` over gRPC (:data:`STAT_FIELDS`)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=url)
+    try:
+        snapshot = {}
+        for model in models:
+            stats = client.get_inference_statistics(model).model_stats[0].inference_stats
+            snapshot[model] = {f: (getattr(stats, f).count, getattr(stats, f).ns) for f in STAT_FIELDS}
+        return snapshot
+    finally:
+        client.close()
+
+
+def server_stats_delta_ms(
+    before: dict[str, dict[str, tuple[int, int]]], after: dict[str, dict[str, tuple[int, int]]]
+) -> dict[str, dict[str, float]]:
+    """Mean milliseconds per request and field between two snapshots (``requests``: how many requests)."""
+    delta: dict[str, dict[str, float]] = {}
+    for model in after:
+        row = {"requests": float(after[model]["success"][0] - before[model]["success"][0])}
+        for field in STAT_FIELDS:
+            count = after[model][field][0] - before[model][field][0]
+            ns = after[model][field][1] - before[model][field][1]
+            row[field] = ns / count / 1e6 if count else 0.0
+        delta[model] = row
+    return delta
+
+
+def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -217,48 +543,106 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-def render_markdown(
-    rows: list[dict[str, float | str]], baseline: list[BaselineResult], settings: BenchSettings, csv_path: Path
-) -> str:
+@dataclasses.dataclass(frozen=True)
+class ComparisonReport:
+    """Everything the serving section of BENCHMARKS.md is made of.
+
+    Attributes:
+        perf_analyzer: block-interleaved in-process chain vs perf_analyzer (reference ``chain``).
+        alternating: request-by-request interleaved chain vs ensemble (reference ``chain``).
+        breakdown: Triton's per-model mean ms per request during the alternating phase.
+        rows: perf_analyzer sweep rows (models x concurrency).
+    """
+
+    perf_analyzer: InterleavedResult
+    alternating: InterleavedResult
+    breakdown: dict[str, dict[str, float]]
+    rows: list[dict[str, float | str]]
+
+
+#: labels of the samplers in :func:`run_triton_benchmark`
+CHAIN, PA_ENSEMBLE, SHM_ENSEMBLE, CLIENT_ENSEMBLE = "chain", "perf_analyzer", "grpc_shm_loop", "ensemble_client"
+_DESCRIPTIONS = {
+    CHAIN: "in-process onnxruntime chain (same ONNX files, same threads, spinning off)",
+    PA_ENSEMBLE: "ensemble via perf_analyzer (C++ gRPC, system shared memory in+out, concurrency 1)",
+    SHM_ENSEMBLE: "ensemble via Python gRPC, system shared memory in+out (what perf_analyzer does per request)",
+    CLIENT_ENSEMBLE: "ensemble via `EnsembleClient` (writes inputs, copies outputs back: application view)",
+}
+
+
+def _ratio_cell(result: InterleavedResult, label: str) -> str:
+    r = result.ratio_summary(label)
+    return f"**{r['median']:.3f}** [{r['q1']:.3f}, {r['q3']:.3f}] ({r['min']:.2f}-{r['max']:.2f})"
+
+
+def render_markdown(report: ComparisonReport, settings: BenchSettings, csv_path: Path, command: str) -> str:
     """The serving section of BENCHMARKS.md (between the markers)."""
-    # conservative: the least-disturbed baseline run (shared CPUs make single runs noisy)
-    base_p50 = min(b.p50_ms for b in baseline)
-    ensemble_c1 = next(r for r in rows if r["model"] == ENSEMBLE_MODEL and r["concurrency"] == settings.concurrency[0])
-    ratio = float(ensemble_c1["p50_ms"]) / base_p50
+    pa, alt = report.perf_analyzer, report.alternating
+    goal_ratio = pa.ratio_summary(PA_ENSEMBLE)["median"]
+    met = "met" if goal_ratio <= settings.goal_ratio else "NOT met"
     lines = [
         SECTION_BEGIN,
         "## Serving: Triton (embedded CPU tritonserver 2.51) — `mpmri bench triton`",
         "",
         f"- Date (UTC): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')}; machine: {_machine()}",
-        f"- perf_analyzer 2.60 over {settings.protocol} (shared memory: {settings.shared_memory}), "
-        f"batch {settings.batch_size}, measurement window "
-        f"{settings.measurement_interval_ms} ms; raw CSV: `{csv_path}`",
-        f"- Baseline: the same three ONNX models chained in-process with onnxruntime (same threads, spinning off), "
-        f"p50 {base_p50:.2f} ms (fastest of the runs before/after: "
-        f"{', '.join(f'{b.p50_ms:.2f}' for b in baseline)} ms)",
-        f"- **Ensemble p50 at batch 1 / in-process chain p50: {ratio:.3f}x** (goal <= 1.05x)",
+        f"- Command: `{command}`; batch {settings.batch_size}, gRPC, system shared memory; raw CSVs: "
+        f"`{csv_path}` (sweep), `{csv_path.with_name(csv_path.stem + '_rounds.csv')}` (every request)",
+        "- Method: the ensemble and the in-process onnxruntime chain of the same three ONNX files are measured "
+        "**interleaved in the same run**; the result is the median over rounds of p50(ensemble) / p50(chain) "
+        "of the same round, so bursts of load on the shared machine hit both sides. "
+        f"(a) {pa_rounds_text(settings)}; (b) {settings.rounds} rounds x {settings.requests_per_round} requests "
+        "alternating request by request between the chain and two clients of the ensemble.",
+        f"- **Goal: ensemble p50 at batch 1 <= {settings.goal_ratio:.2f} x in-process chain. Result "
+        f"(perf_analyzer, median of {len(pa.rounds)} per-round ratios): {goal_ratio:.3f}x — {met}.**",
+        "",
+        "| measurement | round-ratio vs chain: median [q1, q3] (min-max) | p50 (ms) | p90 (ms) | requests |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for tag, result in (("a", pa), ("b", alt)):
+        for label in result.labels:
+            pooled = result.pooled(label)
+            ratio = "1 (reference)" if label == result.reference else _ratio_cell(result, label)
+            lines.append(
+                f"| ({tag}) {_DESCRIPTIONS.get(label, label)} | {ratio} | {pooled['p50_ms']:.2f} | "
+                f"{pooled['p90_ms']:.2f} | {int(pooled['requests'])} |"
+            )
+    lines += [
+        "",
+        "Where the ensemble's time goes (Triton statistics during (b), mean ms per request; the python-based "
+        "onnxruntime backend's stub IPC is inside *infer*):",
+        "",
+        "| model | queue | compute input | compute infer | compute output | total (success) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model, row in report.breakdown.items():
+        lines.append(
+            f"| {model} | {row['queue']:.3f} | {row['compute_input']:.3f} | {row['compute_infer']:.3f} | "
+            f"{row['compute_output']:.3f} | {row['success']:.3f} |"
+        )
+    lines += [
+        "",
+        f"perf_analyzer sweep (measurement window {settings.measurement_interval_ms} ms, stability 25%):",
         "",
         "| model | concurrency | throughput (infer/s) | p50 (ms) | p90 (ms) | p99 (ms) "
         "| server queue (ms) | server compute (ms) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
+    for r in report.rows:
         lines.append(
             f"| {r['model']} | {r['concurrency']} | {float(r['throughput']):.1f} | {float(r['p50_ms']):.2f} | "
             f"{float(r['p90_ms']):.2f} | {float(r['p99_ms']):.2f} | {float(r['queue_ms']):.2f} "
             f"| {float(r['compute_ms']):.2f} |"
         )
-    lines += [
-        "",
-        "Notes: 2 shared cores (other jobs ran at the same time): single runs vary by up to 2x, so compare only "
-        "within one run. Tuning in configs/cpu.pbtxt: onnxruntime spinning off (~20% lower latency measured "
-        "earlier on this machine), 2 intra-op threads, no batcher queue delay, one instance per model; the "
-        "client side uses system shared memory (A/B here, same server, one run each: 26.9 ms without vs "
-        "24.9 ms with, within the noise). Concurrency > 1 buys no throughput on 2 cores (queueing only).",
-        "",
-        SECTION_END,
-    ]
+    lines += ["", SECTION_END]
     return "\n".join(lines)
+
+
+def pa_rounds_text(settings: BenchSettings) -> str:
+    return (
+        f"{settings.pa_rounds} rounds, each a block of {settings.pa_requests_per_round} chain requests and a "
+        f"perf_analyzer run of {settings.pa_requests_per_round} requests (`--request-count`, per-request "
+        "latencies from `--profile-export-file`), order alternating"
+    )
 
 
 def update_benchmarks_md(path: Path, section: str) -> None:
@@ -273,57 +657,113 @@ def update_benchmarks_md(path: Path, section: str) -> None:
     path.write_text(text)
 
 
-def run_triton_benchmark(server: EmbeddedTriton, settings: BenchSettings) -> dict[str, object]:
-    """Baseline, server start, perf_analyzer sweep over models x concurrency, baseline again, reports."""
+def write_rounds_csv(path: Path, results: dict[str, InterleavedResult]) -> Path:
+    """Every measured request: ``phase, round, sampler, index, latency_ms``."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["phase", "round", "sampler", "index", "latency_ms"])
+        for phase, result in results.items():
+            for number, measured in enumerate(result.rounds, start=1):
+                for label, values in measured.items():
+                    writer.writerows([phase, number, label, i, f"{v:.4f}"] for i, v in enumerate(values))
+    return path
+
+
+def _sweep_row(model: str, concurrency: int, raw: dict[str, float]) -> dict[str, float | str]:
+    return {
+        "model": model,
+        "concurrency": concurrency,
+        "throughput": raw["Inferences/Second"],
+        "p50_ms": raw["p50 latency"] / 1e3,
+        "p90_ms": raw["p90 latency"] / 1e3,
+        "p99_ms": raw["p99 latency"] / 1e3,
+        "queue_ms": raw.get("Server Queue", 0.0) / 1e3,
+        "compute_ms": (
+            raw.get("Server Compute Input", 0.0)
+            + raw.get("Server Compute Infer", 0.0)
+            + raw.get("Server Compute Output", 0.0)
+        )
+        / 1e3,
+    }
+
+
+def run_triton_benchmark(
+    server: EmbeddedTriton, settings: BenchSettings, command: str = "mpmri bench triton"
+) -> dict[str, object]:
+    """Interleaved ensemble-vs-chain comparison, then the perf_analyzer sweep; writes CSVs and BENCHMARKS.md.
+
+    Phases (one server, one benchmark process):
+
+    1. (b) request-by-request alternation: in-process chain, ensemble via Python gRPC + system shared
+       memory (:class:`TritonShmSampler`), ensemble via :class:`EnsembleClient`; Triton's per-model
+       statistics over this phase give the overhead breakdown.
+    2. (a) block alternation: in-process chain block, perf_analyzer block (:class:`PerfAnalyzerSampler`).
+       perf_analyzer unregisters all shared memory when it starts, so it runs after phase 1's clients closed.
+    3. the perf_analyzer sweep over ``settings.models`` x ``settings.concurrency`` (the CSV rows).
+    """
     ensure_perf_analyzer()
     repository = server.repository
     tensors = study_tensors(settings.inputs_npz, batch_size=1)
     sessions = {m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME) for m in NETWORK_MODELS}
     all_tensors = ort_chain(sessions, tensors)  # intermediates feed the composing models' input data
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    # input JSON + raw perf_analyzer CSVs (build output, not committed)
+    # input JSON + raw perf_analyzer outputs (build output, not committed)
     work = REPO_ROOT / "build" / "bench" / f"triton_{stamp}"
-    baseline = [measure_inprocess_chain(repository, tensors, settings.baseline_iterations)]
-    print(f"[bench] in-process onnxruntime chain p50 {baseline[0].p50_ms:.2f} ms", flush=True)
+
+    def progress(message: str) -> None:
+        print(f"[bench] {message}", flush=True)
+
     rows: list[dict[str, float | str]] = []
     url = server.grpc_url if settings.protocol == "grpc" else server.http_url
     with server:
+        chain = InprocessChainSampler(repository, tensors)
+        shm_loop = TritonShmSampler(server.grpc_url, tensors)
+        client_loop = ClientLoopSampler(url, tensors, settings.protocol, settings.shared_memory)
+        try:
+            progress(f"(b) {settings.rounds} rounds x {settings.requests_per_round} requests, alternating")
+            before = server_stats_snapshot(server.grpc_url, ALL_MODELS)
+            alternating = measure_interleaved(
+                {CHAIN: chain, SHM_ENSEMBLE: shm_loop, CLIENT_ENSEMBLE: client_loop},
+                CHAIN,
+                settings.rounds,
+                settings.requests_per_round,
+                alternate=True,
+                progress=progress,
+            )
+            breakdown = server_stats_delta_ms(before, server_stats_snapshot(server.grpc_url, ALL_MODELS))
+        finally:
+            shm_loop.close()
+            client_loop.close()
+        ensemble_input = write_input_data(work / f"{ENSEMBLE_MODEL}_input.json", ENSEMBLE_MODEL, all_tensors)
+        progress(f"(a) {settings.pa_rounds} rounds x {settings.pa_requests_per_round} requests, blocks")
+        blocks = measure_interleaved(
+            {CHAIN: chain, PA_ENSEMBLE: PerfAnalyzerSampler(url, ENSEMBLE_MODEL, ensemble_input, settings, work)},
+            CHAIN,
+            settings.pa_rounds,
+            settings.pa_requests_per_round,
+            progress=progress,
+        )
         for model in settings.models:
             input_data = write_input_data(work / f"{model}_input.json", model, all_tensors)
             for concurrency in settings.concurrency:
                 raw = run_perf_analyzer(
                     url, model, input_data, concurrency, settings, work / f"{model}_c{concurrency}.csv"
                 )
-                row: dict[str, float | str] = {
-                    "model": model,
-                    "concurrency": concurrency,
-                    "throughput": raw["Inferences/Second"],
-                    "p50_ms": raw["p50 latency"] / 1e3,
-                    "p90_ms": raw["p90 latency"] / 1e3,
-                    "p99_ms": raw["p99 latency"] / 1e3,
-                    "queue_ms": raw.get("Server Queue", 0.0) / 1e3,
-                    "compute_ms": (
-                        raw.get("Server Compute Input", 0.0)
-                        + raw.get("Server Compute Infer", 0.0)
-                        + raw.get("Server Compute Output", 0.0)
-                    )
-                    / 1e3,
-                }
+                row = _sweep_row(model, concurrency, raw)
                 rows.append(row)
-                print(
-                    f"[bench] {model:<15} c={concurrency}: {float(row['throughput']):7.1f} infer/s  "
-                    f"p50 {float(row['p50_ms']):6.2f} ms  p99 {float(row['p99_ms']):6.2f} ms",
-                    flush=True,
+                progress(
+                    f"{model:<15} c={concurrency}: {float(row['throughput']):7.1f} infer/s  "
+                    f"p50 {float(row['p50_ms']):6.2f} ms  p99 {float(row['p99_ms']):6.2f} ms"
                 )
-    baseline.append(measure_inprocess_chain(repository, tensors, settings.baseline_iterations))
-    print(f"[bench] in-process onnxruntime chain p50 {baseline[1].p50_ms:.2f} ms (after)", flush=True)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = settings.out_dir / f"triton_{stamp}.csv"
     with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["model"])
         writer.writeheader()
         writer.writerows(rows)
-    section = render_markdown(rows, baseline, settings, csv_path)
+    rounds_csv = write_rounds_csv(csv_path.with_name(csv_path.stem + "_rounds.csv"), {"a": blocks, "b": alternating})
+    report = ComparisonReport(perf_analyzer=blocks, alternating=alternating, breakdown=breakdown, rows=rows)
+    section = render_markdown(report, settings, csv_path, command)
     update_benchmarks_md(settings.benchmarks_md, section)
     print(section, flush=True)
-    return {"rows": rows, "baseline": baseline, "csv": csv_path}
+    return {"rows": rows, "report": report, "csv": csv_path, "rounds_csv": rounds_csv}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,17 @@ from serving.perf import (
     SECTION_BEGIN,
     SECTION_END,
     BenchSettings,
+    CallSampler,
+    InprocessChainSampler,
+    InterleavedResult,
+    PerfAnalyzerSampler,
+    TritonShmSampler,
     ensure_perf_analyzer,
+    measure_interleaved,
+    profile_export_latencies_ms,
     run_perf_analyzer,
+    server_stats_delta_ms,
+    server_stats_snapshot,
     study_tensors,
     update_benchmarks_md,
     write_input_data,
@@ -58,3 +69,81 @@ def test_study_tensors_repeat_one_preprocessed_study(tmp_path: Path) -> None:
     assert tensors["images"].shape == (2, 3, 16, 64, 64)
     np.testing.assert_array_equal(tensors["images"][1], images)
     np.testing.assert_array_equal(tensors["availability"], [[1, 1, 0], [1, 1, 0]])
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_interleaved_rounds_measure_chain_and_ensemble_on_the_same_requests(
+    triton_server: EmbeddedTriton, exported_repository: Path, tmp_path: Path
+) -> None:
+    tensors = study_tensors(None)
+    chain = InprocessChainSampler(exported_repository, tensors)
+    shm_loop = TritonShmSampler(triton_server.grpc_url, tensors)
+    models = (ENSEMBLE_MODEL, *NETWORK_MODELS)
+    before = server_stats_snapshot(triton_server.grpc_url, models)
+    try:
+        alternating = measure_interleaved({"chain": chain, "ensemble": shm_loop}, "chain", 2, 3, alternate=True)
+    finally:
+        shm_loop.close()
+    for _ in range(20):  # Triton records a request's statistics just after it sent the response
+        breakdown = server_stats_delta_ms(before, server_stats_snapshot(triton_server.grpc_url, models))
+        if all(row["requests"] >= 6 for row in breakdown.values()):
+            break
+        time.sleep(0.1)
+    assert [len(r["ensemble"]) for r in alternating.rounds] == [3, 3]
+    assert breakdown[ENSEMBLE_MODEL]["requests"] == 6  # the server saw exactly the timed requests
+    assert all(breakdown[m]["compute_infer"] > 0 for m in NETWORK_MODELS)
+
+    data = write_input_data(tmp_path / "ensemble.json", ENSEMBLE_MODEL, tensors)
+    pa = PerfAnalyzerSampler(triton_server.grpc_url, ENSEMBLE_MODEL, data, BenchSettings(), tmp_path, warmup=1)
+    blocks = measure_interleaved({"chain": chain, "perf_analyzer": pa}, "chain", 2, 4)
+    assert [len(r["perf_analyzer"]) for r in blocks.rounds] == [4, 4]
+    assert blocks.orders == [("chain", "perf_analyzer"), ("perf_analyzer", "chain")]
+    assert all(ratio > 0 for ratio in blocks.ratios("perf_analyzer"))
+
+
+class _Scripted(CallSampler):
+    """Appends its name to a shared log on every request (records the order requests were served in)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def call(self) -> None:
+        self.log.append(self.name)
+
+
+def test_alternating_rounds_rotate_who_goes_first_request_by_request() -> None:
+    log: list[str] = []
+    result = measure_interleaved(
+        {"a": _Scripted("a", log), "b": _Scripted("b", log)}, "a", rounds=2, requests_per_round=2, alternate=True
+    )
+    assert log == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(r["a"]) for r in result.rounds] == [2, 2]
+
+
+def test_ratios_are_per_round_p50_ratios_and_their_median() -> None:
+    result = InterleavedResult(
+        reference="chain",
+        rounds=[
+            {"chain": [10.0, 10.0, 30.0], "ensemble": [11.0, 12.0, 40.0]},  # p50 10 vs 12
+            {"chain": [20.0, 20.0, 20.0], "ensemble": [21.0, 21.0, 21.0]},  # p50 20 vs 21
+            {"chain": [10.0, 10.0, 10.0], "ensemble": [9.0, 9.0, 9.0]},  # p50 10 vs 9
+        ],
+        orders=[("chain", "ensemble")] * 3,
+    )
+    assert result.ratios("ensemble") == pytest.approx([1.2, 1.05, 0.9])
+    summary = result.ratio_summary("ensemble")
+    assert summary["median"] == pytest.approx(1.05)
+    assert (summary["min"], summary["max"]) == pytest.approx((0.9, 1.2))
+    assert result.pooled("chain")["p50_ms"] == pytest.approx(10.0)
+
+
+def test_profile_export_gives_one_latency_per_completed_request(tmp_path: Path) -> None:
+    export = tmp_path / "profile.json"
+    requests = [
+        {"timestamp": 1_000_000, "response_timestamps": [3_500_000]},
+        {"timestamp": 4_000_000, "response_timestamps": [5_000_000, 6_000_000]},
+        {"timestamp": 7_000_000, "response_timestamps": []},  # never answered: not a latency
+    ]
+    export.write_text(json.dumps({"experiments": [{"experiment": {}, "requests": requests}]}))
+    assert profile_export_latencies_ms(export) == pytest.approx([2.5, 1.0])
