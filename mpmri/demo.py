@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from networks.candidates import extract_candidates
     from networks.checkpoint import DEFAULT_CHECKPOINT
     from preprocess_service.pipeline import preprocess_study
-    from serving.embedded import EmbeddedTriton
+    from serving.embedded import EmbeddedTriton, free_port
     from synth.generator import synthesize_study, write_study
 
     out: Path = args.out
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     export_repository(checkpoint, repository)
     t = _stage(f"exported {checkpoint.name} to {repository}", t)
 
-    with EmbeddedTriton(repository) as server:
+    # free ports: the demo must not collide with a Triton (or anything else) already on 8000-8002
+    with EmbeddedTriton(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         t = _stage(f"Triton ready (grpc {server.grpc_url})", t)
         client = EnsembleClient(server.grpc_url if args.protocol == "grpc" else server.http_url, protocol=args.protocol)
         outputs = client.infer(pre.tensor, pre.availability)

@@ -45,10 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--inputs-npz", type=Path, default=None, help="preprocessed study: images [S,D,H,W], availability [S]"
     )
     perf.add_argument("--models", default=None, help="comma-separated models (default: ensemble + the three networks)")
-    perf.add_argument("--rounds", type=int, default=30, help="request-by-request interleaved rounds (b)")
+    perf.add_argument("--rounds", type=int, default=40, help="request-by-request interleaved rounds (b)")
     perf.add_argument("--requests-per-round", type=int, default=10, help="requests per sampler per round (b)")
-    perf.add_argument("--pa-rounds", type=int, default=12, help="chain / perf_analyzer block rounds (a)")
+    perf.add_argument("--pa-rounds", type=int, default=16, help="chain / perf_analyzer block rounds (a)")
     perf.add_argument("--pa-requests-per-round", type=int, default=30, help="requests per block (a)")
+    perf.add_argument("--note", default="", help="free text for the report (e.g. what else ran on the machine)")
     perf.set_defaults(func=_run_bench)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
@@ -104,6 +105,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         requests_per_round=args.requests_per_round,
         pa_rounds=args.pa_rounds,
         pa_requests_per_round=args.pa_requests_per_round,
+        note=args.note,
     )
     if args.models:
         settings = dataclasses.replace(settings, models=tuple(m for m in args.models.split(",") if m))

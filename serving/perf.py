@@ -1,8 +1,12 @@
-"""``mpmri bench triton``: perf_analyzer against the ensemble and each composing model, plus the in-process
-onnxruntime chain of the same three ONNX models as the baseline, measured in the same run.
+"""``mpmri bench triton``: the ensemble against the in-process onnxruntime chain of the same three ONNX models,
+measured interleaved in the same run, plus the perf_analyzer sweep over the ensemble and each composing model.
 
-Outputs: a CSV per run under ``benchmarks/results/`` and a markdown section (between the markers
-:data:`SECTION_BEGIN` / :data:`SECTION_END`) in ``BENCHMARKS.md``.
+The latency goal (ensemble p50 at batch 1 <= 1.05 x chain) is judged on the median of per-round ratios,
+each round measuring both sides back to back (:func:`measure_interleaved`), so the load bursts of a shared
+machine hit both sides; see docs/serving.md, section 4.
+
+Outputs: a sweep CSV and a per-request CSV per run under ``benchmarks/results/`` and a markdown section
+(between the markers :data:`SECTION_BEGIN` / :data:`SECTION_END`) in ``BENCHMARKS.md``.
 
 perf_analyzer comes from ``scripts/install_perf_analyzer.sh`` (run automatically when missing).
 """
@@ -66,6 +70,7 @@ class BenchSettings:
         pa_rounds, pa_requests_per_round: the block-interleaved comparison (in-process chain block, then a
             perf_analyzer block of the same size, order alternating): rounds x requests each.
         goal_ratio: the latency goal, ensemble p50 / in-process chain p50 at batch 1.
+        note: free text added to the report (e.g. what else ran on the machine).
     """
 
     concurrency: tuple[int, ...] = (1, 2, 4)
@@ -78,11 +83,12 @@ class BenchSettings:
     benchmarks_md: Path = Path("BENCHMARKS.md")
     inputs_npz: Path | None = None
     shared_memory: str = "system"
-    rounds: int = 30
+    rounds: int = 40
     requests_per_round: int = 10
-    pa_rounds: int = 12
+    pa_rounds: int = 16
     pa_requests_per_round: int = 30
     goal_ratio: float = 1.05
+    note: str = ""
 
 
 def ensure_perf_analyzer() -> Path:
@@ -252,8 +258,7 @@ class InprocessChainSampler(CallSampler):
             .string_value
         )
         self.sessions = {
-            m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME, threads=self.threads)
-            for m in NETWORK_MODELS
+            m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME, threads=self.threads) for m in NETWORK_MODELS
         }
         self.tensors = {name: tensors[name] for name in MODEL_IO[ENSEMBLE_MODEL][0]}
         for _ in range(warmup):
@@ -267,8 +272,8 @@ class TritonShmSampler(CallSampler):
     """What perf_analyzer does per request, from Python: one synchronous ``infer`` with every input and
     output in registered system shared memory (inputs written once, outputs not read back).
 
-    Only region names and shapes cross gRPC, so the latency is the server's work plus one local RPC; the
-    Python request building adds ~0.1 ms over perf_analyzer's C++ (both are reported side by side).
+    Only region names and shapes cross gRPC, so the latency is the server's work plus one local RPC, plus
+    the Python client's request building (perf_analyzer's C++ numbers are reported next to it).
     ``outputs``: the outputs to request (default: all of the model's outputs).
     """
 
@@ -453,6 +458,7 @@ def measure_interleaved(
     rounds: int,
     requests_per_round: int,
     alternate: bool = False,
+    block_warmup: int = 3,
     progress: Callable[[str], None] | None = None,
 ) -> InterleavedResult:
     """Measure every sampler for ``requests_per_round`` requests per round, ``rounds`` times.
@@ -465,6 +471,8 @@ def measure_interleaved(
             so each sampler is first / last equally often). ``True``: requests alternate one by one between
             the samplers (all must be :class:`CallSampler`; order rotated every cycle), so every sampler
             sees the same noise within a round.
+        block_warmup: untimed requests a :class:`CallSampler` serves before each of its blocks (block mode),
+            matching perf_analyzer's ``--warmup-request-count``.
     """
     if reference not in samplers:
         raise BenchmarkError(f"reference sampler {reference!r} is not among {sorted(samplers)}")
@@ -488,7 +496,13 @@ def measure_interleaved(
                     sampler.call()
                     measured[label].append((time.perf_counter() - start) * 1e3)
         else:
-            measured = {label: samplers[label].sample(requests_per_round) for label in order}
+            measured = {}
+            for label in order:
+                sampler = samplers[label]
+                if isinstance(sampler, CallSampler):  # perf_analyzer warms up itself (--warmup-request-count)
+                    for _ in range(block_warmup):
+                        sampler.call()
+                measured[label] = sampler.sample(requests_per_round)
         results.append({label: measured[label] for label in labels})
         orders.append(order)
         if progress is not None:
@@ -552,12 +566,14 @@ class ComparisonReport:
         alternating: request-by-request interleaved chain vs ensemble (reference ``chain``).
         breakdown: Triton's per-model mean ms per request during the alternating phase.
         rows: perf_analyzer sweep rows (models x concurrency).
+        load_average: the machine's 1-minute load average at the start and at the end of the run.
     """
 
     perf_analyzer: InterleavedResult
     alternating: InterleavedResult
     breakdown: dict[str, dict[str, float]]
     rows: list[dict[str, float | str]]
+    load_average: tuple[float, float] = (0.0, 0.0)
 
 
 #: labels of the samplers in :func:`run_triton_benchmark`
@@ -592,6 +608,9 @@ def render_markdown(report: ComparisonReport, settings: BenchSettings, csv_path:
         "of the same round, so bursts of load on the shared machine hit both sides. "
         f"(a) {pa_rounds_text(settings)}; (b) {settings.rounds} rounds x {settings.requests_per_round} requests "
         "alternating request by request between the chain and two clients of the ensemble.",
+        f"- Load: 1-minute load average {report.load_average[0]:.2f} at the start, {report.load_average[1]:.2f} "
+        f"at the end ({os.cpu_count()} logical CPUs; above ~1 means other jobs shared the cores)"
+        + (f". {settings.note}" if settings.note else ""),
         f"- **Goal: ensemble p50 at batch 1 <= {settings.goal_ratio:.2f} x in-process chain. Result "
         f"(perf_analyzer, median of {len(pa.rounds)} per-round ratios): {goal_ratio:.3f}x — {met}.**",
         "",
@@ -607,6 +626,8 @@ def render_markdown(report: ComparisonReport, settings: BenchSettings, csv_path:
                 f"{pooled['p90_ms']:.2f} | {int(pooled['requests'])} |"
             )
     lines += [
+        "",
+        "Overhead breakdown on a quiet machine, what was tuned and the A/B results: docs/serving.md, section 4.",
         "",
         "Where the ensemble's time goes (Triton statistics during (b), mean ms per request; the python-based "
         "onnxruntime backend's stub IPC is inside *infer*):",
@@ -715,6 +736,7 @@ def run_triton_benchmark(
 
     rows: list[dict[str, float | str]] = []
     url = server.grpc_url if settings.protocol == "grpc" else server.http_url
+    load_start = os.getloadavg()[0]
     with server:
         chain = InprocessChainSampler(repository, tensors)
         shm_loop = TritonShmSampler(server.grpc_url, tensors)
@@ -762,7 +784,13 @@ def run_triton_benchmark(
         writer.writeheader()
         writer.writerows(rows)
     rounds_csv = write_rounds_csv(csv_path.with_name(csv_path.stem + "_rounds.csv"), {"a": blocks, "b": alternating})
-    report = ComparisonReport(perf_analyzer=blocks, alternating=alternating, breakdown=breakdown, rows=rows)
+    report = ComparisonReport(
+        perf_analyzer=blocks,
+        alternating=alternating,
+        breakdown=breakdown,
+        rows=rows,
+        load_average=(load_start, os.getloadavg()[0]),
+    )
     section = render_markdown(report, settings, csv_path, command)
     update_benchmarks_md(settings.benchmarks_md, section)
     print(section, flush=True)

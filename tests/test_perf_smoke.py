@@ -19,6 +19,7 @@ from serving.perf import (
     SECTION_END,
     BenchSettings,
     CallSampler,
+    ComparisonReport,
     InprocessChainSampler,
     InterleavedResult,
     PerfAnalyzerSampler,
@@ -26,6 +27,7 @@ from serving.perf import (
     ensure_perf_analyzer,
     measure_interleaved,
     profile_export_latencies_ms,
+    render_markdown,
     run_perf_analyzer,
     server_stats_delta_ms,
     server_stats_snapshot,
@@ -147,3 +149,21 @@ def test_profile_export_gives_one_latency_per_completed_request(tmp_path: Path) 
     ]
     export.write_text(json.dumps({"experiments": [{"experiment": {}, "requests": requests}]}))
     assert profile_export_latencies_ms(export) == pytest.approx([2.5, 1.0])
+
+
+def test_report_holds_the_perf_analyzer_ratio_against_the_goal(tmp_path: Path) -> None:
+    def result(ratio: float, label: str) -> InterleavedResult:
+        rounds = [{"chain": [10.0, 10.0, 10.0], label: [10.0 * ratio] * 3} for _ in range(3)]
+        return InterleavedResult(reference="chain", rounds=rounds, orders=[("chain", label)] * 3)
+
+    stats = {f: 1.0 for f in ("queue", "compute_input", "compute_infer", "compute_output", "success")}
+    report = ComparisonReport(
+        perf_analyzer=result(1.2, "perf_analyzer"),
+        alternating=result(1.01, "grpc_shm_loop"),
+        breakdown={ENSEMBLE_MODEL: stats},
+        rows=[],
+    )
+    text = render_markdown(report, BenchSettings(), tmp_path / "x.csv", "mpmri bench triton")
+    assert text.startswith(SECTION_BEGIN) and text.endswith(SECTION_END)
+    assert "Result (perf_analyzer, median of 3 per-round ratios): 1.200x — NOT met." in text
+    assert "**1.010** [1.010, 1.010]" in text  # the alternating comparison is reported too
