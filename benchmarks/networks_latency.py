@@ -1,0 +1,125 @@
+"""Latency of the network chain (localization -> map fusion -> classification + candidate extraction).
+
+Exports the three networks of a checkpoint (or fresh networks of a profile) with the project's ONNX
+settings (:func:`networks.models.export_kwargs`) and times one synthetic study (batch 1, preprocessed
+once up front) with onnxruntime on ``--threads`` CPU threads, plus torch eager for comparison.
+Preprocessing is not included (see benchmarks/preprocess_bench.py).
+
+    .venv/bin/python benchmarks/networks_latency.py --checkpoint checkpoints/cpu_default.pt --threads 2
+    .venv/bin/python benchmarks/networks_latency.py --profile gpu --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from mpmri.contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
+from networks import build_networks, example_inputs, export_kwargs, extract_candidates, load_checkpoint
+
+
+def _times(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {
+        "min_ms": round(1000 * ordered[0], 2),
+        "median_ms": round(1000 * statistics.median(ordered), 2),
+        "p90_ms": round(1000 * ordered[int(0.9 * (len(ordered) - 1))], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--study-seed", type=int, default=9001, help="synthetic study used as input")
+    parser.add_argument("--study-index", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    nets = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build_networks(args.profile).eval()
+
+    # a real (synthetic) study, so the fused map has lesions and candidate extraction does real work
+    from preprocess_service.pipeline import preprocess_study
+    from synth.generator import synthesize_study
+
+    study = preprocess_study(synthesize_study(args.study_seed, args.study_index).series)
+    images = torch.from_numpy(study.tensor[None])
+    availability = torch.from_numpy(study.availability[None])
+    geometry = study.geometry
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sessions = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, module in nets.modules().items():
+            path = Path(tmp) / f"{name}.onnx"
+            torch.onnx.export(module, example_inputs(name), str(path), **export_kwargs(name))
+            sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    img, av = images.numpy(), availability.numpy()
+    state: dict[str, np.ndarray] = {}
+
+    def loc() -> None:
+        state["maps"] = sessions[LOCALIZATION_MODEL].run(None, {"images": img})[0]
+
+    def fus() -> None:
+        state["fused"] = sessions[FUSION_MODEL].run(None, {"sequence_maps": state["maps"], "availability": av})[0]
+
+    def cls() -> None:
+        sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})
+
+    def cand() -> None:
+        extract_candidates(state["fused"][0, 0], geometry)
+
+    def chain() -> None:
+        loc()
+        fus()
+        cls()
+        cand()
+
+    def torch_chain() -> None:
+        with torch.no_grad():
+            nets(images, availability)
+
+    result = {
+        "profile": nets.profile.name,
+        "threads": args.threads,
+        "study": f"synth seed {args.study_seed} index {args.study_index}",
+        "parameters": sum(p.numel() for p in nets.parameters()),
+        "onnxruntime": {
+            "localization": _summary(_times(loc, args.repeats)),
+            "map_fusion": _summary(_times(fus, args.repeats)),
+            "classification": _summary(_times(cls, args.repeats)),
+            "candidates": _summary(_times(cand, args.repeats)),
+            "chain_with_candidates": _summary(_times(chain, args.repeats)),
+        },
+        "torch_eager_chain": _summary(_times(torch_chain, args.repeats)),
+        "onnxruntime_version": ort.__version__,
+        "torch_version": torch.__version__,
+    }
+    result["candidates_found"] = len(extract_candidates(state["fused"][0, 0], geometry)[0])
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Lesion candidates from a fused likelihood map, the PI-CAI way (one implementation for evaluation,
+the demo and the service).
+
+:func:`report_guided_annotation.extract_lesion_candidates` turns the map into non-overlapping
+connected blobs, each filled with one likelihood (the blob's peak). The result is the *candidate
+map* (a PI-CAI "detection map", the input of ``picai_eval``) plus one :class:`LesionCandidate` per
+blob with its centre in LPS mm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mpmri.contract import GridGeometry
+
+with contextlib.redirect_stdout(io.StringIO()):  # the package prints a citation banner on import
+    from report_guided_annotation import extract_lesion_candidates
+
+#: Defaults of :func:`extract_candidates` (recorded by evaluation).
+CANDIDATE_THRESHOLD = "dynamic"
+MIN_VOXELS_DETECTION = 3
+NUM_LESIONS_TO_EXTRACT = 5
+DYNAMIC_THRESHOLD_FACTOR = 2.5
+
+
+@dataclass
+class LesionCandidate:
+    """One detected lesion candidate.
+
+    Attributes:
+        center_lps_mm: likelihood-weighted centroid of the candidate blob, LPS mm.
+        volume_mm3: blob volume in mm^3 (voxel count x voxel volume of the grid).
+        likelihood: the candidate's lesion likelihood in [0, 1] (peak of the fused map in the blob).
+        center_index_dhw: the same centroid as continuous grid index ``(d, h, w)``.
+        label: index of the blob in the returned candidate index map (1-based).
+    """
+
+    center_lps_mm: tuple[float, float, float]
+    volume_mm3: float
+    likelihood: float
+    center_index_dhw: tuple[float, float, float]
+    label: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def extract_candidates(
+    fused_map: np.ndarray,
+    geometry: GridGeometry,
+    threshold: str | float = CANDIDATE_THRESHOLD,
+    min_voxels_detection: int = MIN_VOXELS_DETECTION,
+    num_lesions_to_extract: int = NUM_LESIONS_TO_EXTRACT,
+    dynamic_threshold_factor: float = DYNAMIC_THRESHOLD_FACTOR,
+    min_likelihood: float = 0.0,
+) -> tuple[list[LesionCandidate], np.ndarray]:
+    """Non-overlapping lesion candidates of ``fused_map``.
+
+    Args:
+        fused_map: lesion likelihood ``[D, H, W]`` in [0, 1] (``[1, D, H, W]`` is accepted too).
+        geometry: the grid geometry of ``fused_map`` (index -> LPS mm).
+        threshold: ``"dynamic"`` (PI-CAI default), ``"dynamic-fast"`` or a static float threshold.
+        min_voxels_detection: blobs with at most this many voxels are dropped.
+        num_lesions_to_extract: maximum number of candidates.
+        dynamic_threshold_factor: a blob extends down to ``peak / factor``.
+        min_likelihood: candidates below this likelihood are dropped from the list and the map.
+
+    Returns:
+        ``(candidates, candidate_map)``: candidates sorted by decreasing likelihood, and the candidate
+        map ``[D, H, W]`` float32 where each candidate's voxels hold its likelihood (0 elsewhere).
+    """
+    volume = np.asarray(fused_map, dtype=np.float32)
+    if volume.ndim == 4 and volume.shape[0] == 1:
+        volume = volume[0]
+    if volume.ndim != 3:
+        raise ValueError(f"fused_map must be [D, H, W], got shape {volume.shape}")
+    _, confidences, indexed = extract_lesion_candidates(
+        volume,  # type: ignore[arg-type]  # float32 is accepted at run time
+        threshold=threshold,
+        min_voxels_detection=min_voxels_detection,
+        num_lesions_to_extract=num_lesions_to_extract,
+        dynamic_threshold_factor=dynamic_threshold_factor,
+    )
+    candidate_map = np.zeros(volume.shape, dtype=np.float32)
+    candidates: list[LesionCandidate] = []
+    grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
+    for label, confidence in confidences:
+        likelihood = float(confidence)
+        if likelihood <= min_likelihood:
+            continue
+        mask = np.asarray(indexed) == label
+        if not mask.any():
+            continue
+        weights = volume[mask].astype(np.float64)
+        idx = grid_index[mask.reshape(-1)]
+        centre = (idx * weights[:, None]).sum(0) / max(weights.sum(), 1e-12)
+        candidate_map[mask] = likelihood
+        candidates.append(
+            LesionCandidate(
+                center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
+                volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
+                likelihood=likelihood,
+                center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
+                label=int(label),
+            )
+        )
+    candidates.sort(key=lambda c: -c.likelihood)
+    return candidates, candidate_map

@@ -1,0 +1,181 @@
+"""Training and evaluation on real synthetic studies: data targets, augmentation, smoke training, resume, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpmri.cli import main as mpmri_main
+from mpmri.contract import MISSING_CHANNEL_FILL_VALUE, NUM_SEQUENCES, sequence_index
+from networks.checkpoint import load_checkpoint, load_training_state
+from training.baseline import BASELINES, baseline_likelihood_map, central_ellipsoid_mask
+from training.data import (
+    AugmentSettings,
+    CaseRecord,
+    augment_case,
+    build_cache,
+    load_case,
+    lr_array_axis,
+    prepare_synthetic_case,
+)
+from training.train import TrainConfig, train
+
+DATA_SEED = 1234
+NO_AUGMENT = AugmentSettings(
+    flip_lr_probability=0.0, intensity_scale=0.0, intensity_shift=0.0, sequence_dropout_probability=0.0
+)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic cases of seed 1234 run through the serving preprocessing and cached."""
+    out = tmp_path_factory.mktemp("cache")
+    build_cache(out, DATA_SEED, range(6), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def records(cache_dir: Path) -> list[CaseRecord]:
+    return [load_case(p) for p in sorted((cache_dir / f"seed{DATA_SEED}").glob("*.npz"))]
+
+
+def _config(cache_dir: Path, run_dir: Path, **kw: object) -> TrainConfig:
+    base = TrainConfig(
+        cases=6,
+        val_cases=2,
+        data_seed=DATA_SEED,
+        cache_dir=cache_dir,
+        run_dir=run_dir,
+        epochs={"localization": 2, "classification": 1, "joint": 1},
+        batch_size=2,
+        max_steps_per_epoch=2,
+        threads=2,
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_cached_case_has_contract_shapes_and_significant_only_target(records: list[CaseRecord]) -> None:
+    for rec in records:
+        assert rec.images.shape == (NUM_SEQUENCES, 16, 64, 64) and rec.images.dtype == np.float32
+        assert rec.target.shape == rec.images.shape[1:]
+        significant_labels = [i for i, les in enumerate(rec.truth["lesions"], 1) if les["significant"]]
+        other_labels = [i for i, les in enumerate(rec.truth["lesions"], 1) if not les["significant"]]
+        # the localization target is exactly the union of the significant lesions (PI-CAI convention)
+        assert np.array_equal(rec.target > 0, np.isin(rec.lesion_index, significant_labels))
+        for label in other_labels:
+            assert not rec.target[rec.lesion_index == label].any()
+        assert rec.significant == int(bool(significant_labels))
+        assert rec.max_pirads == max([1] + [les["pirads"] for les in rec.truth["lesions"]])
+    assert any(rec.significant for rec in records), "seed 1234 should contain at least one csPCa case"
+
+
+def test_prepare_is_deterministic(records: list[CaseRecord]) -> None:
+    again = prepare_synthetic_case(DATA_SEED, 0)
+    assert np.array_equal(again.images, records[0].images)
+    assert np.array_equal(again.target, records[0].target)
+
+
+def test_sequence_dropout_never_drops_t2w_and_fills_missing_value(records: list[CaseRecord]) -> None:
+    rec = records[0]
+    settings = AugmentSettings(flip_lr_probability=0.0, sequence_dropout_probability=1.0)
+    images, availability, _ = augment_case(
+        rec.images, rec.availability, rec.target, rec.geometry, settings, np.random.default_rng(0)
+    )
+    assert availability[sequence_index("t2w")] == 1.0
+    for name in ("adc", "dwi"):
+        assert availability[sequence_index(name)] == 0.0
+        assert np.all(images[sequence_index(name)] == MISSING_CHANNEL_FILL_VALUE)
+
+
+def test_left_right_flip_moves_image_and_target_together(records: list[CaseRecord]) -> None:
+    rec = next(r for r in records if r.target.any())
+    settings = dataclasses.replace(NO_AUGMENT, flip_lr_probability=1.0)
+    images, _, target = augment_case(
+        rec.images, rec.availability, rec.target, rec.geometry, settings, np.random.default_rng(0)
+    )
+    axis = lr_array_axis(rec.geometry)
+    assert np.array_equal(target, np.flip(rec.target, axis=axis))
+    assert np.array_equal(images, np.flip(rec.images, axis=axis + 1))
+    assert not np.array_equal(target, rec.target)
+
+
+def test_baseline_maps_are_bounded_and_dwi_rule_peaks_in_a_significant_lesion(records: list[CaseRecord]) -> None:
+    for rec in records:
+        for rule in BASELINES:
+            likelihood = baseline_likelihood_map(rec.images, rec.availability, rule)
+            assert likelihood.shape == rec.target.shape
+            assert likelihood.min() >= 0.0 and likelihood.max() <= 1.0
+            assert not likelihood[~central_ellipsoid_mask(likelihood.shape)].any()
+    rec = next(r for r in records if r.target.any())
+    dwi = baseline_likelihood_map(rec.images, rec.availability, "dwi_max")
+    assert dwi[rec.target > 0].max() > np.percentile(dwi[dwi > 0], 90)
+
+
+@pytest.mark.slow
+def test_smoke_training_loss_falls(cache_dir: Path, tmp_path: Path) -> None:
+    config = _config(
+        cache_dir,
+        tmp_path / "run",
+        epochs={"localization": 8, "classification": 0, "joint": 0},
+        augment=NO_AUGMENT,
+        lr=3e-3,
+    )
+    final = train(config, progress=False)
+    with open(tmp_path / "run" / "history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8
+    losses = [float(r["train_loss"]) for r in rows]
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+    nets, meta = load_checkpoint(final)
+    assert meta["training"]["data"]["data_seed"] == DATA_SEED
+    assert meta["training"]["data"]["train_cases"] == 4
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_like_an_uninterrupted_run(cache_dir: Path, tmp_path: Path) -> None:
+    full = train(_config(cache_dir, tmp_path / "full"), progress=False)
+    stopped = train(_config(cache_dir, tmp_path / "resumed", stop_after_epochs=2), progress=False)
+    state = load_training_state(stopped)
+    assert state is not None and state["next_global_epoch"] == 2  # stopped between phases 1 and 2
+    resumed = train(_config(cache_dir, tmp_path / "resumed"), resume=stopped, progress=False)
+    nets_full, _ = load_checkpoint(full)
+    nets_resumed, meta = load_checkpoint(resumed)
+    assert meta["training"]["epochs_done"] == 4
+    for name, module in nets_full.modules().items():
+        other = nets_resumed.modules()[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.allclose(value, other[key], atol=1e-5), f"{name}.{key}"
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_metrics_and_plots(cache_dir: Path, synthetic_dataset: list[Path], tmp_path: Path) -> None:
+    checkpoint = train(_config(cache_dir, tmp_path / "run"), progress=False)
+    data_dir = synthetic_dataset[0].parent
+    out = tmp_path / "eval"
+    rc = mpmri_main(["evaluate", "--data", str(data_dir), "--out", str(out), "--checkpoint", str(checkpoint)])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("auroc", "ap", "score", "baseline_auroc", "baseline_ap", "baseline_score", "pirads_confusion"):
+        assert key in metrics
+    assert metrics["num_cases"] == len(synthetic_dataset)
+    for value in (metrics["ap"], metrics["baseline_ap"]):
+        assert value is None or 0.0 <= value <= 1.0
+    assert sum(map(sum, metrics["pirads_confusion"]["rows_truth_cols_predicted"])) == len(synthetic_dataset)
+    for png in ("roc.png", "pr.png", "froc.png", "confusion.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_evaluate_cli_reports_missing_data_folder_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = mpmri_main(["evaluate", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert rc != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "absent" in err and "\n" not in err

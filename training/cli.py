@@ -1,0 +1,124 @@
+"""``mpmri train`` and ``mpmri evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from networks.checkpoint import DEFAULT_CHECKPOINT
+
+
+def register(subparsers: Any) -> None:
+    defaults = _train_defaults()
+    p = subparsers.add_parser(
+        "train",
+        help="two-phase training on synthetic studies (localization, then classification + joint fine-tuning)",
+        description="Train the three networks on synthetic studies run through the serving preprocessing.",
+    )
+    p.add_argument("--profile", default=defaults.profile, help="network profile: cpu (default) or gpu")
+    p.add_argument(
+        "--localization-weights",
+        choices=("shared", "per_sequence"),
+        default=None,
+        help="override the profile's localization weights (ablation)",
+    )
+    p.add_argument("--cases", type=int, default=defaults.cases, help="synthetic cases in total (train + validation)")
+    p.add_argument("--val-cases", type=int, default=defaults.val_cases, help="cases held out for per-epoch validation")
+    p.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
+    p.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
+    p.add_argument("--out", type=Path, default=defaults.run_dir, help="run folder (history.csv, curves.png, *.pt)")
+    p.add_argument("--checkpoint-out", type=Path, default=None, help="also write the final checkpoint here")
+    p.add_argument("--epochs-localization", type=int, default=defaults.epochs["localization"])
+    p.add_argument("--epochs-classification", type=int, default=defaults.epochs["classification"])
+    p.add_argument("--epochs-joint", type=int, default=defaults.epochs["joint"])
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate, phases 1-2")
+    p.add_argument("--lr-joint", type=float, default=defaults.lr_joint, help="peak learning rate, joint phase")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation and augmentation")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--stop-after-epochs", type=int, default=None, help="stop early (continue later with --resume)")
+    p.add_argument("--resume", type=Path, default=None, help="continue from a run's last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train)
+
+    e = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint on `mpmri synth` studies (full chain from DICOM, picai_eval)",
+        description="Run preprocessing -> networks -> candidates on every case of DIR and score it.",
+    )
+    e.add_argument("--data", type=Path, required=True, help="folder made by `mpmri synth`")
+    e.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, plots)")
+    e.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--record", action="store_true", help="store the metrics in the checkpoint's metadata")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_run_evaluate)
+
+
+def _train_defaults() -> Any:
+    from training.train import TrainConfig
+
+    return TrainConfig()
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    config = TrainConfig(
+        profile=args.profile,
+        localization_weights=args.localization_weights,
+        data_seed=args.data_seed,
+        cases=args.cases,
+        val_cases=args.val_cases,
+        cache_dir=args.cache,
+        run_dir=args.out,
+        checkpoint_out=args.checkpoint_out,
+        epochs={
+            "localization": args.epochs_localization,
+            "classification": args.epochs_classification,
+            "joint": args.epochs_joint,
+        },
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_joint=args.lr_joint,
+        seed=args.seed,
+        threads=args.threads,
+        max_steps_per_epoch=args.max_steps_per_epoch,
+        stop_after_epochs=args.stop_after_epochs,
+    )
+    final = train(config, resume=args.resume, progress=not args.no_progress)
+    print(f"checkpoint: {final}")
+    if args.checkpoint_out is not None and final.name == "final.pt":
+        print(f"checkpoint: {args.checkpoint_out}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    metrics = evaluate(
+        args.data,
+        args.out,
+        checkpoint=args.checkpoint,
+        threads=args.threads,
+        progress=not args.no_progress,
+        record_in_checkpoint=args.record,
+    )
+    keys = (
+        "auroc",
+        "ap",
+        "score",
+        "classifier_auroc",
+        "baseline_auroc",
+        "baseline_ap",
+        "centre_error_mm_median",
+        "centre_within_5mm_fraction",
+        "pirads_accuracy",
+        "num_cases",
+    )
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print(f"report: {args.out}")
+    return 0

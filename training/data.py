@@ -1,0 +1,291 @@
+"""Training data: synthetic studies -> DICOM -> the serving preprocessing -> cached tensors + targets.
+
+Every case goes through exactly the code the service runs (:func:`preprocess_service.pipeline.preprocess_study`
+on the synthetic DICOM series), so training sees what serving sees (no train/serve skew).
+
+Targets (PI-CAI convention):
+
+* ``target`` ``[D, H, W]`` uint8: the *clinically significant* lesions only (``lesion.significant``),
+  resampled onto the model grid with :func:`preprocess_service.grid.resample_label_to_grid`.
+  Insignificant lesions are background for localization, as in PI-CAI's csPCa annotations.
+* ``lesion_index`` ``[D, H, W]`` uint8: all lesions, value ``i`` = ``ground_truth["lesions"][i-1]``.
+* ``significant`` (study has a csPCa lesion) and ``max_pirads`` (1 when there is no lesion).
+
+Cache layout: ``<cache_dir>/seed<seed>/case_<index:04d>.npz`` (one file per case, see :func:`save_case`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mpmri.contract import (
+    CONTRACT_VERSION,
+    MISSING_CHANNEL_FILL_VALUE,
+    NUM_SEQUENCES,
+    REQUIRED_SEQUENCES,
+    SEQUENCES,
+    GridGeometry,
+)
+from mpmri.errors import MpmriError
+
+CACHE_FORMAT_VERSION = 1
+
+
+class TrainingDataError(MpmriError):
+    """A training case cannot be built or read."""
+
+
+@dataclass
+class CaseRecord:
+    """One preprocessed case on the model grid.
+
+    Attributes:
+        case_id: ``seed<seed>_<index:04d>`` (or the case folder name for ``mpmri synth`` data).
+        images: ``[S, D, H, W]`` float32 normalized images (contract normalization).
+        availability: ``[S]`` float32, 1 = sequence present.
+        target: ``[D, H, W]`` uint8, 1 inside clinically significant lesions.
+        lesion_index: ``[D, H, W]`` uint8, ``i`` inside lesion ``i`` (1-based, all lesions).
+        significant: 1 if the study has a clinically significant lesion.
+        max_pirads: study-level PI-RADS-like category 1-5 (1 without lesions).
+        geometry: the grid geometry of this case.
+        truth: the ground-truth dictionary (ground_truth.json content).
+    """
+
+    case_id: str
+    images: np.ndarray
+    availability: np.ndarray
+    target: np.ndarray
+    lesion_index: np.ndarray
+    significant: int
+    max_pirads: int
+    geometry: GridGeometry
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def significant_mask(lesion_index: np.ndarray, truth: dict[str, Any]) -> np.ndarray:
+    """``[D, H, W]`` uint8 mask of the clinically significant lesions of ``truth`` in ``lesion_index``."""
+    labels = [i + 1 for i, lesion in enumerate(truth.get("lesions", [])) if lesion.get("significant")]
+    return np.isin(lesion_index, labels).astype(np.uint8)
+
+
+def study_labels(truth: dict[str, Any]) -> tuple[int, int]:
+    """``(significant, max_pirads)`` of a ground-truth dict (max_pirads = 1 without lesions)."""
+    lesions = truth.get("lesions", [])
+    significant = int(truth.get("significant", any(bool(les.get("significant")) for les in lesions)))
+    max_pirads = truth.get("max_pirads")
+    if max_pirads is None:
+        max_pirads = max((int(les.get("pirads", 1)) for les in lesions), default=1)
+    return significant, int(max(1, min(5, int(max_pirads))))
+
+
+def record_from_preprocessed(case_id: str, study: Any, label_image: Any, truth: dict[str, Any]) -> CaseRecord:
+    """Build a :class:`CaseRecord` from a ``PreprocessedStudy`` and the lesion label image (T2W geometry)."""
+    from preprocess_service.grid import resample_label_to_grid
+
+    images = np.asarray(study.tensor, dtype=np.float32)
+    availability = np.asarray(study.availability, dtype=np.float32)
+    if images.shape[0] != NUM_SEQUENCES or availability.shape != (NUM_SEQUENCES,):
+        raise TrainingDataError(
+            f"case {case_id}: preprocessing returned tensor {images.shape}, availability {availability.shape}"
+        )
+    lesion_index = np.asarray(resample_label_to_grid(label_image, study.geometry), dtype=np.uint8)
+    significant, max_pirads = study_labels(truth)
+    return CaseRecord(
+        case_id=case_id,
+        images=images,
+        availability=availability,
+        target=significant_mask(lesion_index, truth),
+        lesion_index=lesion_index,
+        significant=significant,
+        max_pirads=max_pirads,
+        geometry=study.geometry,
+        truth=truth,
+    )
+
+
+def prepare_synthetic_case(seed: int, index: int) -> CaseRecord:
+    """Synthesize study ``index`` of ``seed`` (DICOM datasets in memory) and run the serving preprocessing on it."""
+    from preprocess_service.pipeline import preprocess_study
+    from synth.generator import synthesize_study
+
+    study = synthesize_study(seed, index)
+    pre = preprocess_study(study.series)
+    return record_from_preprocessed(f"seed{seed}_{index:04d}", pre, study.label_image, study.truth)
+
+
+def prepare_case_dir(case_dir: Path) -> CaseRecord:
+    """Preprocess a case folder written by ``mpmri synth`` (``dicom/``, ``ground_truth.json``, ``lesions.nii.gz``)."""
+    import SimpleITK as sitk
+
+    from preprocess_service.pipeline import preprocess_study
+
+    case_dir = Path(case_dir)
+    truth_path, label_path = case_dir / "ground_truth.json", case_dir / "lesions.nii.gz"
+    for path in (case_dir / "dicom", truth_path, label_path):
+        if not path.exists():
+            raise TrainingDataError(f"case folder {case_dir} lacks {path.name}")
+    truth = json.loads(truth_path.read_text())
+    pre = preprocess_study(case_dir / "dicom")
+    return record_from_preprocessed(case_dir.name, pre, sitk.ReadImage(str(label_path)), truth)
+
+
+def save_case(path: Path, record: CaseRecord) -> None:
+    """Write ``record`` as one compressed ``.npz`` (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        images=record.images,
+        availability=record.availability,
+        target=record.target,
+        lesion_index=record.lesion_index,
+        significant=np.int64(record.significant),
+        max_pirads=np.int64(record.max_pirads),
+        meta=np.asarray(
+            json.dumps(
+                {
+                    "case_id": record.case_id,
+                    "geometry": record.geometry.to_dict(),
+                    "truth": record.truth,
+                    "contract_version": CONTRACT_VERSION,
+                    "cache_format_version": CACHE_FORMAT_VERSION,
+                    "sequences": list(SEQUENCES),
+                }
+            )
+        ),
+    )
+    tmp.replace(path)
+
+
+def load_case(path: Path) -> CaseRecord:
+    """Read a case written by :func:`save_case`."""
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("contract_version") != CONTRACT_VERSION or meta.get("sequences") != list(SEQUENCES):
+                raise TrainingDataError(f"cached case {path} was built for another contract; delete the cache")
+            return CaseRecord(
+                case_id=meta["case_id"],
+                images=data["images"].astype(np.float32),
+                availability=data["availability"].astype(np.float32),
+                target=data["target"].astype(np.uint8),
+                lesion_index=data["lesion_index"].astype(np.uint8),
+                significant=int(data["significant"]),
+                max_pirads=int(data["max_pirads"]),
+                geometry=GridGeometry.from_dict(meta["geometry"]),
+                truth=meta["truth"],
+            )
+    except (OSError, KeyError, ValueError) as err:
+        raise TrainingDataError(f"cannot read cached case {path}: {err}") from err
+
+
+def case_cache_path(cache_dir: Path, seed: int, index: int) -> Path:
+    return Path(cache_dir) / f"seed{seed}" / f"case_{index:04d}.npz"
+
+
+def build_cache(cache_dir: Path, seed: int, indices: Sequence[int], progress: bool = True) -> list[Path]:
+    """Make sure every case ``index`` of ``seed`` is cached under ``cache_dir``; returns the npz paths.
+
+    Existing files are reused (the cache key is seed + index + contract version).
+    """
+    paths = [case_cache_path(cache_dir, seed, i) for i in indices]
+    missing = [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
+    for index, path in tqdm(missing, desc=f"cache seed {seed}", disable=not progress or not missing, mininterval=5):
+        save_case(path, prepare_synthetic_case(seed, index))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation + torch dataset
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Training-time augmentation (deterministic per ``(seed, epoch, item)``).
+
+    Attributes:
+        flip_lr_probability: mirror left-right (the grid axis closest to patient L).
+        intensity_scale: per present channel, multiply by ``1 + U(-s, s)``.
+        intensity_shift: per present channel, add ``U(-s, s)``.
+        sequence_dropout_probability: per optional sequence (ADC, DWI), drop it (channel filled with the
+            contract's missing value, availability 0); T2W is never dropped.
+    """
+
+    flip_lr_probability: float = 0.5
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    sequence_dropout_probability: float = 0.2
+
+
+def lr_array_axis(geometry: GridGeometry) -> int:
+    """Array axis (0=D, 1=H, 2=W) whose direction is closest to the patient L-R (LPS x) axis."""
+    itk_axis = int(np.argmax(np.abs(geometry.direction_matrix[0, :])))  # column c = LPS vector of ITK axis c
+    return 2 - itk_axis
+
+
+def augment_case(
+    images: np.ndarray,
+    availability: np.ndarray,
+    target: np.ndarray,
+    geometry: GridGeometry,
+    settings: AugmentSettings,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Augmented copies of ``(images [S,D,H,W], availability [S], target [D,H,W])``."""
+    images, availability, target = images.copy(), availability.copy(), target.copy()
+    if rng.random() < settings.flip_lr_probability:
+        axis = lr_array_axis(geometry)
+        images = np.flip(images, axis=axis + 1).copy()
+        target = np.flip(target, axis=axis).copy()
+    for s, name in enumerate(SEQUENCES):
+        if availability[s] < 0.5:
+            continue
+        if name not in REQUIRED_SEQUENCES and rng.random() < settings.sequence_dropout_probability:
+            images[s] = MISSING_CHANNEL_FILL_VALUE
+            availability[s] = 0.0
+            continue
+        scale = 1.0 + rng.uniform(-settings.intensity_scale, settings.intensity_scale)
+        shift = rng.uniform(-settings.intensity_shift, settings.intensity_shift)
+        images[s] = images[s] * scale + shift
+    return images, availability, target
+
+
+class CaseDataset(torch.utils.data.Dataset):
+    """In-memory cases as training tensors; call :meth:`set_epoch` before each epoch for fresh augmentation.
+
+    Items: ``images [S,D,H,W]``, ``availability [S]``, ``target [1,D,H,W]`` float32, ``significant`` float32,
+    ``pirads_class`` int64 (0-4 = category 1-5).
+    """
+
+    def __init__(self, records: Sequence[CaseRecord], augment: AugmentSettings | None = None, seed: int = 0) -> None:
+        self.records = list(records)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rec = self.records[i]
+        images, availability, target = rec.images, rec.availability, rec.target
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            images, availability, target = augment_case(images, availability, target, rec.geometry, self.augment, rng)
+        return {
+            "images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+            "availability": torch.from_numpy(np.ascontiguousarray(availability, dtype=np.float32)),
+            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
+            "significant": torch.tensor(float(rec.significant)),
+            "pirads_class": torch.tensor(rec.max_pirads - 1, dtype=torch.int64),
+        }

@@ -1,0 +1,433 @@
+"""Two-phase training: (1) localization + fusion, (2) classification with (1) frozen, (3) joint fine-tuning.
+
+Losses (MONAI):
+
+* localization: ``DiceFocalLoss(sigmoid=True, batch=True)`` on the logits of every *present* sequence
+  against the csPCa target, plus ``DiceLoss(batch=True) + BCE`` on the fused map (this trains the
+  fusion weights);
+* classification: BCE on the csPCa logit + cross-entropy over the 5 PI-RADS-like categories.
+
+Determinism: everything is seeded from ``TrainConfig.seed``; augmentation and dropout are re-seeded
+at every epoch from ``(seed, epoch)``, so a run resumed from ``last.pt`` continues exactly as an
+uninterrupted run would. Per epoch the run folder gets ``history.csv`` and ``curves.png`` and
+``last.pt`` (weights + optimizer state); the end result is ``final.pt`` (weights + metadata only).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceFocalLoss, DiceLoss
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from mpmri.errors import MpmriError
+from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from networks.models import PROFILES, MpmriNetworks, build_networks_from_profile
+from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_case
+
+log = logging.getLogger(__name__)
+
+PHASES: tuple[str, ...] = ("localization", "classification", "joint")
+HISTORY_FIELDS: tuple[str, ...] = (
+    "global_epoch",
+    "phase",
+    "epoch",
+    "lr",
+    "train_loss",
+    "val_loss",
+    "val_dice",
+    "val_auroc",
+    "val_pirads_accuracy",
+    "seconds",
+)
+
+
+class TrainingError(MpmriError):
+    """Training cannot start or continue (bad settings, incompatible resume file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (recorded in the checkpoint metadata).
+
+    Attributes:
+        profile: network profile (``networks.models.PROFILES``).
+        localization_weights: override of the profile's ``localization_weights`` (``"shared"`` or
+            ``"per_sequence"``; for the ablation in docs/networks.md). The checkpoint records the result.
+        data_seed: synthetic data seed; cases ``0..cases-1`` of this seed are used.
+        cases: number of synthetic cases in total (training + validation).
+        val_cases: the last ``val_cases`` of them are held out for per-epoch validation.
+        cache_dir: npz cache of preprocessed cases.
+        run_dir: run folder (history.csv, curves.png, last.pt, final.pt).
+        checkpoint_out: optional extra copy of the final checkpoint (e.g. checkpoints/cpu_default.pt).
+        epochs: epochs per phase ``{"localization", "classification", "joint"}``.
+        batch_size: studies per step.
+        lr: peak learning rate of phases 1 and 2 (AdamW, cosine decay within a phase).
+        lr_joint: peak learning rate of the joint fine-tuning phase.
+        weight_decay: AdamW weight decay.
+        seed: seed of initialisation, shuffling, augmentation and dropout.
+        threads: ``torch.set_num_threads``.
+        max_steps_per_epoch: cap on steps per epoch (smoke tests); ``None`` = full epochs.
+        stop_after_epochs: stop this invocation after so many epochs (the run continues with
+            ``--resume run_dir/last.pt``); ``None`` = run to the end.
+        augment: augmentation settings.
+    """
+
+    profile: str = "cpu"
+    localization_weights: str | None = None
+    data_seed: int = 1
+    cases: int = 200
+    val_cases: int = 20
+    cache_dir: Path = Path(".cache/train")
+    run_dir: Path = Path("build/runs/cpu_default")
+    checkpoint_out: Path | None = None
+    epochs: dict[str, int] = field(default_factory=lambda: {"localization": 30, "classification": 8, "joint": 6})
+    batch_size: int = 4
+    lr: float = 2e-3
+    lr_joint: float = 3e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threads: int = 2
+    max_steps_per_epoch: int | None = None
+    stop_after_epochs: int | None = None
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("cache_dir", "run_dir", "checkpoint_out"):
+            d[key] = None if d[key] is None else str(d[key])
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+class LocalizationLoss(nn.Module):
+    """Per-sequence DiceFocal on present sequences + Dice/BCE on the fused map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_sequence = DiceFocalLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.fused_dice = DiceLoss(sigmoid=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+
+    def forward(
+        self, seq_logits: torch.Tensor, fused_map: torch.Tensor, target: torch.Tensor, availability: torch.Tensor
+    ) -> torch.Tensor:
+        present = availability > 0.5  # [B, S]
+        logits = seq_logits[present].unsqueeze(1)  # [N, 1, D, H, W]
+        targets = target.expand_as(seq_logits)[present].unsqueeze(1)
+        fused = fused_map.clamp(1e-6, 1 - 1e-6)
+        return (
+            self.per_sequence(logits, targets) + self.fused_dice(fused, target) + F.binary_cross_entropy(fused, target)
+        )
+
+
+def classification_loss(
+    cspca_logit: torch.Tensor, pirads_logits: torch.Tensor, batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(cspca_logit[:, 0], batch["significant"]) + F.cross_entropy(
+        pirads_logits, batch["pirads_class"]
+    )
+
+
+def _forward(
+    nets: MpmriNetworks, batch: dict[str, torch.Tensor], phase: str, loc_loss: LocalizationLoss
+) -> torch.Tensor:
+    images, availability = batch["images"], batch["availability"]
+    if phase == "classification":
+        with torch.no_grad():
+            fused = nets.fusion(nets.localization(images), availability)
+        cspca_logit, pirads_logits = nets.classification.forward_logits(images, fused)
+        return classification_loss(cspca_logit, pirads_logits, batch)
+    seq_logits = nets.localization.forward_logits(images)
+    fused = nets.fusion(torch.sigmoid(seq_logits), availability)
+    loss = loc_loss(seq_logits, fused, batch["target"], availability)
+    if phase == "joint":
+        cspca_logit, pirads_logits = nets.classification.forward_logits(images, fused)
+        loss = loss + classification_loss(cspca_logit, pirads_logits, batch)
+    return loss
+
+
+def trainable_parameters(nets: MpmriNetworks, phase: str) -> list[nn.Parameter]:
+    """Parameters optimized in ``phase``; all others get ``requires_grad=False``."""
+    train_mods = {
+        "localization": (nets.localization, nets.fusion),
+        "classification": (nets.classification,),
+        "joint": (nets.localization, nets.fusion, nets.classification),
+    }[phase]
+    for module in nets.modules().values():
+        module.requires_grad_(any(module is m for m in train_mods))
+    return [p for m in train_mods for p in m.parameters()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: int) -> dict[str, float]:
+    """Loss (all terms), fused-map Dice at 0.5, csPCa AUROC and PI-RADS accuracy on ``records``."""
+    if not records:
+        return {"val_loss": math.nan, "val_dice": math.nan, "val_auroc": math.nan, "val_pirads_accuracy": math.nan}
+    nets.eval()
+    loc_loss = LocalizationLoss()
+    loader = torch.utils.data.DataLoader(CaseDataset(records), batch_size=batch_size, shuffle=False)
+    losses, probs, labels, correct = [], [], [], 0
+    inter = denom = 0.0
+    for batch in loader:
+        out = nets(batch["images"], batch["availability"])
+        seq_logits = nets.localization.forward_logits(batch["images"])
+        loss = loc_loss(seq_logits, out["fused_map"], batch["target"], batch["availability"])
+        cspca = out["cspca_probability"][:, 0].clamp(1e-6, 1 - 1e-6)
+        loss = loss + F.binary_cross_entropy(cspca, batch["significant"])
+        loss = loss + F.nll_loss(torch.log(out["pirads_distribution"].clamp_min(1e-8)), batch["pirads_class"])
+        losses.append(float(loss) * len(cspca))
+        pred = (out["fused_map"] > 0.5).float()
+        inter += float((pred * batch["target"]).sum())
+        denom += float(pred.sum() + batch["target"].sum())
+        probs += cspca.tolist()
+        labels += batch["significant"].tolist()
+        correct += int((out["pirads_distribution"].argmax(1) == batch["pirads_class"]).sum())
+    auroc = float(roc_auc_score(labels, probs)) if 0 < sum(labels) < len(labels) else math.nan
+    return {
+        "val_loss": sum(losses) / len(records),
+        "val_dice": 2 * inter / denom if denom > 0 else 1.0,
+        "val_auroc": auroc,
+        "val_pirads_accuracy": correct / len(records),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Run folder outputs
+# --------------------------------------------------------------------------------------------------
+def write_history(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    with open(run_dir / "history.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(HISTORY_FIELDS))
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row.get(k) for k in HISTORY_FIELDS})
+
+
+def plot_history(run_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    x = [r["global_epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(x, [r["train_loss"] for r in history], label="train loss")
+    axes[0].plot(x, [r["val_loss"] for r in history], label="val loss (all terms)")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    for key in ("val_dice", "val_auroc", "val_pirads_accuracy"):
+        axes[1].plot(x, [r[key] for r in history], label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylim(0, 1.02)
+    axes[1].legend()
+    boundaries = [
+        r["global_epoch"] for prev, r in zip(history, history[1:], strict=False) if r["phase"] != prev["phase"]
+    ]
+    for ax in axes:
+        for b in boundaries:
+            ax.axvline(b - 0.5, color="grey", linestyle=":")
+    fig.suptitle(f"training curves ({run_dir.name}); dotted: phase boundaries")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def build_networks_for(config: TrainConfig) -> MpmriNetworks:
+    """Fresh networks of ``config.profile`` (with the ``localization_weights`` override applied)."""
+    if config.profile not in PROFILES:
+        raise TrainingError(f"unknown network profile {config.profile!r}; choose from {sorted(PROFILES)}")
+    profile = PROFILES[config.profile]
+    if config.localization_weights is not None:
+        profile = dataclasses.replace(profile, localization_weights=config.localization_weights)
+    return build_networks_from_profile(profile)
+
+
+def _schedule(config: TrainConfig) -> list[tuple[str, int]]:
+    """``(phase, epoch_in_phase)`` for every global epoch."""
+    return [(phase, e) for phase in PHASES for e in range(config.epochs.get(phase, 0))]
+
+
+def _lr(config: TrainConfig, phase: str, epoch: int) -> float:
+    peak = config.lr_joint if phase == "joint" else config.lr
+    total = max(1, config.epochs[phase])
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / total)))
+
+
+def load_records(config: TrainConfig, progress: bool = True) -> tuple[list[CaseRecord], list[CaseRecord]]:
+    """Cached training and validation records of ``config`` (building the cache where needed)."""
+    if config.cases <= config.val_cases:
+        raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
+    paths = build_cache(config.cache_dir, config.data_seed, range(config.cases), progress=progress)
+    records = [load_case(p) for p in paths]
+    split = config.cases - config.val_cases
+    return records[:split], records[split:]
+
+
+def _batches(dataset: CaseDataset, config: TrainConfig, global_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + global_epoch)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=True, generator=gen, drop_last=True
+    )
+    for step, batch in enumerate(loader):
+        if config.max_steps_per_epoch is not None and step >= config.max_steps_per_epoch:
+            return
+        yield batch
+
+
+def train(config: TrainConfig, resume: Path | None = None, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the final checkpoint ``run_dir/final.pt`` (``last.pt`` when stopped early)."""
+    torch.set_num_threads(config.threads)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    nets = build_networks_for(config)  # first: a bad profile fails before any data work
+    schedule = _schedule(config)
+    if not schedule:
+        raise TrainingError("no epochs to run (all --epochs-* are 0)")
+    train_records, val_records = load_records(config, progress=progress)
+    if len(train_records) < config.batch_size:
+        raise TrainingError(f"{len(train_records)} training cases are fewer than one batch ({config.batch_size})")
+    history: list[dict[str, Any]] = []
+    start = 0
+    optimizer_state: dict[str, Any] | None = None
+    if resume is not None:
+        state = load_training_state(resume)
+        if state is None:
+            raise TrainingError(f"{resume} holds no training state (use a run's last.pt to resume)")
+        nets, _ = load_checkpoint(resume)
+        if nets.profile.name != config.profile:
+            raise TrainingError(f"resume file has profile {nets.profile.name!r}, run asks for {config.profile!r}")
+        start, history = int(state["next_global_epoch"]), list(state["history"])
+        optimizer_state = (
+            state.get("optimizer") if state.get("phase") == schedule[min(start, len(schedule) - 1)][0] else None
+        )
+        log.info("resuming %s at global epoch %d", resume, start)
+
+    dataset = CaseDataset(train_records, augment=config.augment, seed=config.seed)
+    loc_loss = LocalizationLoss()
+    optimizer: torch.optim.Optimizer | None = None
+    current_phase = None
+    end = len(schedule) if config.stop_after_epochs is None else min(len(schedule), start + config.stop_after_epochs)
+    for global_epoch in range(start, end):
+        phase, epoch = schedule[global_epoch]
+        if phase != current_phase:
+            params = trainable_parameters(nets, phase)
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+                optimizer_state = None
+            current_phase = phase
+        assert optimizer is not None
+        lr = _lr(config, phase, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(config.seed * 1_000_003 + global_epoch)  # dropout etc.: same on resume
+        dataset.set_epoch(global_epoch)
+        nets.train()
+        t0 = time.monotonic()
+        losses: list[float] = []
+        bar = tqdm(
+            _batches(dataset, config, global_epoch),
+            total=min(len(dataset) // config.batch_size, config.max_steps_per_epoch or 10**9),
+            desc=f"{phase} {epoch + 1}/{config.epochs[phase]}",
+            disable=not progress,
+            mininterval=10,
+            leave=False,
+        )
+        for batch in bar:
+            loss = _forward(nets, batch, phase, loc_loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+            optimizer.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        row: dict[str, Any] = {
+            "global_epoch": global_epoch,
+            "phase": phase,
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            **validate(nets, val_records, config.batch_size),
+        }
+        row["seconds"] = round(time.monotonic() - t0, 2)
+        history.append(row)
+        log.info(
+            "epoch %d %s: train %.4f val %.4f dice %.3f auroc %.3f pirads %.3f (%.0fs)",
+            global_epoch,
+            phase,
+            row["train_loss"],
+            row["val_loss"],
+            row["val_dice"],
+            row["val_auroc"],
+            row["val_pirads_accuracy"],
+            row["seconds"],
+        )
+        write_history(run_dir, history)
+        plot_history(run_dir, history)
+        save_checkpoint(
+            run_dir / "last.pt",
+            nets,
+            _metadata(config, history, len(train_records), len(val_records)),
+            training_state={
+                "next_global_epoch": global_epoch + 1,
+                "phase": phase,
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+            },
+        )
+
+    if end < len(schedule):
+        log.info("stopped after global epoch %d of %d; resume with %s", end - 1, len(schedule), run_dir / "last.pt")
+        return run_dir / "last.pt"
+    nets.eval()
+    final = run_dir / "final.pt"
+    meta = _metadata(config, history, len(train_records), len(val_records))
+    save_checkpoint(final, nets, meta)
+    if config.checkpoint_out is not None:
+        save_checkpoint(Path(config.checkpoint_out), nets, meta)
+    return final
+
+
+def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: int, n_val: int) -> dict[str, Any]:
+    last = dict(history[-1]) if history else {}
+    return {
+        "training": {
+            "config": config.to_dict(),
+            "data": {
+                "generator": "synth.generator.synthesize_study",
+                "data_seed": config.data_seed,
+                "cases": config.cases,
+                "train_cases": n_train,
+                "val_cases": n_val,
+                "case_indices": [0, config.cases - 1],
+            },
+            "epochs_done": len(history),
+            "final_validation": {k: last.get(k) for k in ("val_loss", "val_dice", "val_auroc", "val_pirads_accuracy")},
+            "seconds": round(sum(float(r.get("seconds", 0.0)) for r in history), 1),
+        },
+        "evaluation": {},
+    }
