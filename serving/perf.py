@@ -435,9 +435,20 @@ class InterleavedResult:
         """Per-round p50(``label``) / p50(reference): each ratio compares neighbours in time."""
         return [a / b for a, b in zip(self.round_p50s(label), self.round_p50s(self.reference), strict=True)]
 
-    def ratio_summary(self, label: str) -> dict[str, float]:
-        """Median of the per-round ratios, their quartiles and extremes."""
-        ratios = sorted(self.ratios(label))
+    def quiet_rounds(self, tolerance: float = 0.10) -> list[int]:
+        """Rounds whose reference p50 is within ``tolerance`` of the fastest round's (no other load then).
+
+        A fixed rule, declared before looking at the ratios: on a shared machine the reference slows down
+        whenever other jobs run, so these are the rounds that measured the serving overhead itself.
+        """
+        p50s = self.round_p50s(self.reference)
+        fastest = min(p50s)
+        return [i for i, value in enumerate(p50s) if value <= (1.0 + tolerance) * fastest]
+
+    def ratio_summary(self, label: str, rounds: Sequence[int] | None = None) -> dict[str, float]:
+        """Median of the per-round ratios (all rounds, or only ``rounds``), their quartiles and extremes."""
+        ratios = self.ratios(label)
+        ratios = sorted(ratios if rounds is None else [ratios[i] for i in rounds])
         q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
         return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "min": ratios[0], "max": ratios[-1]}
 
@@ -586,8 +597,8 @@ _DESCRIPTIONS = {
 }
 
 
-def _ratio_cell(result: InterleavedResult, label: str) -> str:
-    r = result.ratio_summary(label)
+def _ratio_cell(result: InterleavedResult, label: str, rounds: Sequence[int] | None = None) -> str:
+    r = result.ratio_summary(label, rounds)
     return f"**{r['median']:.3f}** [{r['q1']:.3f}, {r['q3']:.3f}] ({r['min']:.2f}-{r['max']:.2f})"
 
 
@@ -625,6 +636,18 @@ def render_markdown(report: ComparisonReport, settings: BenchSettings, csv_path:
                 f"| ({tag}) {_DESCRIPTIONS.get(label, label)} | {ratio} | {pooled['p50_ms']:.2f} | "
                 f"{pooled['p90_ms']:.2f} | {int(pooled['requests'])} |"
             )
+    quiet_cells = []
+    for tag, result in (("a", pa), ("b", alt)):
+        quiet = result.quiet_rounds()
+        cells = ", ".join(
+            f"{label} {_ratio_cell(result, label, quiet)}" for label in result.labels if label != result.reference
+        )
+        quiet_cells.append(f"({tag}) {len(quiet)} of {len(result.rounds)} rounds: {cells}")
+    lines += [
+        "",
+        "Quiet rounds only (fixed rule: rounds whose chain p50 is within 10% of the run's fastest round, i.e. no "
+        "other job slowed the machine): " + "; ".join(quiet_cells) + ".",
+    ]
     lines += [
         "",
         "Overhead breakdown on a quiet machine, what was tuned and the A/B results: docs/serving.md, section 4.",

@@ -138,6 +138,8 @@ def test_ratios_are_per_round_p50_ratios_and_their_median() -> None:
     assert summary["median"] == pytest.approx(1.05)
     assert (summary["min"], summary["max"]) == pytest.approx((0.9, 1.2))
     assert result.pooled("chain")["p50_ms"] == pytest.approx(10.0)
+    assert result.quiet_rounds() == [0, 2]  # round 1's chain ran at twice the fastest round's p50
+    assert result.ratio_summary("ensemble", result.quiet_rounds())["median"] == pytest.approx(1.05)
 
 
 def test_profile_export_gives_one_latency_per_completed_request(tmp_path: Path) -> None:
