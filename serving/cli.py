@@ -13,6 +13,9 @@ from export.repository import CPU_CONFIG_NAME, DEFAULT_REPOSITORY
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (mpmri export)")
+    parser.add_argument(
+        "--address", default="127.0.0.1", help="interface to bind (127.0.0.1; 0.0.0.0 to serve other hosts)"
+    )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -59,6 +62,7 @@ def _server(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     return EmbeddedTriton(
         args.repository,
+        address=args.address,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,

@@ -58,7 +58,7 @@ def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind(("0.0.0.0", port))  # every interface: a server on any of them conflicts
         except OSError:
             return True
     return False
@@ -97,10 +97,14 @@ class EmbeddedTriton:
         python_shm_byte_size: int | None = PYTHON_SHM_BYTE_SIZE,
         extra_args: Sequence[str] = (),
         extra_env: Mapping[str, str] | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         if log_level not in LOG_LEVELS:
             raise TritonStartError(f"log_level must be one of {sorted(LOG_LEVELS)}, got {log_level!r}")
         self.repository = Path(repository).resolve()
+        #: interface the HTTP, gRPC and metrics endpoints bind to: loopback by default (tests, demo,
+        #: benchmarks); "0.0.0.0" to serve other hosts (a container or a Kubernetes pod)
+        self.address = address
         self.http_port = http_port
         self.grpc_port = grpc_port
         self.metrics_port = metrics_port
@@ -118,18 +122,23 @@ class EmbeddedTriton:
 
     # ------------------------------------------------------------------------------------------------
     @property
+    def _client_host(self) -> str:
+        """Host a local client connects to: the bound address, or loopback when bound to every interface."""
+        return "127.0.0.1" if self.address in ("0.0.0.0", "::", "") else self.address
+
+    @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint (tritonclient URL form)."""
-        return f"localhost:{self.http_port}"
+        return f"{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint (tritonclient URL form)."""
-        return f"localhost:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -143,6 +152,9 @@ class EmbeddedTriton:
             str(self.prepared.installation.server_binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={self.prepared.backend_dir}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
@@ -184,7 +196,7 @@ class EmbeddedTriton:
 
     def _ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://localhost:{self.http_port}/v2/health/ready", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False

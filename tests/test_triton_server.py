@@ -103,3 +103,33 @@ def test_environment_check_rejects_python_without_the_venv(tmp_path: Path) -> No
         pytest.skip("the base interpreter itself has numpy 1.x and onnxruntime")
     with pytest.raises(TritonEnvironmentError, match="numpy"):
         check_stub_python(inst, env)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses with a TCP socket in LISTEN state on ``port`` (from /proc/net/tcp and tcp6).
+
+    IPv4-mapped IPv6 addresses (gRPC binds ``[::ffff:127.0.0.1]``) are reported as IPv4.
+    """
+    import ipaddress
+    import struct
+
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            host_hex, port_hex = fields[1].split(":")
+            if fields[3] != "0A" or int(port_hex, 16) != port:  # 0A = TCP_LISTEN
+                continue
+            words = [int(host_hex[i : i + 8], 16) for i in range(0, len(host_hex), 8)]
+            raw = struct.pack(f"<{len(words)}I", *words)  # the kernel prints 32-bit words in host order
+            addr = ipaddress.ip_address(raw)
+            mapped = getattr(addr, "ipv4_mapped", None)
+            found.add(str(mapped or addr))
+    return found
+
+
+def test_embedded_server_listens_on_loopback_only_by_default(triton_server: EmbeddedTriton) -> None:
+    for port in (triton_server.http_port, triton_server.grpc_port, triton_server.metrics_port):
+        addresses = _listening_addresses(port)
+        assert addresses, f"nothing listens on port {port}"
+        assert addresses == {"127.0.0.1"}, f"port {port} bound to {addresses}"
