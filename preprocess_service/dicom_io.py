@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from preprocess_service.errors import (
@@ -28,6 +29,7 @@ from preprocess_service.errors import (
     TruncatedDicomError,
     UnsupportedPixelDataError,
 )
+from preprocess_service.fast_dicom import fast_dcmread
 
 Source = Path | str | Sequence[bytes] | Sequence[Dataset] | Mapping[str, Sequence[Dataset]]
 
@@ -48,6 +50,69 @@ _IMAGE_SOP_CLASSES = frozenset(
 _UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit LE
 _GE_BVALUE = Tag(0x0043, 0x1039)
 _SIEMENS_BVALUE = Tag(0x0019, 0x100C)
+#: VRs whose pydicom conversion depends only on the raw bytes (not on the dataset's character set)
+_CHARSET_FREE_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "US", "SS", "UL", "SL", "FL", "FD"}
+)
+
+
+class HeaderValueCache:
+    """Per-read memo of header values derived from raw (not yet converted) data elements.
+
+    The frames of a series repeat most header values byte for byte (Rows, PixelSpacing, UIDs, rescale,
+    ...): each distinct raw value of a public, character-set independent element is converted by pydicom
+    and passed through ``derive`` once; later frames reuse the result. ``derive`` must be a module-level
+    function returning an immutable value, so results are the same as without the cache. One instance
+    per :func:`read_source` call (no state shared between calls).
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], Any] = {}
+
+    def value(self, ds: Dataset, keyword: str, derive: Callable[[Any], Any], default: Any = None) -> Any:
+        """``derive(ds.get(keyword, default))``, memoized on the element's raw bytes where that is exact."""
+        tag = _keyword_tag(keyword)
+        elem = ds._dict.get(tag)
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.VR in _CHARSET_FREE_VRS
+            and elem.value is not None
+            and not tag.is_private
+        ):
+            key = (derive, tag, elem.VR, elem.value, elem.is_implicit_VR, elem.is_little_endian)
+            try:
+                return self._memo[key]
+            except KeyError:
+                result = derive(ds.get(keyword, default))
+                self._memo[key] = result
+                return result
+        return derive(ds.get(keyword, default))
+
+
+_CACHED_KEYWORDS = (
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "InstanceNumber",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "DiffusionBValue",
+)
+_KEYWORD_TAGS: dict[str, BaseTag] = {kw: Tag(tag_for_keyword(kw) or 0) for kw in _CACHED_KEYWORDS}  # read-only
+
+
+def _keyword_tag(keyword: str) -> BaseTag:
+    return _KEYWORD_TAGS[keyword]
 
 
 @dataclass(frozen=True)
@@ -110,6 +175,40 @@ class Ingested:
     datasets: list[Dataset]
     labels: list[str]  #: where each dataset came from (relative file path or ``bytes[i]``)
     skipped: list[dict[str, str]]  #: ``{"source": ..., "reason": ...}``
+    #: memo of converted header values for this input (see :class:`HeaderValueCache`)
+    values: HeaderValueCache = field(default_factory=HeaderValueCache)
+
+
+def _int_or_zero(value: Any) -> int:
+    return int(value or 0)
+
+
+def _int_or_one(value: Any) -> int:
+    return int(value or 1)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value not in (None, "") else None
+
+
+def _slope(value: Any) -> float:
+    return float(value) if value not in (None, "") else 1.0
+
+
+def _intercept(value: Any) -> float:
+    return float(value) if value not in (None, "") else 0.0
+
+
+def _floats2(value: Any) -> tuple[float, ...] | None:
+    return _floats(value, 2)
+
+
+def _floats3(value: Any) -> tuple[float, ...] | None:
+    return _floats(value, 3)
+
+
+def _floats6(value: Any) -> tuple[float, ...] | None:
+    return _floats(value, 6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,8 +222,9 @@ def _list_files(folder: Path) -> list[Path]:
     return files
 
 
-def _check_complete(ds: Dataset, label: str) -> None:
+def _check_complete(ds: Dataset, label: str, cache: HeaderValueCache | None = None) -> None:
     """Raise :class:`TruncatedDicomError` when the last element is shorter than declared, or pixel data is short."""
+    cache = cache or HeaderValueCache()
     keys = list(ds.keys())
     if not keys:
         raise TruncatedDicomError(f"{label}: truncated DICOM file (no data elements after the file meta)")
@@ -140,14 +240,14 @@ def _check_complete(ds: Dataset, label: str) -> None:
                 f"{label}: truncated DICOM file (element {Tag(last.tag)} declares {last.length} bytes, "
                 f"{len(last.value)} present)"
             )
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = cache.value(ds, "SOPClassUID", str, "")
     meta = getattr(ds, "file_meta", None)
     if not sop_class and meta is not None:
         sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
     if sop_class in _IMAGE_SOP_CLASSES and "PixelData" not in ds:
         raise TruncatedDicomError(f"{label}: truncated DICOM file ({UID(sop_class).name} without Pixel Data)")
     if "PixelData" in ds and _is_uncompressed(ds):
-        expected = _expected_pixel_bytes(ds)
+        expected = _expected_pixel_bytes(ds, cache)
         actual = len(ds.PixelData)
         if expected is not None and actual < expected:
             raise TruncatedDicomError(f"{label}: truncated DICOM file (Pixel Data has {actual} of {expected} bytes)")
@@ -159,24 +259,36 @@ def _is_uncompressed(ds: Dataset) -> bool:
     return tsyntax in _UNCOMPRESSED_SYNTAXES or tsyntax == "1.2.840.10008.1.2.2" or tsyntax == ""
 
 
-def _expected_pixel_bytes(ds: Dataset) -> int | None:
+def _expected_pixel_bytes(ds: Dataset, cache: HeaderValueCache) -> int | None:
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        return int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        frames = cache.value(ds, "NumberOfFrames", _int_or_one, 1)
+        bits = cache.value(ds, "BitsAllocated", int)  # missing -> int(None) -> TypeError, as AttributeError before
+        rows, cols = cache.value(ds, "Rows", int), cache.value(ds, "Columns", int)
+        return int(rows * cols * frames * cache.value(ds, "SamplesPerPixel", int, 1) * bits // 8)
     except (AttributeError, TypeError, ValueError):
         return None
 
 
-def _read_one(data: bytes, label: str) -> Dataset:
-    """Read one object; :class:`InvalidDicomError` means 'not DICOM', other failures mean a damaged file."""
+def _read_one(data: bytes, label: str, cache: HeaderValueCache | None = None) -> Dataset:
+    """Read one object; :class:`InvalidDicomError` means 'not DICOM', other failures mean a damaged file.
+
+    The common encoding is read by :func:`~preprocess_service.fast_dicom.fast_dcmread` (same dataset,
+    faster); everything else by :func:`pydicom.dcmread`.
+    """
+    try:
+        fast = fast_dcmread(data)
+    except Exception:  # anything the fast reader trips over is left to pydicom, which reports it as before
+        fast = None
+    if fast is not None:
+        _check_complete(fast, label, cache)
+        return fast
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
         raise
     except Exception as err:  # struct.error, EOFError, BytesLengthException, ...: all mean a damaged file
         raise TruncatedDicomError(f"{label}: truncated or corrupt DICOM file ({type(err).__name__})") from err
-    _check_complete(ds, label)
+    _check_complete(ds, label, cache)
     return ds
 
 
@@ -189,6 +301,7 @@ def read_source(source: Source, max_instances: int) -> Ingested:
     datasets: list[Dataset] = []
     labels: list[str] = []
     skipped: list[dict[str, str]] = []
+    cache = HeaderValueCache()
     if isinstance(source, bytes | bytearray | memoryview):  # one object's bytes, not a sequence of objects
         source = [bytes(source)]
     if isinstance(source, Mapping):  # e.g. SyntheticStudy.series: {name: [Dataset, ...]}
@@ -216,7 +329,7 @@ def read_source(source: Source, max_instances: int) -> Ingested:
         )
     for obj, label in items:
         if isinstance(obj, Dataset):
-            _check_complete(obj, label)
+            _check_complete(obj, label, cache)
             ds = obj
         else:
             if isinstance(obj, Path):
@@ -228,7 +341,7 @@ def read_source(source: Source, max_instances: int) -> Ingested:
                     )
                     continue
             try:
-                ds = _read_one(obj, label)
+                ds = _read_one(obj, label, cache)
             except InvalidDicomError:
                 skipped.append({"source": label, "reason": "not a DICOM file"})
                 continue
@@ -237,7 +350,7 @@ def read_source(source: Source, max_instances: int) -> Ingested:
     if not datasets:
         what = f"{len(items)} input object(s)" if items else "an empty input"
         raise NotDicomError(f"no DICOM object found in {what}")
-    return Ingested(datasets=datasets, labels=labels, skipped=skipped)
+    return Ingested(datasets=datasets, labels=labels, skipped=skipped, values=cache)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,9 +385,9 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def b_value_of(ds: Dataset) -> float | None:
+def b_value_of(ds: Dataset, cache: HeaderValueCache | None = None) -> float | None:
     """b-value (s/mm^2) of a single-frame object: DiffusionBValue, else GE (0043,1039), else Siemens (0019,100C)."""
-    b = _number(ds.get("DiffusionBValue"))
+    b = (cache or HeaderValueCache()).value(ds, "DiffusionBValue", _number)
     if b is not None:
         return b
     if _GE_BVALUE in ds:
@@ -293,11 +406,10 @@ def _first(seq_parent: Dataset | None, seq_name: str) -> Dataset | None:
     return seq[0] if seq else None
 
 
-def _frames_of(ds: Dataset, instance: int) -> list[FrameHeader]:
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    inst_no = ds.get("InstanceNumber")
-    inst_no = int(inst_no) if inst_no not in (None, "") else None
-    if str(ds.get("SOPClassUID", "")) in ENHANCED_MR_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds:
+def _frames_of(ds: Dataset, instance: int, cache: HeaderValueCache) -> list[FrameHeader]:
+    rows, cols = cache.value(ds, "Rows", _int_or_zero, 0), cache.value(ds, "Columns", _int_or_zero, 0)
+    inst_no = cache.value(ds, "InstanceNumber", _int_or_none)
+    if cache.value(ds, "SOPClassUID", str, "") in ENHANCED_MR_SOP_CLASSES or "PerFrameFunctionalGroupsSequence" in ds:
         shared = _first(ds, "SharedFunctionalGroupsSequence")
         per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
         n = int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame))
@@ -329,20 +441,18 @@ def _frames_of(ds: Dataset, instance: int) -> list[FrameHeader]:
                 )
             )
         return frames
-    slope = ds.get("RescaleSlope")
-    intercept = ds.get("RescaleIntercept")
     return [
         FrameHeader(
             instance=instance,
             frame_index=None,
-            position_lps_mm=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-            orientation=_floats(ds.get("ImageOrientationPatient"), 6),
-            pixel_spacing_mm=_floats(ds.get("PixelSpacing"), 2),  # type: ignore[arg-type]
+            position_lps_mm=cache.value(ds, "ImagePositionPatient", _floats3),
+            orientation=cache.value(ds, "ImageOrientationPatient", _floats6),
+            pixel_spacing_mm=cache.value(ds, "PixelSpacing", _floats2),
             rows=rows,
             columns=cols,
-            rescale_slope=float(slope) if slope not in (None, "") else 1.0,
-            rescale_intercept=float(intercept) if intercept not in (None, "") else 0.0,
-            b_value_s_per_mm2=b_value_of(ds),
+            rescale_slope=cache.value(ds, "RescaleSlope", _slope),
+            rescale_intercept=cache.value(ds, "RescaleIntercept", _intercept),
+            b_value_s_per_mm2=b_value_of(ds, cache),
             instance_number=inst_no,
         )
     ]
@@ -356,9 +466,10 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(str(v).strip().upper() for v in value if str(v).strip())
 
 
-def series_key(ds: Dataset) -> tuple[str, str]:
+def series_key(ds: Dataset, cache: HeaderValueCache | None = None) -> tuple[str, str]:
     """``(StudyInstanceUID, SeriesInstanceUID)`` of an object (empty strings when absent)."""
-    return str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+    cache = cache or HeaderValueCache()
+    return cache.value(ds, "StudyInstanceUID", str, ""), cache.value(ds, "SeriesInstanceUID", str, "")
 
 
 def describe_series(ingested: Ingested, indices: Sequence[int]) -> SeriesInfo:
@@ -378,22 +489,30 @@ def describe_series(ingested: Ingested, indices: Sequence[int]) -> SeriesInfo:
         scanning_sequence=_strings(first.get("ScanningSequence")),
     )
     for i in indices:
-        info.frames.extend(_frames_of(ingested.datasets[i], i))
+        info.frames.extend(_frames_of(ingested.datasets[i], i, ingested.values))
     return info
 
 
 # --------------------------------------------------------------------------------------------------
 # Pixel decoding (chosen series only)
 # --------------------------------------------------------------------------------------------------
-def _decode_instance(ds: Dataset, label: str) -> np.ndarray:
+def _required_int(ds: Dataset, keyword: str, cache: HeaderValueCache) -> int:
+    """``int(ds.<keyword>)``; a missing element raises the same AttributeError as without the cache."""
+    if _keyword_tag(keyword) not in ds._dict:
+        return int(getattr(ds, keyword))
+    return int(cache.value(ds, keyword, int))
+
+
+def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = None) -> np.ndarray:
     """Stored pixel values of one object as ``[frames, rows, columns]`` (no rescale applied)."""
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    cache = cache or HeaderValueCache()
+    if cache.value(ds, "SamplesPerPixel", _int_or_one, 1) != 1:
         raise UnsupportedPixelDataError(f"{label}: colour pixel data (SamplesPerPixel != 1) is not an MR image")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits_alloc = int(ds.BitsAllocated)
-    bits_stored = int(ds.get("BitsStored", bits_alloc))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    rows, cols = _required_int(ds, "Rows", cache), _required_int(ds, "Columns", cache)
+    frames = cache.value(ds, "NumberOfFrames", _int_or_one, 1)
+    bits_alloc = _required_int(ds, "BitsAllocated", cache)
+    bits_stored = int(cache.value(ds, "BitsStored", int, bits_alloc))
+    signed = cache.value(ds, "PixelRepresentation", int, 0) == 1
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
     little = tsyntax in _UNCOMPRESSED_SYNTAXES or (tsyntax == "" and getattr(ds, "is_little_endian", True) is not False)
@@ -427,7 +546,7 @@ def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarr
     for n, fr in enumerate(frames):
         stored = cache.get(fr.instance)
         if stored is None:
-            stored = _decode_instance(ingested.datasets[fr.instance], ingested.labels[fr.instance])
+            stored = _decode_instance(ingested.datasets[fr.instance], ingested.labels[fr.instance], ingested.values)
             cache[fr.instance] = stored
         out[n] = stored[fr.frame_index or 0]
     slopes = np.asarray([f.rescale_slope for f in frames], dtype=np.float32)

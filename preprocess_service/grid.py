@@ -95,7 +95,15 @@ def inside_fov_mask(image: sitk.Image, geometry: GridGeometry) -> np.ndarray:
     ci = np.arange(size_i)[None, None, :, None] * steps[0]
     cj = np.arange(size_j)[None, :, None, None] * steps[1]
     ck = np.arange(size_k)[:, None, None, None] * steps[2]
-    src_ijk = offset + ck + cj + ci  # [D, H, W, 3]
+    plane = offset + ck + cj  # [D, H, 1, 3]; + ci gives the continuous source index of every grid voxel
     size = np.asarray(image.GetSize(), dtype=np.float64)
     eps = 1e-6
-    return np.all((src_ijk >= -0.5 - eps) & (src_ijk <= size - 0.5 + eps), axis=-1)
+    lower = -0.5 - eps
+    upper = size - 0.5 + eps
+    # One source axis at a time on contiguous [D, H, W] arrays (same sums and comparisons as on [D, H, W, 3]).
+    inside = np.ones((size_k, size_j, size_i), dtype=bool)
+    for axis in range(3):
+        src = plane[..., axis] + ci[..., axis]
+        inside &= src >= lower
+        inside &= src <= upper[axis]
+    return inside

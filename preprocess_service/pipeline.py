@@ -121,7 +121,7 @@ def _group_series(ingested: Ingested, skipped: list[dict[str, str]]) -> dict[tup
             name = UID(sop).name if sop else "no SOP class"
             skipped.append({"source": ingested.labels[i], "reason": f"non-image object ({name})"})
             continue
-        groups.setdefault(series_key(ds), []).append(i)
+        groups.setdefault(series_key(ds, ingested.values), []).append(i)
     return groups
 
 

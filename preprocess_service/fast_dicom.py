@@ -1,0 +1,117 @@
+"""Fast reader for the common DICOM encoding (Part 10 file, Explicit VR Little Endian, no sequences).
+
+:func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the same
+:class:`pydicom.dataset.FileDataset` that :func:`pydicom.dcmread` builds (raw, not yet converted data
+elements, same file meta, same encodings), skipping pydicom's general-purpose element generator. Values
+are still converted by pydicom on access, so every later result is the same as with ``dcmread``.
+
+It only accepts files it fully understands: a 128-byte preamble and ``DICM``, group 0002 meta
+information, Transfer Syntax Explicit VR Little Endian, then only elements with a known VR, a defined
+length and a complete value, ending exactly at the end of the bytes, no sequences (SQ), no command
+set (group 0000) and no item/delimiter tags. For anything else (implicit VR, big endian, compressed or
+deflated syntaxes, enhanced multi-frame objects with sequences, truncated or odd files) it returns
+``None`` and the caller reads the object with pydicom as before, so errors and edge cases are
+unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+from pydicom.charset import default_encoding
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+
+_HEADER = struct.Struct("<HH2sH")
+_UL = struct.Struct("<L")
+#: VR bytes -> VR string for the VRs pydicom knows, with a 2-byte / a 4-byte length (SQ left to pydicom)
+_SHORT_VR: dict[bytes, str] = {
+    str(v).encode("ascii"): str(v) for v in VR if v not in EXPLICIT_VR_LENGTH_32 and str(v) != "SQ"
+}
+_LONG_VR: dict[bytes, str] = {
+    str(v).encode("ascii"): str(v) for v in VR if v in EXPLICIT_VR_LENGTH_32 and str(v) != "SQ"
+}
+#: groups the walker leaves to pydicom: command set, file meta after the meta block, items/delimiters
+_REFUSED_GROUPS = frozenset({0x0000, 0x0002, 0xFFFE})
+_PREAMBLE_LEN = 128
+_TRANSFER_SYNTAX_TAG = BaseTag(0x00020010)
+#: raw (0002,0010) values that mean Explicit VR Little Endian (even length: NUL padded)
+_EXPLICIT_LE_RAW = frozenset({ExplicitVRLittleEndian.encode("ascii") + b"\x00"})
+_META_START = _PREAMBLE_LEN + 4
+
+
+def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
+    """Raw elements from ``pos``: the group 0002 ones (``meta_only``), else all to the end of ``data``.
+
+    Returns ``(elements, end position)``, or ``None`` when the bytes hold anything this walker does not
+    handle exactly as pydicom's reader does.
+    """
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    end = len(data)
+    unpack_header = _HEADER.unpack_from
+    unpack_ul = _UL.unpack_from
+    short_vr = _SHORT_VR
+    long_vr = _LONG_VR
+    refused = _REFUSED_GROUPS
+    new_tag = int.__new__
+    base_tag = BaseTag
+    new_raw = tuple.__new__
+    raw_cls = RawDataElement
+    while pos < end:
+        if end - pos < 8:
+            return None
+        group, elem, vr_bytes, length = unpack_header(data, pos)
+        if meta_only:
+            if group != 0x0002:
+                break
+        elif group in refused:
+            return None
+        vr = short_vr.get(vr_bytes)
+        if vr is not None:
+            value_pos = pos + 8
+        else:
+            vr = long_vr.get(vr_bytes)
+            if vr is None or end - pos < 12:
+                return None
+            length = unpack_ul(data, pos + 8)[0]
+            value_pos = pos + 12
+        pos = value_pos + length
+        if pos > end:  # also catches undefined length (0xFFFFFFFF)
+            return None
+        tag = new_tag(base_tag, group << 16 | elem)
+        value = data[value_pos:pos] if length else empty_value_for_VR(vr, raw=True)
+        # tuple.__new__: the namedtuple's fields in order, without its Python-level constructor
+        elements[tag] = new_raw(raw_cls, (tag, vr, length, value, value_pos, False, True, True, False))  # type: ignore[arg-type]
+    return elements, pos
+
+
+def fast_dcmread(data: bytes) -> FileDataset | None:
+    """The dataset :func:`pydicom.dcmread` would return for ``data``, or ``None`` (read it with pydicom).
+
+    See the module docstring for what is accepted. Pure function: no shared state, thread-safe.
+    """
+    if len(data) < _META_START + 8 or data[_PREAMBLE_LEN:_META_START] != b"DICM":
+        return None
+    meta_walk = _walk(data, _META_START, meta_only=True)
+    if meta_walk is None or not meta_walk[0]:
+        return None
+    meta_elements, pos = meta_walk
+    syntax = meta_elements.get(_TRANSFER_SYNTAX_TAG)
+    if not isinstance(syntax, RawDataElement) or syntax.VR != "UI" or syntax.value not in _EXPLICIT_LE_RAW:
+        return None  # other syntaxes, and unusual spellings of this one, are left to pydicom
+    body = _walk(data, pos, meta_only=False)
+    if body is None or not body[0]:
+        return None
+    # Same meta dataset as pydicom's (pydicom converts two of its elements right away; here they are
+    # converted on first access, to the same values).
+    file_meta = FileMetaDataset(meta_elements)
+    file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding)
+    # pydicom builds an intermediate Dataset on the same element dict and takes the encoding from it;
+    # building the FileDataset straight on the dict gives the same object.
+    ds = FileDataset(io.BytesIO(data), body[0], data[:_PREAMBLE_LEN], file_meta, False, True)
+    ds.set_original_encoding(False, True, ds._character_set)
+    return ds
