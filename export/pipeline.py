@@ -28,10 +28,11 @@ from export.repository import (
     ONNX_FILENAME,
     TENSORRT_FP16_FILENAME,
     TENSORRT_FP32_FILENAME,
+    render_configs,
     write_configs,
 )
 from mpmri import __version__
-from mpmri.contract import CONTRACT_VERSION, contract_dict
+from mpmri.contract import CONTRACT_VERSION, GridSpec, contract_dict
 from networks.checkpoint import load_checkpoint
 
 Progress = Callable[[str], None]
@@ -63,6 +64,32 @@ def _swap_in(staging: Path, repository: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def repository_is_current(checkpoint: Path, repository: Path) -> bool:
+    """True when ``repository`` holds exactly what :func:`export_repository` would build from ``checkpoint`` now.
+
+    Checked against ``manifest.json``: the checkpoint's sha256, the contract (version and every constant), the
+    sha256 of every model file on disk, and the generated configs (equal to what the current code renders).
+    Anything missing, unreadable or different gives False, so callers re-export.
+    """
+    try:
+        manifest = json.loads((repository / MANIFEST_FILENAME).read_text())
+        grid = GridSpec.from_dict(manifest["contract"]["grid"])
+        if manifest["checkpoint"]["sha256"] != sha256_file(checkpoint):
+            return False
+        if manifest["contract_version"] != CONTRACT_VERSION or manifest["contract"] != contract_dict(grid):
+            return False
+        has_plans = False
+        for entry in manifest["models"].values():  # {"file", "sha256", "tensorrt_<precision>": {"file", "sha256"}}
+            files = [entry] + [v for k, v in entry.items() if k.startswith("tensorrt")]
+            has_plans = has_plans or len(files) > 1
+            if any(sha256_file(repository / f["file"]) != f["sha256"] for f in files):
+                return False
+        configs = render_configs(grid, tensorrt=has_plans)
+        return all((repository / rel).read_text() == text for rel, text in configs.items())
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
 
 
 def export_repository(

@@ -51,7 +51,7 @@ def _stage(name: str, t0: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from client.triton_client import EnsembleClient
-    from export.pipeline import export_repository
+    from export.pipeline import export_repository, repository_is_current
     from networks.candidates import extract_candidates
     from networks.checkpoint import DEFAULT_CHECKPOINT
     from preprocess_service.pipeline import preprocess_study
@@ -73,14 +73,18 @@ def run(args: argparse.Namespace) -> int:
     t = _stage(f"preprocessed to {list(pre.tensor.shape)} on the model grid", t)
     render_channels(pre.tensor, pre.meta, out / "channels.png")
 
-    export_repository(checkpoint, repository)
-    t = _stage(f"exported {checkpoint.name} to {repository}", t)
+    if repository_is_current(checkpoint, repository):
+        t = _stage(f"{repository} is current for {checkpoint.name} (manifest hashes match): not re-exported", t)
+    else:
+        export_repository(checkpoint, repository)
+        t = _stage(f"exported {checkpoint.name} to {repository}", t)
 
     # free ports: the demo must not collide with a Triton (or anything else) already on 8000-8002
     with EmbeddedTriton(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
         t = _stage(f"Triton ready (grpc {server.grpc_url})", t)
-        client = EnsembleClient(server.grpc_url if args.protocol == "grpc" else server.http_url, protocol=args.protocol)
-        outputs = client.infer(pre.tensor, pre.availability)
+        url = server.grpc_url if args.protocol == "grpc" else server.http_url
+        with EnsembleClient(url, protocol=args.protocol) as client:
+            outputs = client.infer(pre.tensor, pre.availability)
         t = _stage(f"ensemble {contract.ENSEMBLE_MODEL} answered over {args.protocol}", t)
     t = _stage("Triton stopped", t)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from export.onnx_export import ExportError, ort_chain, ort_session, parity_inputs, sha256_file, torch_chain
-from export.pipeline import export_repository
+from export.pipeline import export_repository, repository_is_current
 from export.repository import NETWORK_MODELS
 from mpmri.cli import main
 from mpmri.contract import CONTRACT_VERSION, ENSEMBLE_MODEL, MODEL_IO
@@ -71,3 +71,29 @@ def test_tensorrt_export_without_gpu_stops_with_clear_message(random_checkpoint:
     with pytest.raises(ExportError, match="needs a CUDA GPU"):
         export_repository(random_checkpoint, tmp_path / "repo", tensorrt=True, progress=lambda m: None)
     assert not (tmp_path / "repo").exists()
+
+
+def test_repository_is_current_only_for_the_same_checkpoint_models_and_configs(
+    exported_repository: Path, random_checkpoint: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported_repository, repo)
+    assert repository_is_current(random_checkpoint, repo)
+
+    other = tmp_path / "other.pt"
+    other.write_bytes(random_checkpoint.read_bytes() + b"\0")  # any other file content = another checkpoint
+    assert not repository_is_current(other, repo)
+
+    model = repo / "localization" / "1" / "model.onnx"
+    original = model.read_bytes()
+    model.write_bytes(original[:-1])
+    assert not repository_is_current(random_checkpoint, repo)
+    model.write_bytes(original)
+
+    config = repo / "localization" / "configs" / "cpu.pbtxt"
+    config.write_text(config.read_text() + "\n# edited by hand\n")
+    assert not repository_is_current(random_checkpoint, repo)
+
+    assert not repository_is_current(random_checkpoint, tmp_path / "missing")
