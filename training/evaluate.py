@@ -280,6 +280,17 @@ def _write_cases_csv(path: Path, results: list[CaseResult]) -> None:
             )
 
 
+def _save(fig: Any, path: Path, legend_loc: str | None = None) -> None:
+    """Finish one evaluation figure (legend on its first axes, tight layout) and write it as PNG."""
+    import matplotlib.pyplot as plt
+
+    if legend_loc is not None:
+        fig.axes[0].legend(loc=legend_loc, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _plots(
     out_dir: Path, model: Any, baselines: dict[str, Any], labels: np.ndarray, probs: np.ndarray, cm: np.ndarray
 ) -> None:
@@ -299,10 +310,7 @@ def _plots(
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
     ax.set_title("patient-level ROC (synthetic studies)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=90)
-    plt.close(fig)
+    _save(fig, out_dir / "roc.png", legend_loc="lower right")
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(model.recall, model.precision, label=f"networks (AP {model.AP:.3f})")
@@ -313,10 +321,7 @@ def _plots(
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_title("lesion-level precision-recall")
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "pr.png", dpi=90)
-    plt.close(fig)
+    _save(fig, out_dir / "pr.png", legend_loc="lower left")
 
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(model.lesion_FPR, model.lesion_TPR, label="networks")
@@ -326,10 +331,7 @@ def _plots(
     ax.set_xlabel("false positives per case")
     ax.set_ylabel("lesion sensitivity")
     ax.set_title("FROC")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "froc.png", dpi=90)
-    plt.close(fig)
+    _save(fig, out_dir / "froc.png", legend_loc="lower right")
 
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.imshow(cm, cmap="Blues")
@@ -341,6 +343,4 @@ def _plots(
     ax.set_xlabel("predicted PI-RADS-like category")
     ax.set_ylabel("true max PI-RADS-like category")
     ax.set_title("PI-RADS-like confusion matrix")
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=90)
-    plt.close(fig)
+    _save(fig, out_dir / "confusion.png")
