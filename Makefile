@@ -7,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint venv clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e ./client -e '.[ml,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,7 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy mpmri preprocess_service synth networks training export client serving
+	$(BIN)/mypy contract preprocessing postprocessing preprocess_service mpmri synth networks training export serving client/mpmri_client
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mpmri.contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
+from contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
 from networks import build_networks, example_inputs, export_kwargs, extract_candidates, load_checkpoint
 
 
@@ -58,7 +58,7 @@ def main() -> None:
     nets = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build_networks(args.profile).eval()
 
     # a real (synthetic) study, so the fused map has lesions and candidate extraction does real work
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
     from synth.generator import synthesize_study
 
     study = preprocess_study(synthesize_study(args.study_seed, args.study_index).series)

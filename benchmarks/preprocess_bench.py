@@ -2,7 +2,7 @@
 
 Compares in one run, on the same study and the same output grid (contract.DEFAULT_GRID):
 
-* ``mpmri`` -- ``preprocess_service.preprocess_study`` from in-memory DICOM bytes (what the gRPC service
+* ``mpmri`` -- ``preprocessing.preprocess_study`` from in-memory DICOM bytes (what the gRPC service
   receives) and from the folder; with its stage breakdown (``meta["timings_s"]``);
 * ``picai_prep dcm2mha`` -- picai_prep's own pipeline: ``Dicom2MHAConverter`` over every series folder of
   the study (metadata extraction, mapping by SeriesDescription as a site would configure it, MHA files
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from mpmri import contract
+import contract
 
 #: the demo's study; a single high-b DWI series so every method reads the same three series
 DEFAULT_SEED = 7
@@ -62,14 +62,14 @@ def _normalize_numpy(channels: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run_mpmri_bytes(blobs: list[bytes]) -> tuple[np.ndarray, dict[str, float]]:
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
 
     res = preprocess_study(blobs)
     return res.tensor, dict(res.meta["timings_s"])
 
 
 def run_mpmri_folder(folder: Path) -> tuple[np.ndarray, dict[str, float]]:
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
 
     res = preprocess_study(folder)
     return res.tensor, dict(res.meta["timings_s"])
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md section")
     args = parser.parse_args(argv)
 
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
     from synth.generator import synthesize_study, write_study
 
     with tempfile.TemporaryDirectory() as tmp:

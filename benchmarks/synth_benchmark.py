@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from mpmri.contract import GridGeometry
+from contract import GridGeometry
 from synth import anatomy as anat
 from synth.generator import synthesize_study, write_study
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contract import ENSEMBLE_MODEL  # noqa: E402
 from export.repository import (  # noqa: E402
     ALL_MODELS,  # noqa: E402
     DEFAULT_SETTINGS,
@@ -31,7 +32,6 @@ from export.repository import (  # noqa: E402
     RepositorySettings,
     write_configs,
 )
-from mpmri.contract import ENSEMBLE_MODEL  # noqa: E402
 from serving.embedded import PYTHON_SHM_BYTE_SIZE, EmbeddedTriton, free_port  # noqa: E402
 from serving.perf import (  # noqa: E402
     BenchSettings,

@@ -1,10 +1,10 @@
 """Checkpoint -> ONNX models (one per network) with checks and torch parity.
 
 Each network is exported with the settings of :func:`networks.models.export_kwargs` (opset, exporter,
-tensor names from :data:`mpmri.contract.MODEL_IO`, dynamic batch axis), then checked:
+tensor names from :data:`contract.MODEL_IO`, dynamic batch axis), then checked:
 
 1. ``onnx.checker.check_model(full_check=True)`` and ONNX shape inference;
-2. input/output names, element types and non-batch dimensions equal :func:`mpmri.contract.tensor_specs`;
+2. input/output names, element types and non-batch dimensions equal :func:`contract.tensor_specs`;
 3. onnxruntime vs torch on realistic inputs (see :func:`parity_inputs`): max abs diff <= tolerance,
    per network (fed with torch's intermediates) and for the whole chain, at two batch sizes.
 """
@@ -23,8 +23,7 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from export.repository import NETWORK_MODELS
-from mpmri.contract import (
+from contract import (
     ENSEMBLE_MODEL,
     MISSING_CHANNEL_FILL_VALUE,
     MODEL_IO,
@@ -33,7 +32,8 @@ from mpmri.contract import (
     GridSpec,
     tensor_specs,
 )
-from mpmri.errors import MpmriError
+from contract.errors import MpmriError
+from export.repository import NETWORK_MODELS
 from networks.models import MpmriNetworks, example_inputs, export_kwargs
 
 Progress = Callable[[str], None]

@@ -21,6 +21,7 @@ import onnx
 import onnxruntime
 import torch
 
+from contract import CONTRACT_VERSION, GridSpec, __version__, contract_dict
 from export.onnx_export import ExportError, export_onnx_models, sha256_file
 from export.repository import (
     MANIFEST_FILENAME,
@@ -31,8 +32,6 @@ from export.repository import (
     render_configs,
     write_configs,
 )
-from mpmri import __version__
-from mpmri.contract import CONTRACT_VERSION, GridSpec, contract_dict
 from networks.checkpoint import load_checkpoint
 
 Progress = Callable[[str], None]

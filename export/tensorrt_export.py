@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from contract import MODEL_IO, GridSpec, tensor_specs
 from export.onnx_export import ExportError, max_abs_diffs, ort_chain, ort_session, parity_inputs
-from mpmri.contract import MODEL_IO, GridSpec, tensor_specs
 
 Progress = Callable[[str], None]
 

@@ -1,3 +1,5 @@
-"""mpmri-serve: prostate mpMRI lesion localization and classification, served by Triton."""
+"""mpmri-serve: the top layer (the ``mpmri`` command and the demo)."""
 
-__version__ = "0.1.0"
+from contract import __version__
+
+__all__ = ["__version__"]

@@ -8,12 +8,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mpmri import __version__
-from mpmri.errors import MpmriError
+from contract import __version__
+from contract.errors import MpmriError
 
 #: modules exposing ``register(subparsers) -> None``; each sub-parser sets ``func(args) -> int``.
 COMMAND_MODULES: tuple[str, ...] = (
+    "mpmri_client.cli",
     "synth.cli",
+    "preprocessing.cli",
     "preprocess_service.cli",
     "training.cli",
     "export.cli",

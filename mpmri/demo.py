@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mpmri import contract
+import contract
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def _stage(name: str, t0: float) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from client.triton_client import EnsembleClient
     from export.pipeline import export_repository, repository_is_current
-    from networks.candidates import extract_candidates
     from networks.checkpoint import DEFAULT_CHECKPOINT
-    from preprocess_service.pipeline import preprocess_study
+    from postprocessing.candidates import extract_candidates
+    from preprocessing.pipeline import preprocess_study
     from serving.embedded import EmbeddedTriton, free_port
+    from serving.triton_client import EnsembleClient
     from synth.generator import synthesize_study, write_study
 
     out: Path = args.out

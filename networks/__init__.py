@@ -5,7 +5,6 @@ Public API: :func:`build_networks`, :class:`MpmriNetworks`, :data:`PROFILES`,
 :func:`extract_candidates` / :class:`LesionCandidate`, :data:`ONNX_OPSET` / :func:`export_kwargs`.
 """
 
-from networks.candidates import LesionCandidate, extract_candidates
 from networks.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
 from networks.models import (
     ONNX_OPSET,
@@ -19,6 +18,7 @@ from networks.models import (
     example_inputs,
     export_kwargs,
 )
+from postprocessing.candidates import LesionCandidate, extract_candidates
 
 __all__ = [
     "DEFAULT_CHECKPOINT",

@@ -10,7 +10,7 @@ File layout (``torch.save`` of a plain dict, readable with ``torch.load(weights_
       "training_state": {...} | absent,          # optimizer / epoch state, only in resumable run files
     }
 
-Metadata always holds ``profile``, ``contract`` (:func:`mpmri.contract.contract_dict`),
+Metadata always holds ``profile``, ``contract`` (:func:`contract.contract_dict`),
 ``code_version`` (``mpmri.__version__`` + git commit when available) and ``created_utc``; training
 adds ``training`` (data seed, case count, epochs...) and evaluation adds ``evaluation`` (metrics).
 """
@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from mpmri import __version__
-from mpmri.contract import GridSpec, contract_dict
-from mpmri.errors import MpmriError
+from contract import GridSpec, __version__, contract_dict
+from contract.errors import MpmriError
 from networks.models import MpmriNetworks, NetworkProfile, build_networks_from_profile
 
 CHECKPOINT_FORMAT = "mpmri-checkpoint"

@@ -1,8 +1,8 @@
 """The three networks of the serving chain: localization -> map fusion -> classification.
 
-All tensors follow the contract (:mod:`mpmri.contract`): images ``[B, S, D, H, W]`` float32 in the
-sequence order :data:`~mpmri.contract.SEQUENCES`, availability ``[B, S]`` (1 = present, 0 = missing;
-a missing channel holds :data:`~mpmri.contract.MISSING_CHANNEL_FILL_VALUE`).
+All tensors follow the contract (:mod:`contract`): images ``[B, S, D, H, W]`` float32 in the
+sequence order :data:`~contract.SEQUENCES`, availability ``[B, S]`` (1 = present, 0 = missing;
+a missing channel holds :data:`~contract.MISSING_CHANNEL_FILL_VALUE`).
 
 * :class:`Localization` runs one 3D U-Net (MONAI ``UNet``) over every sequence on its own and
   returns one lesion-likelihood map per sequence, ``[B, S, D, H, W]`` in ``[0, 1]``. Its weights are
@@ -22,7 +22,7 @@ slice axis (stride ``(1, 2, 2)``).
 
 ONNX: every module exports with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``)
 at :data:`ONNX_OPSET` with a dynamic batch axis; :func:`export_kwargs` returns the exact arguments
-(names from :data:`mpmri.contract.MODEL_IO`). The dynamo exporter is slower and was not needed.
+(names from :data:`contract.MODEL_IO`). The dynamo exporter is slower and was not needed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import UNet
 from torch import nn
 
-from mpmri.contract import (
+from contract import (
     CLASSIFICATION_MODEL,
     DEFAULT_GRID,
     FUSION_MODEL,
@@ -324,7 +324,7 @@ def build_networks_from_profile(profile: NetworkProfile, grid: GridSpec = DEFAUL
 # ONNX export settings (one place, shared by the tests and export/)
 # --------------------------------------------------------------------------------------------------
 def example_inputs(model_name: str, grid: GridSpec = DEFAULT_GRID, batch: int = 1) -> tuple[torch.Tensor, ...]:
-    """Random example inputs for ``model_name`` (contract name), shapes from :func:`mpmri.contract.tensor_specs`."""
+    """Random example inputs for ``model_name`` (contract name), shapes from :func:`contract.tensor_specs`."""
     specs = tensor_specs(grid)
     gen = torch.Generator().manual_seed(0)
     inputs: list[torch.Tensor] = []
@@ -341,7 +341,7 @@ def export_kwargs(model_name: str) -> dict[str, Any]:
     """Keyword arguments for ``torch.onnx.export(module, example_inputs, path, **export_kwargs(name))``.
 
     TorchScript exporter (``dynamo=False``), opset :data:`ONNX_OPSET`, tensor names from
-    :data:`mpmri.contract.MODEL_IO`, axis 0 of every input and output dynamic (``"batch"``).
+    :data:`contract.MODEL_IO`, axis 0 of every input and output dynamic (``"batch"``).
     """
     inputs, outputs = MODEL_IO[model_name]
     return {

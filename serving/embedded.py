@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from contract.errors import MpmriError
 from export.repository import CPU_CONFIG_NAME, MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME
-from mpmri.errors import MpmriError
 from serving.triton_env import DEFAULT_BUILD_DIR, PreparedTriton, prepare_environment
 
 LOG = logging.getLogger(__name__)

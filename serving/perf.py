@@ -31,10 +31,10 @@ from typing import Protocol
 
 import numpy as np
 
+from contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, tensor_specs
+from contract.errors import MpmriError
 from export.onnx_export import ort_chain, ort_session, parity_inputs
 from export.repository import ALL_MODELS, MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME, parse_config
-from mpmri.contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, tensor_specs
-from mpmri.errors import MpmriError
 from serving.embedded import EmbeddedTriton
 from serving.triton_env import REPO_ROOT
 
@@ -114,7 +114,7 @@ def synthetic_study(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
     import tempfile
 
     try:
-        from preprocess_service.pipeline import preprocess_study
+        from preprocessing.pipeline import preprocess_study
         from synth.generator import generate_dataset
     except ImportError as err:
         LOG.warning("synth/preprocess not available (%s): using synthetic-like random tensors", err)
@@ -332,7 +332,7 @@ class TritonShmSampler(CallSampler):
 
 
 class ClientLoopSampler(CallSampler):
-    """:class:`client.triton_client.EnsembleClient` calls (e.g. gRPC + system shared memory).
+    """:class:`serving.triton_client.EnsembleClient` calls (e.g. gRPC + system shared memory).
 
     Unlike perf_analyzer (inputs written to shared memory once, outputs never read), every call writes the
     inputs and copies the outputs back into numpy arrays: what an application calling the ensemble pays.
@@ -341,7 +341,7 @@ class ClientLoopSampler(CallSampler):
     def __init__(
         self, url: str, tensors: dict[str, np.ndarray], protocol: str, shared_memory: str, warmup: int = 3
     ) -> None:
-        from client.triton_client import EnsembleClient
+        from serving.triton_client import EnsembleClient
 
         self.client = EnsembleClient(url, protocol=protocol, shared_memory=shared_memory)
         self.images, self.availability = tensors["images"], tensors["availability"]

@@ -23,7 +23,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from mpmri.errors import MpmriError
+from contract.errors import MpmriError
 
 #: repository root (parent of this package)
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ The anatomy is a set of analytic shapes (ellipsoids, elliptic cylinders) with pe
 * ``adc``: apparent diffusion coefficient in 1e-6 mm^2/s.
 
 Because every shape is defined in patient space, rendering it on each series' own grid
-(:class:`mpmri.contract.GridGeometry`) makes all series agree geometrically, whatever their
+(:class:`contract.GridGeometry`) makes all series agree geometrically, whatever their
 orientation, field of view, spacing or origin.
 
 Coordinates: LPS (x: patient left +, y: posterior +, z: superior +). Arrays are ``(D, H, W)`` =
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mpmri.contract import GridGeometry
+from contract import GridGeometry
 
 F32 = np.float32
 

@@ -11,7 +11,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from mpmri.contract import GridGeometry
+from contract import GridGeometry
 from synth.protocol import Protocol, SeriesPlan
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's prefix; UIDs are hashes of (seed, index, ...)

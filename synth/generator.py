@@ -25,8 +25,8 @@ import pydicom
 import SimpleITK as sitk
 from scipy import ndimage
 
-from mpmri.contract import GridGeometry
-from mpmri.errors import MpmriError
+from contract import GridGeometry
+from contract.errors import MpmriError
 from synth import anatomy as anat
 from synth.dicom_writer import Instance, StudyTags, build_series, slice_geometries, study_uid, write_datasets
 from synth.protocol import Protocol, ProtocolOptions, SeriesPlan, adc_fit_b_values, sample_protocol

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from mpmri.contract import GridGeometry
+from contract import GridGeometry
 from synth.anatomy import rotation_matrix
 
 VENDORS = ("siemens", "ge", "philips")

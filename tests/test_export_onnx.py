@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
+from contract import CONTRACT_VERSION, ENSEMBLE_MODEL, MODEL_IO
 from export.onnx_export import ExportError, ort_chain, ort_session, parity_inputs, sha256_file, torch_chain
 from export.pipeline import export_repository, repository_is_current
 from export.repository import NETWORK_MODELS
 from mpmri.cli import main
-from mpmri.contract import CONTRACT_VERSION, ENSEMBLE_MODEL, MODEL_IO
 from networks import load_checkpoint
 
 

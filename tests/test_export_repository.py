@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from contract import ENSEMBLE_MODEL, MODEL_IO, tensor_specs
 from export.repository import (
     ALL_MODELS,
     CPU_CONFIG_NAME,
@@ -15,7 +16,6 @@ from export.repository import (
     render_configs,
     write_configs,
 )
-from mpmri.contract import ENSEMBLE_MODEL, MODEL_IO, tensor_specs
 
 
 def test_committed_configs_equal_regenerated_configs() -> None:

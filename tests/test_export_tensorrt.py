@@ -16,11 +16,11 @@ pytestmark = [
 
 def test_tensorrt_export_builds_checked_fp16_and_fp32_plans(random_checkpoint: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
+    from contract import DEFAULT_GRID
     from export.onnx_export import parity_inputs
     from export.pipeline import export_repository
     from export.repository import NETWORK_MODELS, parse_config
     from export.tensorrt_export import FP16_TOLERANCE, FP32_TOLERANCE, run_plan
-    from mpmri.contract import DEFAULT_GRID
 
     repository = tmp_path / "repo"
     manifest = export_repository(random_checkpoint, repository, tensorrt=True, progress=print)

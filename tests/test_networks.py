@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mpmri.contract import (
+from contract import (
     CLASSIFICATION_MODEL,
     DEFAULT_GRID,
     FUSION_MODEL,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract import ENSEMBLE_MODEL, FUSION_MODEL
 from export.onnx_export import ort_chain, ort_session
 from export.repository import NETWORK_MODELS
-from mpmri.contract import ENSEMBLE_MODEL, FUSION_MODEL
 from serving.embedded import EmbeddedTriton
 from serving.perf import (
     SECTION_BEGIN,

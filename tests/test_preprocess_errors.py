@@ -18,9 +18,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from contract.errors import MpmriError
 from mpmri.cli import main as mpmri_main
-from mpmri.errors import MpmriError
-from preprocess_service.errors import (
+from preprocessing.errors import (
     InconsistentGeometryError,
     MultipleStudiesError,
     NoT2WError,
@@ -32,8 +32,8 @@ from preprocess_service.errors import (
     TooManyInstancesError,
     TruncatedDicomError,
 )
-from preprocess_service.pipeline import PreprocessSettings, preprocess_study
-from preprocess_service.testing import blob, make_series, to_bytes
+from preprocessing.pipeline import PreprocessSettings, preprocess_study
+from preprocessing.testing import blob, make_series, to_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,7 +249,7 @@ def test_unknown_study_choice_and_bad_rules_files(tmp_path: Path) -> None:
     with pytest.raises(RulesFileError, match="not valid JSON"):
         preprocess_study(t2w_series(), PreprocessSettings(rules_path=bad_json))
     bad_regex = tmp_path / "regex.json"
-    rules = json.loads((REPO / "preprocess_service" / "series_rules.json").read_text())
+    rules = json.loads((REPO / "preprocessing" / "series_rules.json").read_text())
     rules["sequences"]["t2w"]["match_any"]["description_patterns"] = ["(unclosed"]
     bad_regex.write_text(json.dumps(rules))
     with pytest.raises(RulesFileError, match="invalid regex"):

@@ -13,10 +13,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset
 
-from preprocess_service.dicom_io import HeaderValueCache, b_value_of, describe_series, read_source
-from preprocess_service.fast_dicom import fast_dcmread
-from preprocess_service.pipeline import preprocess_study
-from preprocess_service.testing import make_series, to_bytes
+from preprocessing.dicom_io import HeaderValueCache, b_value_of, describe_series, read_source
+from preprocessing.fast_dicom import fast_dcmread
+from preprocessing.pipeline import preprocess_study
+from preprocessing.testing import make_series, to_bytes
 
 
 def pydicom_file(name: str) -> Path:

@@ -1,6 +1,6 @@
 """Geometry of preprocess_study: markers at known LPS points land on the same grid voxel in every channel.
 
-Series are built in memory with pydicom (preprocess_service.testing): pixel values are a function of the
+Series are built in memory with pydicom (preprocessing.testing): pixel values are a function of the
 LPS position of each pixel centre, so the true position of a marker is known exactly.
 """
 
@@ -11,10 +11,10 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from mpmri.contract import DEFAULT_GRID, SEQUENCES
-from preprocess_service import grid as grid_mod
-from preprocess_service.pipeline import preprocess_study
-from preprocess_service.testing import SAGITTAL, blob, make_series, oblique_orientation
+from contract import DEFAULT_GRID, SEQUENCES
+from preprocessing import grid as grid_mod
+from preprocessing.pipeline import preprocess_study
+from preprocessing.testing import SAGITTAL, blob, make_series, oblique_orientation
 
 T2W_CENTER = np.array([4.0, -30.0, 12.0])
 

@@ -12,8 +12,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from mpmri.cli import main as mpmri_main
-from mpmri.contract import (
+from contract import (
     DEFAULT_GRID,
     MISSING_CHANNEL_FILL_VALUE,
     NORMALIZATION,
@@ -21,9 +20,10 @@ from mpmri.contract import (
     GridGeometry,
     contract_dict,
 )
-from preprocess_service.grid import resample_label_to_grid
-from preprocess_service.pipeline import PreprocessedStudy, preprocess_study
-from preprocess_service.testing import SAGITTAL, blob, make_series, oblique_orientation, to_bytes
+from mpmri.cli import main as mpmri_main
+from preprocessing.grid import resample_label_to_grid
+from preprocessing.pipeline import PreprocessedStudy, preprocess_study
+from preprocessing.testing import SAGITTAL, blob, make_series, oblique_orientation, to_bytes
 
 GOLDEN = Path(__file__).with_name("golden") / "preprocess_golden.json"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"  # fixed UIDs so the golden study is byte-identical each run

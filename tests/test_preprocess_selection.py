@@ -12,11 +12,11 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from mpmri.contract import SEQUENCES
-from preprocess_service.errors import NoT2WError
-from preprocess_service.pipeline import PreprocessSettings, preprocess_study
-from preprocess_service.series_selection import DEFAULT_RULES_PATH
-from preprocess_service.testing import SAGITTAL, blob, make_series
+from contract import SEQUENCES
+from preprocessing.errors import NoT2WError
+from preprocessing.pipeline import PreprocessSettings, preprocess_study
+from preprocessing.series_selection import DEFAULT_RULES_PATH
+from preprocessing.testing import SAGITTAL, blob, make_series
 
 SMALL = {"rows": 16, "columns": 16, "num_slices": 4, "pixel_spacing_mm": (8.0, 8.0), "slice_spacing_mm": 10.0}
 DIFFUSION = ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE")

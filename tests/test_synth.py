@@ -11,7 +11,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from mpmri.contract import DEFAULT_GRID, GridGeometry
+from contract import DEFAULT_GRID, GridGeometry
 from synth import anatomy as anat
 from synth.generator import (
     GROUND_TRUTH_FILE,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from contract import MISSING_CHANNEL_FILL_VALUE, NUM_SEQUENCES, sequence_index
 from mpmri.cli import main as mpmri_main
-from mpmri.contract import MISSING_CHANNEL_FILL_VALUE, NUM_SEQUENCES, sequence_index
 from networks.checkpoint import load_checkpoint, load_training_state
 from training.baseline import BASELINES, baseline_likelihood_map, central_ellipsoid_mask
 from training.data import (

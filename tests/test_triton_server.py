@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from client.triton_client import EnsembleClient, TritonClientError
+from contract import ENSEMBLE_MODEL, MODEL_IO
 from export.onnx_export import max_abs_diffs, ort_chain, ort_session, parity_inputs, torch_chain
 from export.repository import NETWORK_MODELS
-from mpmri.contract import ENSEMBLE_MODEL, MODEL_IO
 from networks import load_checkpoint
 from serving.embedded import EmbeddedTriton, TritonStartError, free_port
+from serving.triton_client import EnsembleClient, TritonClientError
 from serving.triton_env import TritonEnvironmentError, check_stub_python, find_installation, server_environment
 
 pytestmark = pytest.mark.triton

@@ -13,7 +13,7 @@ The patient score is the maximum of the map, i.e. ``-min(smoothed ADC)`` up to a
 ``dwi_max`` (reported as ``baseline_dwi_*``; a stronger heuristic): the smoothed high-b DWI channel
 in the same ellipsoid, ``clip(value / 1.5, 0, 1)`` (1.5 = the contract's percentile clip maximum).
 
-Both maps are turned into lesion candidates with the same :func:`networks.candidates.extract_candidates`
+Both maps are turned into lesion candidates with the same :func:`postprocessing.candidates.extract_candidates`
 as the networks and scored by the same ``picai_eval`` call.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from mpmri.contract import DEFAULT_GRID, NORMALIZATION, GridSpec, sequence_index
+from contract import DEFAULT_GRID, NORMALIZATION, GridSpec, sequence_index
 
 #: semi-axes (mm) of the central ellipsoid searched, along (D, H, W)
 CENTRAL_SEMI_AXES_MM_DHW: tuple[float, float, float] = (12.0, 15.0, 15.0)

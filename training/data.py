@@ -1,12 +1,12 @@
 """Training data: synthetic studies -> DICOM -> the serving preprocessing -> cached tensors + targets.
 
-Every case goes through exactly the code the service runs (:func:`preprocess_service.pipeline.preprocess_study`
+Every case goes through exactly the code the service runs (:func:`preprocessing.pipeline.preprocess_study`
 on the synthetic DICOM series), so training sees what serving sees (no train/serve skew).
 
 Targets (PI-CAI convention):
 
 * ``target`` ``[D, H, W]`` uint8: the *clinically significant* lesions only (``lesion.significant``),
-  resampled onto the model grid with :func:`preprocess_service.grid.resample_label_to_grid`.
+  resampled onto the model grid with :func:`preprocessing.grid.resample_label_to_grid`.
   Insignificant lesions are background for localization, as in PI-CAI's csPCa annotations.
 * ``lesion_index`` ``[D, H, W]`` uint8: all lesions, value ``i`` = ``ground_truth["lesions"][i-1]``.
 * ``significant`` (study has a csPCa lesion) and ``max_pirads`` (1 when there is no lesion).
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mpmri.contract import (
+from contract import (
     CONTRACT_VERSION,
     MISSING_CHANNEL_FILL_VALUE,
     NUM_SEQUENCES,
@@ -34,7 +34,7 @@ from mpmri.contract import (
     SEQUENCES,
     GridGeometry,
 )
-from mpmri.errors import MpmriError
+from contract.errors import MpmriError
 
 CACHE_FORMAT_VERSION = 1
 
@@ -88,7 +88,7 @@ def study_labels(truth: dict[str, Any]) -> tuple[int, int]:
 
 def record_from_preprocessed(case_id: str, study: Any, label_image: Any, truth: dict[str, Any]) -> CaseRecord:
     """Build a :class:`CaseRecord` from a ``PreprocessedStudy`` and the lesion label image (T2W geometry)."""
-    from preprocess_service.grid import resample_label_to_grid
+    from preprocessing.grid import resample_label_to_grid
 
     images = np.asarray(study.tensor, dtype=np.float32)
     availability = np.asarray(study.availability, dtype=np.float32)
@@ -113,7 +113,7 @@ def record_from_preprocessed(case_id: str, study: Any, label_image: Any, truth: 
 
 def prepare_synthetic_case(seed: int, index: int) -> CaseRecord:
     """Synthesize study ``index`` of ``seed`` (DICOM datasets in memory) and run the serving preprocessing on it."""
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
     from synth.generator import synthesize_study
 
     study = synthesize_study(seed, index)
@@ -125,7 +125,7 @@ def prepare_case_dir(case_dir: Path) -> CaseRecord:
     """Preprocess a case folder written by ``mpmri synth`` (``dicom/``, ``ground_truth.json``, ``lesions.nii.gz``)."""
     import SimpleITK as sitk
 
-    from preprocess_service.pipeline import preprocess_study
+    from preprocessing.pipeline import preprocess_study
 
     case_dir = Path(case_dir)
     truth_path, label_path = case_dir / "ground_truth.json", case_dir / "lesions.nii.gz"

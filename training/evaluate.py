@@ -1,7 +1,7 @@
 """Evaluation of a checkpoint on ``mpmri synth`` studies: the full chain from DICOM, scored the PI-CAI way.
 
-For every case folder: :func:`preprocess_service.pipeline.preprocess_study` on ``dicom/`` -> networks ->
-:func:`networks.candidates.extract_candidates` on the fused map. Scores:
+For every case folder: :func:`preprocessing.pipeline.preprocess_study` on ``dicom/`` -> networks ->
+:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores:
 
 * ``picai_eval.evaluate`` on the candidate maps vs the csPCa lesion masks (``lesions.nii.gz`` resampled
   to the model grid, significant lesions only): ``auroc`` (patient level, case score = the highest
@@ -33,9 +33,11 @@ import torch
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from mpmri.contract import PIRADS_CATEGORIES, GridGeometry
-from mpmri.errors import MpmriError
-from networks.candidates import (
+from contract import PIRADS_CATEGORIES, GridGeometry
+from contract.errors import MpmriError
+from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+from networks.models import MpmriNetworks
+from postprocessing.candidates import (
     CANDIDATE_THRESHOLD,
     DYNAMIC_THRESHOLD_FACTOR,
     MIN_VOXELS_DETECTION,
@@ -43,8 +45,6 @@ from networks.candidates import (
     LesionCandidate,
     extract_candidates,
 )
-from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
-from networks.models import MpmriNetworks
 from training.baseline import BASELINES, baseline_likelihood_map
 from training.data import CaseRecord, prepare_case_dir
 

@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from mpmri.errors import MpmriError
+from contract.errors import MpmriError
 from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from networks.models import PROFILES, MpmriNetworks, build_networks_from_profile
 from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_case

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mpmri.contract import GridGeometry
+from contract import GridGeometry
 
 with contextlib.redirect_stdout(io.StringIO()):  # the package prints a citation banner on import
     from report_guided_annotation import extract_lesion_candidates

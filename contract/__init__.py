@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+#: version of the mpmri-serve code (recorded in checkpoints and manifests)
+__version__ = "0.1.0"
+
 CONTRACT_VERSION = "1"
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Intensity harmonization per :data:`mpmri.contract.NORMALIZATION`.
+"""Intensity harmonization per :data:`contract.NORMALIZATION`.
 
 * Percentile scaling (T2W, DWI): the lower/upper percentiles of the grid voxels that lie inside the
   source field of view map to 0/1; the result is clipped to ``[clip_min, clip_max]``.
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from mpmri.contract import FixedScaleNormalization, NormalizationSpec, PercentileNormalization
+from contract import FixedScaleNormalization, NormalizationSpec, PercentileNormalization
 
 #: normalized value of grid voxels outside the source field of view (no data there)
 OUTSIDE_FOV_VALUE: float = 0.0

@@ -23,13 +23,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from preprocess_service.errors import (
+from preprocessing.errors import (
     NotDicomError,
     TooManyInstancesError,
     TruncatedDicomError,
     UnsupportedPixelDataError,
 )
-from preprocess_service.fast_dicom import fast_dcmread
+from preprocessing.fast_dicom import fast_dcmread
 
 Source = Path | str | Sequence[bytes] | Sequence[Dataset] | Mapping[str, Sequence[Dataset]]
 
@@ -272,7 +272,7 @@ def _expected_pixel_bytes(ds: Dataset, cache: HeaderValueCache) -> int | None:
 def _read_one(data: bytes, label: str, cache: HeaderValueCache | None = None) -> Dataset:
     """Read one object; :class:`InvalidDicomError` means 'not DICOM', other failures mean a damaged file.
 
-    The common encoding is read by :func:`~preprocess_service.fast_dicom.fast_dcmread` (same dataset,
+    The common encoding is read by :func:`~preprocessing.fast_dicom.fast_dcmread` (same dataset,
     faster); everything else by :func:`pydicom.dcmread`.
     """
     try:

@@ -23,7 +23,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.uid import UID
 
-from mpmri.contract import (
+from contract import (
     CONTRACT_VERSION,
     DEFAULT_GRID,
     MIN_HIGH_B_VALUE_S_PER_MM2,
@@ -33,18 +33,18 @@ from mpmri.contract import (
     GridGeometry,
     GridSpec,
 )
-from preprocess_service import grid as grid_mod
-from preprocess_service.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
-from preprocess_service.errors import (
+from preprocessing import grid as grid_mod
+from preprocessing.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
+from preprocessing.errors import (
     MultipleStudiesError,
     NoT2WError,
     NotMRError,
     PreprocessError,
     StudyNotFoundError,
 )
-from preprocess_service.normalize import normalize_channel
-from preprocess_service.series_selection import Choice, Selection, load_rules, select_series
-from preprocess_service.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
+from preprocessing.normalize import normalize_channel
+from preprocessing.series_selection import Choice, Selection, load_rules, select_series
+from preprocessing.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class PreprocessedStudy:
     """Output of :func:`preprocess_study`.
 
     Attributes:
-        tensor: float32 ``[S, D, H, W]``, channels in :data:`mpmri.contract.SEQUENCES` order; a missing
-            channel holds :data:`mpmri.contract.MISSING_CHANNEL_FILL_VALUE`.
+        tensor: float32 ``[S, D, H, W]``, channels in :data:`contract.SEQUENCES` order; a missing
+            channel holds :data:`contract.MISSING_CHANNEL_FILL_VALUE`.
         availability: float32 ``[S]``, 1.0 present / 0.0 missing.
         geometry: the grid in patient space (index ``(k, j, i)`` <-> LPS mm).
         meta: JSON-serializable record (chosen series + reasons, skipped objects, normalization
@@ -202,7 +202,7 @@ def preprocess_study(
         :class:`PreprocessedStudy` with ``tensor`` float32 ``[S, D, H, W]`` and ``availability`` ``[S]``.
 
     Raises:
-        preprocess_service.errors.PreprocessError: a subclass naming the problem (not DICOM, truncated,
+        preprocessing.errors.PreprocessError: a subclass naming the problem (not DICOM, truncated,
             too many instances, several studies, not MR, no T2W, inconsistent geometry, single slice, ...).
     """
     timer = _Timer()

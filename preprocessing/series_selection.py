@@ -4,7 +4,7 @@ A site can pass its own rules file (same format; docs/preprocessing.md). Each se
 against the ``ignore`` rules (localizers, secondary captures, non-image modalities), then classified
 by the first sequence in ``classification_order`` whose ``match_any`` matches and whose ``exclude_any``
 does not. Among the candidates of a sequence one is chosen (axial preferred; for DWI the highest
-b-value >= :data:`mpmri.contract.MIN_HIGH_B_VALUE_S_PER_MM2`, dedicated high-b series preferred).
+b-value >= :data:`contract.MIN_HIGH_B_VALUE_S_PER_MM2`, dedicated high-b series preferred).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from mpmri.contract import MIN_HIGH_B_VALUE_S_PER_MM2, SEQUENCES
-from preprocess_service.dicom_io import FrameHeader, SeriesInfo
-from preprocess_service.errors import RulesFileError
+from contract import MIN_HIGH_B_VALUE_S_PER_MM2, SEQUENCES
+from preprocessing.dicom_io import FrameHeader, SeriesInfo
+from preprocessing.errors import RulesFileError
 
 DEFAULT_RULES_PATH = Path(__file__).with_name("series_rules.json")
 SUPPORTED_RULES_FORMAT = 1

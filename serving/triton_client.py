@@ -6,7 +6,7 @@ Example::
         outputs = client.infer(images, availability)   # images [B,S,D,H,W] or [S,D,H,W]
         outputs["cspca_probability"]                     # [B, 1] (or [1] for an unbatched request)
 
-Tensor names, shapes and dtypes come from :mod:`mpmri.contract`.
+Tensor names, shapes and dtypes come from :mod:`contract`.
 
 Shared memory (``shared_memory=``):
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mpmri.contract import ENSEMBLE_MODEL, MODEL_IO, TensorSpec, tensor_specs
-from mpmri.errors import MpmriError
+from contract import ENSEMBLE_MODEL, MODEL_IO, TensorSpec, tensor_specs
+from contract.errors import MpmriError
 
 PROTOCOLS = ("grpc", "http")
 SHARED_MEMORY_MODES = ("none", "system", "cuda")
@@ -75,7 +75,7 @@ class _Region:
 
 
 class EnsembleClient:
-    """Synchronous client of one Triton ensemble (default :data:`mpmri.contract.ENSEMBLE_MODEL`).
+    """Synchronous client of one Triton ensemble (default :data:`contract.ENSEMBLE_MODEL`).
 
     Args:
         url: ``host:port`` of the gRPC (default 8001) or HTTP (default 8000) endpoint.
@@ -156,7 +156,7 @@ class EnsembleClient:
         """Run the ensemble.
 
         Args:
-            images: ``[B, S, D, H, W]`` or ``[S, D, H, W]`` float32, normalized (preprocess_service output).
+            images: ``[B, S, D, H, W]`` or ``[S, D, H, W]`` float32, normalized (preprocessing output).
             availability: ``[B, S]`` or ``[S]``; 1 = sequence present, 0 = missing.
 
         Returns:

@@ -10,9 +10,9 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from mpmri.contract import SEQUENCES, contract_dict
-from preprocess_service.errors import PreprocessError
-from preprocess_service.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study
+from contract import SEQUENCES, contract_dict
+from preprocessing.errors import PreprocessError
+from preprocessing.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Geometric harmonization: the model grid (contract.GridSpec) placed on the T2W volume, and resampling onto it.
 
 The grid takes T2W's direction, is centred on the centre of the T2W volume, and has the size/spacing of
-the :class:`~mpmri.contract.GridSpec`. Every sequence is resampled straight onto this small grid in
+the :class:`~contract.GridSpec`. Every sequence is resampled straight onto this small grid in
 physical (LPS) space with SimpleITK, so oblique and differently spaced series are handled alike.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from mpmri.contract import DEFAULT_GRID, GridGeometry, GridSpec
+from contract import DEFAULT_GRID, GridGeometry, GridSpec
 
 
 def grid_geometry_for(reference: sitk.Image, spec: GridSpec = DEFAULT_GRID) -> GridGeometry:

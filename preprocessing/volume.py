@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from preprocess_service.dicom_io import FrameHeader, Ingested, decode_frames
-from preprocess_service.errors import InconsistentGeometryError, SingleSliceSeriesError
+from preprocessing.dicom_io import FrameHeader, Ingested, decode_frames
+from preprocessing.errors import InconsistentGeometryError, SingleSliceSeriesError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mpmri.errors import MpmriError
+from contract.errors import MpmriError
 
 
 class PreprocessError(MpmriError):

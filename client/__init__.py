@@ -1,1 +1,0 @@
-"""Clients of the Triton ensemble (tritonclient gRPC/HTTP, shared memory)."""
