@@ -32,6 +32,7 @@ from contract import (
     SEQUENCES,
     GridGeometry,
     GridSpec,
+    NormalizationSpec,
 )
 from preprocessing import grid as grid_mod
 from preprocessing.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
@@ -63,6 +64,8 @@ class PreprocessSettings:
         study_instance_uid: which study to use when the input holds several (else an error).
         min_b_value_s_per_mm2: lowest b-value accepted as high-b DWI.
         tolerance: geometry check tolerances.
+        normalization: per-sequence intensity normalization; ``None`` uses the contract's
+            :data:`contract.NORMALIZATION` (the service passes the one its served model recorded).
     """
 
     grid: GridSpec = DEFAULT_GRID
@@ -71,6 +74,7 @@ class PreprocessSettings:
     study_instance_uid: str | None = None
     min_b_value_s_per_mm2: float = MIN_HIGH_B_VALUE_S_PER_MM2
     tolerance: GeometryTolerance = field(default_factory=GeometryTolerance)
+    normalization: Mapping[str, NormalizationSpec] | None = None
 
 
 @dataclass
@@ -239,6 +243,7 @@ def preprocess_study(
     geometry = grid_mod.grid_geometry_for(built["t2w"][1].image, settings.grid)
     timer.add("resample", t)
 
+    normalization = settings.normalization or NORMALIZATION
     d, h, w = settings.grid.size_dhw
     tensor = np.full((len(SEQUENCES), d, h, w), MISSING_CHANNEL_FILL_VALUE, dtype=np.float32)
     availability = np.zeros(len(SEQUENCES), dtype=np.float32)
@@ -258,7 +263,7 @@ def preprocess_study(
         inside = grid_mod.inside_fov_mask(volume.image, geometry)
         timer.add("resample", t)
         t = time.perf_counter()
-        tensor[ch], params = normalize_channel(values, inside, NORMALIZATION[seq])
+        tensor[ch], params = normalize_channel(values, inside, normalization[seq])
         timer.add("normalize", t)
         availability[ch] = 1.0
         norm_meta[seq] = params
