@@ -170,6 +170,8 @@ NORMALIZATION: dict[str, NormalizationSpec] = {
 
 #: Value written into the channel of a sequence that is missing (its availability is 0).
 MISSING_CHANNEL_FILL_VALUE: float = 0.0
+#: Normalized value of grid voxels outside a sequence's field of view (no data there).
+OUTSIDE_FOV_VALUE: float = 0.0
 
 
 def normalization_to_dict() -> dict[str, dict[str, Any]]:
@@ -236,6 +238,34 @@ MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------------
+# Lesion candidates (fused map -> lesions), shared by evaluation, the demo and the service
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CandidateSettings:
+    """How lesion candidates are extracted from the fused map (PI-CAI ``extract_lesion_candidates``).
+
+    Attributes:
+        threshold: ``"dynamic"`` (PI-CAI default), ``"dynamic-fast"`` or a static likelihood threshold.
+        min_voxels_detection: blobs with at most this many voxels are dropped (3: the grid is coarse).
+        num_lesions_to_extract: maximum number of candidates per study.
+        dynamic_threshold_factor: a blob extends down to ``peak / factor``.
+        min_likelihood: candidates at or below this likelihood are dropped.
+    """
+
+    threshold: str | float = "dynamic"
+    min_voxels_detection: int = 3
+    num_lesions_to_extract: int = 5
+    dynamic_threshold_factor: float = 2.5
+    min_likelihood: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_CANDIDATES = CandidateSettings()
+
+
 def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
     """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests)."""
     return {
@@ -251,3 +281,108 @@ def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
 
 def contract_json(grid: GridSpec = DEFAULT_GRID) -> str:
     return json.dumps(contract_dict(grid), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The served contract: what a deployed model expects, read back from its model repository
+# --------------------------------------------------------------------------------------------------
+#: contract versions this code can produce tensors for
+SUPPORTED_CONTRACT_VERSIONS: tuple[str, ...] = (CONTRACT_VERSION,)
+
+
+class ContractMismatchError(Exception):
+    """A model's recorded contract asks for something this code cannot produce (names the difference)."""
+
+
+def _normalization_from_dict(name: str, d: dict[str, Any]) -> NormalizationSpec:
+    kinds: dict[str, type[PercentileNormalization] | type[FixedScaleNormalization]] = {
+        "percentile": PercentileNormalization,
+        "fixed_scale": FixedScaleNormalization,
+    }
+    kind = d.get("kind")
+    if kind not in kinds:
+        raise ContractMismatchError(f"normalization of {name}: unknown kind {kind!r} (supported: {sorted(kinds)})")
+    cls = kinds[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ContractMismatchError(f"normalization of {name}: unknown parameters {unknown} for kind {kind!r}")
+    return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedContract:
+    """The part of a model's contract that preprocessing must honour (grid, sequences, normalization)."""
+
+    grid: GridSpec
+    normalization: dict[str, NormalizationSpec]
+    missing_channel_fill_value: float = MISSING_CHANNEL_FILL_VALUE
+    contract_version: str = CONTRACT_VERSION
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServedContract:
+        """Parse and check a recorded contract (:func:`contract_dict` layout).
+
+        Raises:
+            ContractMismatchError: a version, sequence set, grid or normalization this code cannot produce;
+                the message names the field, what the model wants and what the code supports.
+        """
+        version = str(d.get("contract_version"))
+        if version not in SUPPORTED_CONTRACT_VERSIONS:
+            raise ContractMismatchError(
+                f"contract_version {version!r} is not supported "
+                f"(this code produces {list(SUPPORTED_CONTRACT_VERSIONS)})"
+            )
+        sequences = list(d.get("sequences") or [])
+        if sequences != list(SEQUENCES):
+            raise ContractMismatchError(
+                f"sequences {sequences} differ from the ones this code produces {list(SEQUENCES)}"
+            )
+        try:
+            grid = GridSpec.from_dict(d["grid"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ContractMismatchError(f"grid: missing or malformed ({err})") from None
+        if len(grid.size_dhw) != 3 or any(int(n) < 2 for n in grid.size_dhw):
+            raise ContractMismatchError(f"grid size_dhw {list(grid.size_dhw)}: need three sizes of at least 2")
+        if len(grid.spacing_mm_dhw) != 3 or any(not float(v) > 0 for v in grid.spacing_mm_dhw):
+            raise ContractMismatchError(
+                f"grid spacing_mm_dhw {list(grid.spacing_mm_dhw)}: need three positive spacings"
+            )
+        grid = GridSpec(
+            size_dhw=tuple(int(n) for n in grid.size_dhw),  # type: ignore[arg-type]
+            spacing_mm_dhw=tuple(float(v) for v in grid.spacing_mm_dhw),  # type: ignore[arg-type]
+        )
+        norm_d = d.get("normalization") or {}
+        missing = [s for s in SEQUENCES if s not in norm_d]
+        if missing:
+            raise ContractMismatchError(f"normalization: no entry for {missing}")
+        normalization = {s: _normalization_from_dict(s, dict(norm_d[s])) for s in SEQUENCES}
+        return cls(
+            grid=grid,
+            normalization=normalization,
+            missing_channel_fill_value=float(d.get("missing_channel_fill_value", MISSING_CHANNEL_FILL_VALUE)),
+            contract_version=version,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ServedContract:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ContractMismatchError(f"recorded contract is not JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ContractMismatchError("recorded contract is not a JSON object")
+        return cls.from_dict(data)
+
+
+def contract_differences(recorded: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two contract dicts (``key: recorded -> current``)."""
+    out: list[str] = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key, "<absent>"), current.get(key, "<absent>")
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(contract_differences(a, b, path + "."))
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out

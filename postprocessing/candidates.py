@@ -16,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from contract import GridGeometry
+from contract import DEFAULT_CANDIDATES, CandidateSettings, GridGeometry
 
 with contextlib.redirect_stdout(io.StringIO()):  # the package prints a citation banner on import
     from report_guided_annotation import extract_lesion_candidates
 
-#: Defaults of :func:`extract_candidates` (recorded by evaluation).
-CANDIDATE_THRESHOLD = "dynamic"
-MIN_VOXELS_DETECTION = 3
-NUM_LESIONS_TO_EXTRACT = 5
-DYNAMIC_THRESHOLD_FACTOR = 2.5
+#: Defaults of :func:`extract_candidates` (recorded by evaluation), from the contract.
+CANDIDATE_THRESHOLD = DEFAULT_CANDIDATES.threshold
+MIN_VOXELS_DETECTION = DEFAULT_CANDIDATES.min_voxels_detection
+NUM_LESIONS_TO_EXTRACT = DEFAULT_CANDIDATES.num_lesions_to_extract
+DYNAMIC_THRESHOLD_FACTOR = DEFAULT_CANDIDATES.dynamic_threshold_factor
 
 
 @dataclass
@@ -37,7 +37,8 @@ class LesionCandidate:
         volume_mm3: blob volume in mm^3 (voxel count x voxel volume of the grid).
         likelihood: the candidate's lesion likelihood in [0, 1] (peak of the fused map in the blob).
         center_index_dhw: the same centroid as continuous grid index ``(d, h, w)``.
-        label: index of the blob in the returned candidate index map (1-based).
+        label: the candidate's number (1-based, by decreasing likelihood): its value in the label map of
+            :func:`extract_candidate_labels` and its segment number in the DICOM SEG.
     """
 
     center_lps_mm: tuple[float, float, float]
@@ -57,7 +58,7 @@ def extract_candidates(
     min_voxels_detection: int = MIN_VOXELS_DETECTION,
     num_lesions_to_extract: int = NUM_LESIONS_TO_EXTRACT,
     dynamic_threshold_factor: float = DYNAMIC_THRESHOLD_FACTOR,
-    min_likelihood: float = 0.0,
+    min_likelihood: float = DEFAULT_CANDIDATES.min_likelihood,
 ) -> tuple[list[LesionCandidate], np.ndarray]:
     """Non-overlapping lesion candidates of ``fused_map``.
 
@@ -74,6 +75,25 @@ def extract_candidates(
         ``(candidates, candidate_map)``: candidates sorted by decreasing likelihood, and the candidate
         map ``[D, H, W]`` float32 where each candidate's voxels hold its likelihood (0 elsewhere).
     """
+    settings = CandidateSettings(
+        threshold=threshold,
+        min_voxels_detection=min_voxels_detection,
+        num_lesions_to_extract=num_lesions_to_extract,
+        dynamic_threshold_factor=dynamic_threshold_factor,
+        min_likelihood=min_likelihood,
+    )
+    candidates, candidate_map, _ = extract_candidate_labels(fused_map, geometry, settings)
+    return candidates, candidate_map
+
+
+def extract_candidate_labels(
+    fused_map: np.ndarray, geometry: GridGeometry, settings: CandidateSettings = DEFAULT_CANDIDATES
+) -> tuple[list[LesionCandidate], np.ndarray, np.ndarray]:
+    """Candidates, candidate map and a label map ``[D, H, W]`` uint8 (0 background, candidate ``n`` -> ``n``).
+
+    Candidates are numbered 1..N in order of decreasing likelihood (``LesionCandidate.label`` is that number),
+    the numbering of the DICOM SEG's segments.
+    """
     volume = np.asarray(fused_map, dtype=np.float32)
     if volume.ndim == 4 and volume.shape[0] == 1:
         volume = volume[0]
@@ -81,33 +101,53 @@ def extract_candidates(
         raise ValueError(f"fused_map must be [D, H, W], got shape {volume.shape}")
     _, confidences, indexed = extract_lesion_candidates(
         volume,  # type: ignore[arg-type]  # float32 is accepted at run time
-        threshold=threshold,
-        min_voxels_detection=min_voxels_detection,
-        num_lesions_to_extract=num_lesions_to_extract,
-        dynamic_threshold_factor=dynamic_threshold_factor,
+        threshold=settings.threshold,
+        min_voxels_detection=settings.min_voxels_detection,
+        num_lesions_to_extract=settings.num_lesions_to_extract,
+        dynamic_threshold_factor=settings.dynamic_threshold_factor,
     )
-    candidate_map = np.zeros(volume.shape, dtype=np.float32)
-    candidates: list[LesionCandidate] = []
+    indexed = np.asarray(indexed)
+    found: list[tuple[LesionCandidate, np.ndarray]] = []
     grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
-    for label, confidence in confidences:
+    for blob, confidence in confidences:
         likelihood = float(confidence)
-        if likelihood <= min_likelihood:
+        if likelihood <= settings.min_likelihood:
             continue
-        mask = np.asarray(indexed) == label
+        mask = indexed == blob
         if not mask.any():
             continue
         weights = volume[mask].astype(np.float64)
         idx = grid_index[mask.reshape(-1)]
         centre = (idx * weights[:, None]).sum(0) / max(weights.sum(), 1e-12)
-        candidate_map[mask] = likelihood
-        candidates.append(
-            LesionCandidate(
-                center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
-                volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
-                likelihood=likelihood,
-                center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
-                label=int(label),
-            )
+        candidate = LesionCandidate(
+            center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
+            volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
+            likelihood=likelihood,
+            center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
         )
-    candidates.sort(key=lambda c: -c.likelihood)
-    return candidates, candidate_map
+        found.append((candidate, mask))
+    found.sort(key=lambda item: -item[0].likelihood)
+    candidate_map = np.zeros(volume.shape, dtype=np.float32)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    candidates: list[LesionCandidate] = []
+    for number, (candidate, mask) in enumerate(found, start=1):
+        candidate.label = number
+        candidate_map[mask] = candidate.likelihood
+        labels[mask] = number
+        candidates.append(candidate)
+    return candidates, candidate_map, labels
+
+
+def extract_candidates_with(
+    fused_map: np.ndarray, geometry: GridGeometry, settings: CandidateSettings = DEFAULT_CANDIDATES
+) -> tuple[list[LesionCandidate], np.ndarray]:
+    """:func:`extract_candidates` with a :class:`contract.CandidateSettings`."""
+    return extract_candidates(
+        fused_map,
+        geometry,
+        threshold=settings.threshold,
+        min_voxels_detection=settings.min_voxels_detection,
+        num_lesions_to_extract=settings.num_lesions_to_extract,
+        dynamic_threshold_factor=settings.dynamic_threshold_factor,
+        min_likelihood=settings.min_likelihood,
+    )

@@ -37,6 +37,15 @@ class InconsistentGeometryError(PreprocessError):
     """A chosen series has mixed orientations, duplicate or missing slices, or non-uniform spacing."""
 
 
+class DuplicateSliceError(InconsistentGeometryError):
+    """Several instances of a series at one slice position and nothing (acquisition/content time,
+    InstanceNumber) tells which one is the later acquisition."""
+
+
+class ConflictingInstancesError(PreprocessError):
+    """Two objects share a SOPInstanceUID but differ in content (a resent copy must be identical)."""
+
+
 class SingleSliceSeriesError(PreprocessError):
     """A chosen series has a single slice, so no 3D volume can be built."""
 

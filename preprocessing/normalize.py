@@ -13,10 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from contract import FixedScaleNormalization, NormalizationSpec, PercentileNormalization
-
-#: normalized value of grid voxels outside the source field of view (no data there)
-OUTSIDE_FOV_VALUE: float = 0.0
+from contract import OUTSIDE_FOV_VALUE, FixedScaleNormalization, NormalizationSpec, PercentileNormalization
 
 
 def normalize_channel(

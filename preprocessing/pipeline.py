@@ -10,6 +10,7 @@ No global state: safe to call concurrently from several threads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -32,6 +33,7 @@ from contract import (
     SEQUENCES,
     GridGeometry,
     GridSpec,
+    NormalizationSpec,
 )
 from preprocessing import grid as grid_mod
 from preprocessing.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
@@ -42,6 +44,7 @@ from preprocessing.errors import (
     PreprocessError,
     StudyNotFoundError,
 )
+from preprocessing.instances import drop_resent_instances, resolve_reacquired_slices
 from preprocessing.normalize import normalize_channel
 from preprocessing.series_selection import Choice, Selection, load_rules, select_series
 from preprocessing.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
@@ -63,6 +66,8 @@ class PreprocessSettings:
         study_instance_uid: which study to use when the input holds several (else an error).
         min_b_value_s_per_mm2: lowest b-value accepted as high-b DWI.
         tolerance: geometry check tolerances.
+        normalization: per-sequence intensity normalization; ``None`` uses the contract's
+            :data:`contract.NORMALIZATION` (the service passes the one its served model recorded).
     """
 
     grid: GridSpec = DEFAULT_GRID
@@ -71,6 +76,7 @@ class PreprocessSettings:
     study_instance_uid: str | None = None
     min_b_value_s_per_mm2: float = MIN_HIGH_B_VALUE_S_PER_MM2
     tolerance: GeometryTolerance = field(default_factory=GeometryTolerance)
+    normalization: Mapping[str, NormalizationSpec] | None = None
 
 
 @dataclass
@@ -152,18 +158,25 @@ def _choose_study(series: list[SeriesInfo], settings: PreprocessSettings, skippe
     return chosen
 
 
-def _build(ingested: Ingested, choice: Choice, settings: PreprocessSettings, timer: _Timer) -> Volume:
-    label = f"series '{choice.series.description or choice.series.series_uid}' ({choice.sequence})"
+def _build(
+    ingested: Ingested, choice: Choice, settings: PreprocessSettings, timer: _Timer, warnings: list[str]
+) -> tuple[Choice, Volume]:
+    """Volume of one chosen series; the returned choice holds the frames actually stacked."""
+    label = f"series '{choice.series.description or uid_hash(choice.series.series_uid)}' ({choice.sequence})"
     t = time.perf_counter()
-    geometry = stack_geometry(choice.frames, label, settings.tolerance)
+    frames, replaced = resolve_reacquired_slices(ingested, choice.frames, label, settings.tolerance)
+    geometry = stack_geometry(frames, label, settings.tolerance)
     timer.add("assemble", t)
+    if replaced:
+        warnings.extend(replaced)
+        choice = dataclasses.replace(choice, frames=frames)
     t = time.perf_counter()
-    array = decode_frames(ingested, [choice.frames[i] for i in geometry.order])
+    array = decode_frames(ingested, [frames[i] for i in geometry.order])
     timer.add("decode", t)
     t = time.perf_counter()
     image = image_from_array(array, geometry)
     timer.add("assemble", t)
-    return Volume(image=image, geometry=geometry)
+    return choice, Volume(image=image, geometry=geometry)
 
 
 def _build_with_fallback(
@@ -177,7 +190,7 @@ def _build_with_fallback(
     first_error: PreprocessError | None = None
     for cand in candidates:
         try:
-            return cand, _build(ingested, cand, settings, timer)
+            return _build(ingested, cand, settings, timer, warnings)
         except PreprocessError as err:
             if first_error is None:
                 first_error = err
@@ -210,6 +223,7 @@ def preprocess_study(
     t = time.perf_counter()
     rules = load_rules(settings.rules_path)
     ingested = read_source(source, settings.max_instances)
+    ingested, resent_warnings = drop_resent_instances(ingested)
     timer.add("read", t)
 
     t = time.perf_counter()
@@ -220,7 +234,7 @@ def preprocess_study(
     study_series = [s for s in all_series if s.study_uid == study_uid]
     selection = select_series(study_series, rules, settings.min_b_value_s_per_mm2)
     skipped.extend(selection.skipped)
-    warnings: list[str] = list(selection.warnings)
+    warnings: list[str] = resent_warnings + list(selection.warnings)
     timer.add("select", t)
     if "t2w" not in selection.choices:
         seen = "; ".join(
@@ -239,6 +253,7 @@ def preprocess_study(
     geometry = grid_mod.grid_geometry_for(built["t2w"][1].image, settings.grid)
     timer.add("resample", t)
 
+    normalization = settings.normalization or NORMALIZATION
     d, h, w = settings.grid.size_dhw
     tensor = np.full((len(SEQUENCES), d, h, w), MISSING_CHANNEL_FILL_VALUE, dtype=np.float32)
     availability = np.zeros(len(SEQUENCES), dtype=np.float32)
@@ -258,7 +273,7 @@ def preprocess_study(
         inside = grid_mod.inside_fov_mask(volume.image, geometry)
         timer.add("resample", t)
         t = time.perf_counter()
-        tensor[ch], params = normalize_channel(values, inside, NORMALIZATION[seq])
+        tensor[ch], params = normalize_channel(values, inside, normalization[seq])
         timer.add("normalize", t)
         availability[ch] = 1.0
         norm_meta[seq] = params

@@ -56,6 +56,11 @@ def _orthonormal(orientation: Sequence[float]) -> np.ndarray:
     return np.stack([r, c, n], axis=1)  # columns: i, j, k directions
 
 
+def slice_normal_of(orientation: Sequence[float]) -> np.ndarray:
+    """Unit slice normal (row direction x column direction) of an ImageOrientationPatient."""
+    return _orthonormal(orientation)[:, 2]
+
+
 def stack_geometry(
     frames: Sequence[FrameHeader], label: str, tol: GeometryTolerance = GeometryTolerance()
 ) -> StackGeometry:

@@ -258,6 +258,17 @@ class EmbeddedTriton:
             os.killpg(process.pid, signal.SIGKILL)
         return process.returncode
 
+    def poll(self) -> int | None:
+        """Exit code of a server that has died, ``None`` while it runs (or was never started)."""
+        if self._process is None:
+            return None
+        return self._process.poll()
+
+    def restart(self) -> EmbeddedTriton:
+        """Reap a dead (or running) server and start a new one on the same ports."""
+        self.stop()
+        return self.start()
+
     def wait(self) -> int:
         """Block until the server exits (for ``mpmri triton``); returns its exit code."""
         if self._process is None:

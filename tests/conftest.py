@@ -61,3 +61,39 @@ def triton_server(exported_repository: Path, tmp_path_factory: pytest.TempPathFa
     )
     with server:
         yield server
+
+
+# --- the analysis service: the shipped checkpoint exported once, `mpmri serve` started once per session ---
+@pytest.fixture(scope="session")
+def shipped_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``mpmri export`` of the shipped CPU checkpoint (the trained one: findings can be checked)."""
+    from export.pipeline import export_repository
+    from networks.checkpoint import DEFAULT_CHECKPOINT
+
+    repository = tmp_path_factory.mktemp("shipped") / "model_repository"
+    export_repository(DEFAULT_CHECKPOINT, repository, progress=lambda message: None)
+    return repository
+
+
+@pytest.fixture(scope="session")
+def serve_stack(shipped_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The real embedded default (`mpmri serve`: Triton + service) on free 127.0.0.1 ports."""
+    from service_harness import start_serve
+
+    stack = start_serve(shipped_repository, tmp_path_factory.mktemp("serve_logs"))
+    try:
+        yield stack
+    finally:
+        stack.process.stop()
+
+
+@pytest.fixture(scope="session")
+def service_studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic studies for service tests: ``cancer`` (seed 7 case 0: one significant lesion), ``benign``."""
+    from synth.generator import synthesize_study, write_study
+
+    out = tmp_path_factory.mktemp("service_studies")
+    return {
+        "cancer": write_study(synthesize_study(7, 0), out / "cancer"),
+        "benign": write_study(synthesize_study(7, 1), out / "benign"),
+    }

@@ -200,7 +200,13 @@ def test_non_dicom_files_next_to_a_study_are_skipped_with_a_reason(tmp_path: Pat
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda ds: ds[2].__setattr__("ImagePositionPatient", list(ds[3].ImagePositionPatient)), "duplicate slice"),
+        (  # same position and InstanceNumber, no times: nothing tells which one is the re-acquisition
+            lambda ds: (
+                ds[2].__setattr__("ImagePositionPatient", list(ds[3].ImagePositionPatient)),
+                ds[2].__setattr__("InstanceNumber", ds[3].InstanceNumber),
+            ),
+            "duplicate slice",
+        ),
         (lambda ds: ds.pop(2), "1 missing slice(s)"),
         (
             lambda ds: ds[2].__setattr__(

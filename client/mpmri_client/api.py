@@ -46,7 +46,8 @@ class ChannelOptions:
         token: bearer token sent as ``authorization: Bearer <token>``.
         max_message_bytes: largest response accepted (SEG/SR and maps can be several MiB).
         retries: attempts after the first on UNAVAILABLE (exponential backoff with jitter).
-        backoff_s: first backoff; doubles per retry.
+        backoff_s: first backoff; doubles per retry up to ``max_backoff_s`` (with +-50 % jitter).
+        max_backoff_s: longest pause between two attempts.
     """
 
     root_certificates: Path | None = None
@@ -57,6 +58,7 @@ class ChannelOptions:
     max_message_bytes: int = 64 << 20
     retries: int = 3
     backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
 
     def grpc_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -118,7 +120,7 @@ def request_stream(
 
 
 def _backoff(options: ChannelOptions, attempt: int) -> float:
-    return float(options.backoff_s * (2**attempt) * (0.5 + random.random()))
+    return float(min(options.backoff_s * (2**attempt), options.max_backoff_s) * (0.5 + random.random()))
 
 
 class AnalysisClient:

@@ -96,7 +96,8 @@ def _full_cli() -> Any | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    full = _full_cli()
+    # `analyze` never loads the full CLI (its other commands import torch: seconds of start-up)
+    full = None if args_list[:1] == ["analyze"] else _full_cli()
     if full is not None:
         return int(full(args_list) or 0)
     parser = argparse.ArgumentParser(prog="mpmri", description="mpmri-serve client (install mpmri-serve for more)")

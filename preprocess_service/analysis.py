@@ -1,0 +1,170 @@
+"""One study through the stages: parse → select → assemble → resample → normalize (preprocessing, in a worker
+thread) → infer (Triton, awaited) → candidates → encode (findings, optional SEG/SR and maps).
+
+The event loop never runs CPU work: preprocessing, candidates and DICOM encoding go to a thread pool, so
+while one study is in Triton the next one is being preprocessed (the pipeline's throughput approaches the
+slower stage's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from contract import SEQUENCES, sequence_index
+from postprocessing.dicom_outputs import DicomOutputs, build_dicom_outputs
+from postprocessing.report import Findings, build_findings
+from preprocess_service.settings import ServiceSettings
+from preprocess_service.triton import ServedModel, TritonEnsemble
+from preprocessing import PreprocessSettings, preprocess_study
+from preprocessing.pipeline import PreprocessedStudy, uid_hash
+
+log = logging.getLogger(__name__)
+
+#: preprocessing's own timing keys -> the service's stage names
+_PREPROCESS_STAGES: dict[str, str] = {
+    "read": "parse",
+    "select": "select",
+    "assemble": "assemble",
+    "decode": "assemble",
+    "resample": "resample",
+    "normalize": "normalize",
+}
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    include_fused_map: bool = False
+    include_t2w_preview: bool = False
+    include_dicom_outputs: bool = False
+    study_instance_uid: str = ""
+
+
+@dataclass
+class AnalysisResult:
+    """Everything the response carries (the servicer turns it into protobuf)."""
+
+    study_instance_uid: str
+    meta: dict[str, Any]
+    findings: Findings
+    model: ServedModel
+    warnings: list[str]
+    timings_s: dict[str, float]
+    num_instances: int
+    t2w_channel: np.ndarray | None = None
+    seg: pydicom.Dataset | None = None
+    sr: pydicom.Dataset | None = None
+    encoded: dict[str, bytes] = field(default_factory=dict)
+
+
+def _source_datasets(source: Sequence[bytes] | Sequence[pydicom.Dataset], series_uid: str) -> list[pydicom.Dataset]:
+    """Headers of the instances of ``series_uid`` (one per SOP instance), for the SEG/SR references."""
+    seen: set[str] = set()
+    out: list[pydicom.Dataset] = []
+    for item in source:
+        if isinstance(item, pydicom.Dataset):
+            ds = item
+        else:
+            try:
+                ds = pydicom.dcmread(io.BytesIO(item), stop_before_pixels=True, force=False)
+            except Exception:  # noqa: BLE001 - preprocessing already reported or skipped unreadable files
+                continue
+        if str(ds.get("SeriesInstanceUID", "")) != series_uid:
+            continue
+        sop = str(ds.get("SOPInstanceUID", ""))
+        if sop in seen:
+            continue
+        seen.add(sop)
+        out.append(ds)
+    return out
+
+
+class Analyzer:
+    """Runs studies against one :class:`TritonEnsemble` with a shared worker pool."""
+
+    def __init__(self, settings: ServiceSettings, ensemble: TritonEnsemble, executor: Executor) -> None:
+        self.settings = settings
+        self.ensemble = ensemble
+        self.executor = executor
+
+    def preprocess_settings(self, model: ServedModel, options: AnalysisOptions) -> PreprocessSettings:
+        """Preprocessing as the served model's contract asks (grid, normalization), not compiled-in defaults."""
+        return PreprocessSettings(
+            grid=model.contract.grid,
+            normalization=model.contract.normalization,
+            rules_path=self.settings.series_rules,
+            max_instances=self.settings.max_instances,
+            study_instance_uid=options.study_instance_uid or None,
+        )
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def analyze(
+        self,
+        source: Sequence[bytes] | Sequence[pydicom.Dataset],
+        options: AnalysisOptions,
+        timings_s: dict[str, float] | None = None,
+    ) -> AnalysisResult:
+        """Analyze one study (DICOM bytes or datasets). Raises the typed errors mapped in :mod:`status`."""
+        timings = dict(timings_s or {})
+        model = self.ensemble.model or await self.ensemble.refresh_model()
+        pre: PreprocessedStudy = await self._run(preprocess_study, source, self.preprocess_settings(model, options))
+        for key, seconds in pre.meta.get("timings_s", {}).items():
+            stage = _PREPROCESS_STAGES.get(key)
+            if stage is not None:
+                timings[stage] = timings.get(stage, 0.0) + float(seconds)
+
+        t = time.perf_counter()
+        outputs = await self.ensemble.infer(pre.tensor, pre.availability)
+        timings["infer"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        findings: Findings = await self._run(build_findings, outputs, pre.geometry)
+        timings["candidates"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        result = AnalysisResult(
+            study_instance_uid=str(pre.meta["study_instance_uid"]),
+            meta=pre.meta,
+            findings=findings,
+            model=model,
+            warnings=list(pre.meta.get("warnings", [])),
+            timings_s=timings,
+            num_instances=len(source),
+            t2w_channel=pre.tensor[sequence_index("t2w")] if options.include_t2w_preview else None,
+        )
+        if options.include_dicom_outputs:
+            t2w_uid = pre.meta["series"]["t2w"]["series_uid"]
+            await self._run(self._encode_dicom, result, source, t2w_uid)
+        timings["encode"] = time.perf_counter() - t
+        log.info(
+            "analyzed",
+            extra={
+                "fields": {
+                    "study": uid_hash(result.study_instance_uid),
+                    "lesions": len(findings.lesions),
+                    "available": [s for s, a in zip(SEQUENCES, pre.availability) if a],
+                }
+            },
+        )
+        return result
+
+    @staticmethod
+    def _encode_dicom(
+        result: AnalysisResult, source: Sequence[bytes] | Sequence[pydicom.Dataset], t2w_uid: str
+    ) -> None:
+        outputs = build_dicom_outputs(result.findings, _source_datasets(source, t2w_uid))
+        result.seg, result.sr = outputs.seg, outputs.sr
+        if outputs.seg is not None:
+            result.encoded["seg"] = DicomOutputs.encode(outputs.seg)
+        result.encoded["sr"] = DicomOutputs.encode(outputs.sr)
