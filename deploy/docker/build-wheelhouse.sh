@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Wheelhouses for the CPU images, so that `pip install` inside a build needs no index and no network:
 #
-#   build/wheelhouse/service/      mpmri-serve + mpmri-client (built from this checkout) and their base
-#                                  dependencies (no torch), pinned by constraints.txt
+#   build/wheelhouse/service/      local/: mpmri-serve + mpmri-client (built from this checkout);
+#                                  deps/: their base dependencies (no torch), pinned by constraints.txt
 #   build/wheelhouse/triton-cpu/   nvidia-pytriton (only for its tritonserver, installed --no-deps),
 #                                  numpy and onnxruntime for the Python-based onnxruntime backend
 #
@@ -22,15 +22,17 @@ pin() { grep -i -E "^$1==" "$ROOT/constraints.txt" | head -n1; }
 
 service() {
   local dir="$OUT/service"
-  mkdir -p "$dir"
+  mkdir -p "$dir/deps" "$dir/local"
   cp "$ROOT/constraints.txt" "$dir/constraints.txt"
-  rm -f "$dir"/mpmri_serve-*.whl "$dir"/mpmri_client-*.whl
-  # the two local packages as wheels (pure Python; built from the checkout every time)
-  "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$dir" "$ROOT/client" "$ROOT" >&2
-  # their dependencies: base dependencies only (no [ml] extra: no torch)
-  "${PIP[@]}" download -q --only-binary=:all: -d "$dir" -c "$dir/constraints.txt" --find-links "$dir" \
-    mpmri-serve==0.1.0 mpmri-client==0.1.0 >&2
+  rm -f "$dir"/local/*.whl
+  # the two local packages as wheels (pure Python; built from the checkout every time) ...
+  "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$dir/local" "$ROOT/client" "$ROOT" >&2
   rm -rf "$ROOT"/build/lib "$ROOT"/build/bdist.* "$ROOT"/client/build
+  # ... and their dependencies, base dependencies only (no [ml] extra: no torch). Two folders, so that an
+  # image rebuild after a code change reuses the layer with the dependencies.
+  "${PIP[@]}" download -q --only-binary=:all: -d "$dir/deps" -c "$dir/constraints.txt" --find-links "$dir/local" \
+    mpmri-serve==0.1.0 mpmri-client==0.1.0 >&2
+  rm -f "$dir"/deps/mpmri_serve-*.whl "$dir"/deps/mpmri_client-*.whl
   echo "$dir"
 }
 

@@ -50,8 +50,10 @@ def wait_ready(url: str, deadline: float, server: subprocess.Popen[bytes] | None
 
 def infer_once(url: str, model: str, config: dict[str, Any], batch: int, timeout_s: float) -> float:
     """One request of ``batch`` studies (inputs of ones, binary tensors); returns its latency in seconds."""
-    header: dict[str, Any] = {"inputs": [], "outputs": [{"name": o["name"], "parameters": {"binary_data": True}}
-                                                        for o in config.get("output", [])]}
+    header: dict[str, Any] = {
+        "inputs": [],
+        "outputs": [{"name": o["name"], "parameters": {"binary_data": True}} for o in config.get("output", [])],
+    }
     payload = b""
     batched = int(config.get("max_batch_size", 0)) > 0
     for spec in config["input"]:
