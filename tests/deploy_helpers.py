@@ -74,6 +74,7 @@ def render(
     kube_version: str = "v1.34.0",
     validate: bool = True,
     chart_dir: Path = CHART,
+    release: str = RELEASE,
 ) -> dict[str, str]:
     """Render the chart offline; returns template path -> manifest text.
 
@@ -86,7 +87,7 @@ def render(
     import helm_python as helm
     from helm_python import _native
 
-    opts = {"name": RELEASE, "namespace": NAMESPACE, "is_install": True, "kube_version": kube_version}
+    opts = {"name": release, "namespace": NAMESPACE, "is_install": True, "kube_version": kube_version}
     if api_versions:
         opts["api_versions"] = list(api_versions)
     with helm.Chart.load(chart_dir) as chart:

@@ -313,10 +313,10 @@ def test_tls_and_token_secrets(rendered: dict[str, list[dict[str, Any]]]) -> Non
     env = env_of(container)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["tls"]["secret"]["secretName"] == "mpmri-tls"
+    assert volumes["tls"]["secret"] == {"secretName": "mpmri-tls", "optional": False}
     assert env["MPMRI_TLS_CERT"] == f"{mounts['tls']}/tls.crt" and env["MPMRI_TLS_KEY"] == f"{mounts['tls']}/tls.key"
     assert env["MPMRI_TLS_CLIENT_CA"] == f"{mounts['client-ca']}/ca.crt"
-    assert volumes["auth"]["secret"]["secretName"] == "mpmri-token"
+    assert volumes["auth"]["secret"]["secretName"] == "mpmri-token" and not volumes["auth"]["secret"]["optional"]
     assert env["MPMRI_AUTH_TOKEN_FILE"] == f"{mounts['auth']}/token"
     # kubelet's gRPC probes are plaintext: with TLS the image's health client probes instead
     assert container["readinessProbe"]["exec"]["command"] == ["mpmri-healthcheck"]
