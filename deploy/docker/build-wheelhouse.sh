@@ -26,7 +26,9 @@ service() {
   cp "$ROOT/constraints.txt" "$dir/constraints.txt"
   rm -f "$dir"/local/*.whl
   # the two local packages as wheels (pure Python; built from the checkout every time) ...
-  "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$dir/local" "$ROOT/client" "$ROOT" >&2
+  # fixed timestamps: an unchanged checkout gives byte-identical wheels, so image builds reuse their layers
+  SOURCE_DATE_EPOCH=315532800 "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$dir/local" \
+    "$ROOT/client" "$ROOT" >&2
   rm -rf "$ROOT"/build/lib "$ROOT"/build/bdist.* "$ROOT"/client/build
   # ... and their dependencies, base dependencies only (no [ml] extra: no torch). Two folders, so that an
   # image rebuild after a code change reuses the layer with the dependencies.
