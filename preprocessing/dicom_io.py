@@ -51,7 +51,24 @@ _IMAGE_SOP_CLASSES = frozenset(
         *ENHANCED_MR_SOP_CLASSES,
     }
 )
-_UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit LE
+#: implicit / explicit LE, and deflated explicit LE (inflated by the reader: its Pixel Data is native LE)
+_UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+#: pydicom decoding plugin per compressed transfer syntax, the fastest measured of the declared ones
+#: (docs/preprocessing.md, "Compressed pixel data"); another available plugin is used when it is missing.
+DECODING_PLUGINS: dict[str, str] = {
+    "1.2.840.10008.1.2.5": "pylibjpeg",  # RLE Lossless: pylibjpeg-rle
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless: pyjpegls (CharLS)
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg",  # JPEG 2000 Lossless: pylibjpeg-openjpeg
+    "1.2.840.10008.1.2.4.91": "pylibjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg",  # HTJ2K Lossless: pylibjpeg-openjpeg (openjpeg >= 2.5)
+    "1.2.840.10008.1.2.4.202": "pylibjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.4.70": "gdcm",  # JPEG Lossless SV1: python-gdcm (pylibjpeg-libjpeg is GPL-3.0)
+    "1.2.840.10008.1.2.4.57": "gdcm",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.50": "gdcm",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "gdcm",  # JPEG Extended
+}
 _GE_BVALUE = Tag(0x0043, 0x1039)
 _SIEMENS_BVALUE = Tag(0x0019, 0x100C)
 #: VRs whose pydicom conversion depends only on the raw bytes (not on the dataset's character set)
@@ -602,12 +619,34 @@ def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = N
             arr = arr & np.asarray((1 << bits_stored) - 1, dtype=dtype)
         return arr.reshape(frames, rows, cols)
     try:
-        arr = ds.pixel_array
+        arr = _decode_compressed(ds, tsyntax)
     except Exception as err:  # codec missing, corrupt fragments, ...
+        name = UID(tsyntax).name if tsyntax else "no transfer syntax"
+        detail = str(err).splitlines()[0][:120] if str(err) else ""
         raise UnsupportedPixelDataError(
-            f"{label}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+            f"{label}: cannot decode pixel data in transfer syntax {name} ({tsyntax or '-'}): "
+            f"{type(err).__name__}: {detail}"
         ) from err
+    if arr.size != frames * rows * cols:
+        raise CorruptDicomError(
+            f"{label}: decoded pixel data has {arr.size} values, the header says {frames * rows * cols}"
+        )
     return np.asarray(arr).reshape(frames, rows, cols)
+
+
+def _decode_compressed(ds: Dataset, tsyntax: str) -> np.ndarray:
+    """``ds.pixel_array`` with the preferred plugin of :data:`DECODING_PLUGINS` (any available one without it)."""
+    plugin = DECODING_PLUGINS.get(tsyntax)
+    if plugin:
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = plugin in get_decoder(UID(tsyntax)).available_plugins
+        except Exception:  # noqa: BLE001 - no decoder for this syntax at all: pixel_array names the problem
+            available = False
+        if available:
+            ds.pixel_array_options(decoding_plugin=plugin)
+    return np.asarray(ds.pixel_array)
 
 
 def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarray:

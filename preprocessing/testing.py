@@ -315,11 +315,11 @@ def fuzz_once(
     )
 
 
-def fuzz_study() -> list[Dataset]:
-    """The small three-series study (T2W, 2-b DWI, rescaled ADC; 24x24x8 each) the fuzz test damages."""
+def fuzz_study(rows: int = 24) -> list[Dataset]:
+    """The small three-series study (T2W, 2-b DWI, rescaled ADC; ``rows`` x ``rows`` x 8 each, fixed UIDs)."""
     fn = blob((4.0, -2.0, 1.0), sigma_mm=6.0, peak=800.0, background=120.0)
     uid = "1.2.826.0.1.3680043.8.498.77"
-    common: dict[str, Any] = {"study_uid": uid, "rows": 24, "columns": 24, "num_slices": 8}
+    common: dict[str, Any] = {"study_uid": uid, "rows": rows, "columns": rows, "num_slices": 8}
     datasets = (
         make_series(description="t2_tse_tra", value_fn=fn, series_uid=uid + ".1", series_number=1, **common)
         + make_series(
@@ -335,3 +335,46 @@ def fuzz_study() -> list[Dataset]:
         ds.SOPInstanceUID = f"{uid}.9.{n}"
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     return datasets
+
+
+# --------------------------------------------------------------------------------------------------
+# Compressed variants (lossless): the same study in another transfer syntax
+# --------------------------------------------------------------------------------------------------
+#: transfer syntaxes :func:`encode` can write here: name -> UID
+LOSSLESS_SYNTAXES: dict[str, str] = {
+    "rle": "1.2.840.10008.1.2.5",  # RLE Lossless (pydicom's encoder)
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless (pyjpegls)
+    "jpeg2000": "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only (pylibjpeg-openjpeg)
+    "jpeg-sv1": "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (dcmtk's dcmcjpeg, when installed)
+    "deflated": "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian (pydicom writes it)
+}
+
+
+def encode(data: bytes, syntax: str) -> bytes:
+    """One Part 10 file re-encoded losslessly in ``syntax`` (a key of :data:`LOSSLESS_SYNTAXES`).
+
+    Raises:
+        RuntimeError: the encoder of ``syntax`` is not available on this machine (e.g. no ``dcmcjpeg``).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    uid = UID(LOSSLESS_SYNTAXES[syntax])
+    if syntax == "deflated":
+        ds.file_meta.TransferSyntaxUID = uid
+        return to_bytes(ds)
+    if syntax == "jpeg-sv1":
+        exe = shutil.which("dcmcjpeg")
+        if exe is None:
+            raise RuntimeError("dcmcjpeg (dcmtk) is not installed: cannot encode JPEG Lossless SV1")
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = f"{tmp}/in.dcm", f"{tmp}/out.dcm"
+            with open(src, "wb") as fh:
+                fh.write(data)
+            subprocess.run([exe, "+e1", src, dst], check=True, capture_output=True, timeout=60)
+            with open(dst, "rb") as fh:
+                return fh.read()
+    ds.compress(uid)
+    return to_bytes(ds)
