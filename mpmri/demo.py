@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import contract
+from preprocess_service.metrics import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("timings_s"):
         lines.append(
             f"  service stages (s)    {report['model']}: "
-            + "  ".join(f"{k} {v:.3f}" for k, v in report["timings_s"].items())
+            + "  ".join(f"{k} {report['timings_s'][k]:.3f}" for k in STAGES if k in report["timings_s"])
         )
     return "\n".join(lines) + "\n"
 

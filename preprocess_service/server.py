@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from mpmri_client.v1 import analysis_pb2 as pb
 from mpmri_client.v1 import analysis_pb2_grpc as pb_grpc
 from preprocess_service import logs
-from preprocess_service.analysis import Analyzer
+from preprocess_service.analysis import Analyzer, warm_up_dicom_outputs
 from preprocess_service.metrics import ServiceMetrics
 from preprocess_service.security import BearerTokenInterceptor, server_credentials
 from preprocess_service.servicer import AnalysisServicer
@@ -56,6 +56,7 @@ class AnalysisServer:
         self.metrics_port = -1
         self.model_error: str | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._warm_up: asyncio.Future[float] | None = None
         interceptors = []
         token = settings.auth_token()
         if token:
@@ -144,6 +145,7 @@ class AnalysisServer:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         await self.server.start()
         self._watcher = asyncio.create_task(self._watch())
+        self._warm_up = asyncio.get_running_loop().run_in_executor(self.executor, warm_up_dicom_outputs)
         log.info(
             "listening",
             extra={

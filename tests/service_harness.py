@@ -192,12 +192,13 @@ def start_service(
     timeout_s: float = 60.0,
     credentials: grpc.ChannelCredentials | None = None,
     server_name: str | None = None,
+    command: Sequence[str] | None = None,
 ) -> ServiceProcess:
     """Start ``mpmri-service`` (settings through ``MPMRI_*`` environment variables, as in a container)."""
     port, metrics_port = free_port(), free_port()
     service = ServiceProcess(
         process=Process(
-            [str(BIN / "mpmri-service")],
+            list(command or [str(BIN / "mpmri-service")]),
             log_dir / f"service-{port}.log",
             env={
                 "MPMRI_PORT": str(port),
