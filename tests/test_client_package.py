@@ -71,3 +71,27 @@ def test_client_only_install_analyzes_a_study(
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["lesions"] and len(result["lesions"][0]["center_lps_mm"]) == 3
     assert {p.name for p in tmp_path.iterdir()} >= {"result.json", "seg.dcm", "sr.dcm", "overlay.png"}
+
+
+@pytest.mark.parametrize("chunk_bytes", [5, 7, 100, 3 << 20])
+def test_request_stream_packs_and_splits_instances_and_reassembles_exactly(chunk_bytes: int) -> None:
+    import random
+
+    from mpmri_client.api import request_stream
+
+    rng = random.Random(chunk_bytes)
+    for _ in range(200):
+        instances = [rng.randbytes(rng.randrange(0, 30)) for _ in range(rng.randrange(0, 6))]
+        messages = list(request_stream(instances, "r", chunk_bytes=chunk_bytes))
+        assert messages[0].header.request_id == "r"
+        assert all(not m.HasField("header") for m in messages[1:])
+        rebuilt: list[bytes] = []
+        current: list[bytes] = []
+        for message in messages:
+            assert sum(len(c.data) for c in message.chunks) <= chunk_bytes
+            for chunk in message.chunks:
+                current.append(chunk.data)
+                if chunk.end_of_instance:
+                    rebuilt.append(b"".join(current))
+                    current = []
+        assert rebuilt == instances and not current
