@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean system-packages
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mpmri demo
 
-test: $(STAMP)
+# Debian packages the suite starts for real (Orthanc, dcmtk, openssl); a no-op when present
+system-packages:
+	@scripts/install_system_packages.sh
+
+test: $(STAMP) system-packages
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 lint: $(STAMP)

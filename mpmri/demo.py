@@ -1,11 +1,13 @@
-"""``mpmri demo``: the main job on the embedded default.
+"""``mpmri demo``: the main job on the embedded default, through the analysis service.
 
-synthetic study (DICOM) -> preprocessing -> Triton ensemble (embedded CPU tritonserver) -> report.
+synthetic study (DICOM) -> ``mpmri analyze`` (the gRPC client) -> analysis service -> Triton ensemble
+(embedded CPU tritonserver) -> report.
 
-Writes into ``--out`` (default ``out/demo``): the study's DICOM files, ``channels.png`` (the three
-normalized channels side by side, each titled with the series chosen for it), ``overlay.png`` (fused
-localization map on T2W), ``report.json`` and ``report.txt``. The study is synthetic: the report puts the
-generator's ground truth next to the result.
+Writes into ``--out`` (default ``out/demo``): the study's DICOM files, ``analysis/`` (what ``mpmri analyze``
+writes: ``result.json``, ``seg.dcm``, ``sr.dcm``, ``overlay.png``), ``channels.png`` (the three normalized
+channels, each titled with the series chosen for it; preprocessed locally for the picture only),
+``report.json`` and ``report.txt``. The study is synthetic: the report puts the generator's ground truth next
+to the result.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 import contract
+from preprocess_service.metrics import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,7 @@ DEFAULT_INDEX = 0
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("demo", help="synthetic study -> preprocessing -> Triton ensemble -> report")
+    p = subparsers.add_parser("demo", help="synthetic study -> mpmri analyze -> service -> Triton ensemble -> report")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="synthetic study seed")
     p.add_argument("--index", type=int, default=DEFAULT_INDEX, help="synthetic study index for that seed")
@@ -39,7 +42,6 @@ def register(subparsers: Any) -> None:
         default=None,
         help="model repository to build and serve (default: OUT/model_repository)",
     )
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     p.set_defaults(func=run)
 
 
@@ -51,11 +53,12 @@ def _stage(name: str, t0: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from export.pipeline import export_repository, repository_is_current
+    from mpmri_client.cli import main as client_main
     from networks.checkpoint import DEFAULT_CHECKPOINT
-    from postprocessing.candidates import extract_candidates
+    from preprocess_service.server import BackgroundServer
+    from preprocess_service.settings import ServiceSettings
     from preprocessing.pipeline import preprocess_study
     from serving.embedded import EmbeddedTriton, free_port
-    from serving.triton_client import EnsembleClient
     from synth.generator import synthesize_study, write_study
 
     out: Path = args.out
@@ -69,58 +72,63 @@ def run(args: argparse.Namespace) -> int:
     case_dir = write_study(study, out / study.case_id)
     t = _stage(f"synthetic study {study.case_id} written to {case_dir}", t)
 
-    pre = preprocess_study(case_dir / "dicom")
-    t = _stage(f"preprocessed to {list(pre.tensor.shape)} on the model grid", t)
-    render_channels(pre.tensor, pre.meta, out / "channels.png")
-
     if repository_is_current(checkpoint, repository):
         t = _stage(f"{repository} is current for {checkpoint.name} (manifest hashes match): not re-exported", t)
     else:
         export_repository(checkpoint, repository)
         t = _stage(f"exported {checkpoint.name} to {repository}", t)
 
-    # free ports: the demo must not collide with a Triton (or anything else) already on 8000-8002
-    with EmbeddedTriton(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as server:
-        t = _stage(f"Triton ready (grpc {server.grpc_url})", t)
-        url = server.grpc_url if args.protocol == "grpc" else server.http_url
-        with EnsembleClient(url, protocol=args.protocol) as client:
-            outputs = client.infer(pre.tensor, pre.availability)
-        t = _stage(f"ensemble {contract.ENSEMBLE_MODEL} answered over {args.protocol}", t)
-    t = _stage("Triton stopped", t)
+    analysis = out / "analysis"
+    # free ports: the demo must not collide with a Triton or a service already running
+    with EmbeddedTriton(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as triton:
+        t = _stage(f"Triton ready (grpc {triton.grpc_url})", t)
+        settings = ServiceSettings(port=0, metrics_port=-1, triton_url=triton.grpc_url, log_format="text")
+        with BackgroundServer(settings) as service:
+            target = f"127.0.0.1:{service.port}"
+            t = _stage(f"analysis service ready (gRPC {target}, model from Triton)", t)
+            print(f"  $ mpmri analyze {case_dir / 'dicom'} --server {target} --out {analysis}", flush=True)
+            code = client_main(["analyze", str(case_dir / "dicom"), "--server", target, "--out", str(analysis)])
+            if code != 0:
+                return code
+            t = _stage("mpmri analyze answered", t)
+    t = _stage("service and Triton stopped", t)
 
-    fused = np.asarray(outputs["fused_map"])[0]  # unbatched request: [1, D, H, W] -> [D, H, W]
-    candidates, _ = extract_candidates(fused, pre.geometry)
-    report = build_report(study.truth, pre.meta, outputs, candidates)
+    result = json.loads((analysis / "result.json").read_text())
+    report = build_report(study.truth, result)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     text = format_report(report)
     (out / "report.txt").write_text(text)
-    render_overlay(pre.tensor, fused, out / "overlay.png")
+    pre = preprocess_study(case_dir / "dicom")  # locally, for the channels picture only
+    render_channels(pre.tensor, pre.meta, out / "channels.png")
     print(text, flush=True)
-    print(f"wrote {out / 'report.txt'}, {out / 'channels.png'}, {out / 'overlay.png'}", flush=True)
+    print(
+        f"wrote {out / 'report.txt'}, {out / 'channels.png'}, {analysis}/result.json, seg.dcm, sr.dcm, overlay.png",
+        flush=True,
+    )
     return 0
 
 
-def build_report(
-    truth: dict[str, Any], meta: dict[str, Any], outputs: dict[str, np.ndarray], candidates: list[Any]
-) -> dict[str, Any]:
-    """Served result (and, since the study is synthetic, its ground truth) as JSON-serializable data."""
-    prob = float(np.asarray(outputs["cspca_probability"]).reshape(-1)[0])
-    dist = np.asarray(outputs["pirads_distribution"]).reshape(-1)
+def build_report(truth: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The service's answer (``result.json``) and, since the study is synthetic, its ground truth."""
     return {
         "case_id": truth.get("case_id"),
-        "cspca_probability": prob,
-        "pirads_distribution": {str(c): float(p) for c, p in zip(contract.PIRADS_CATEGORIES, dist)},
-        "pirads_score": int(contract.PIRADS_CATEGORIES[int(np.argmax(dist))]),
+        "cspca_probability": float(result["cspca_probability"]),
+        "pirads_distribution": {
+            str(c): float(p) for c, p in zip(contract.PIRADS_CATEGORIES, result["pirads_distribution"])
+        },
+        "pirads_score": int(result["pirads_score"]),
         "lesions": [
             {
-                "center_lps_mm": [round(float(v), 1) for v in c.center_lps_mm],
-                "volume_mm3": round(float(c.volume_mm3), 1),
-                "likelihood": round(float(c.likelihood), 3),
+                "center_lps_mm": [round(float(v), 1) for v in les["center_lps_mm"]],
+                "volume_mm3": round(float(les["volume_ml"]) * 1000.0, 1),
+                "likelihood": round(float(les["likelihood"]), 3),
             }
-            for c in candidates
+            for les in result["lesions"]
         ],
-        "series": {seq: info.get("description") for seq, info in meta.get("series", {}).items() if info},
-        "warnings": meta.get("warnings", []),
+        "series": {s["sequence"]: s["series_description"] for s in result["series"]},
+        "warnings": result.get("warnings", []),
+        "timings_s": result.get("timings_s", {}),
+        "model": f"{result.get('model_name')} v{result.get('model_version')}",
         "ground_truth": {
             "significant": truth.get("significant"),
             "max_pirads": truth.get("max_pirads"),
@@ -158,6 +166,11 @@ def format_report(report: dict[str, Any]) -> str:
         )
     for w in report["warnings"]:
         lines.append(f"  warning: {w}")
+    if report.get("timings_s"):
+        lines.append(
+            f"  service stages (s)    {report['model']}: "
+            + "  ".join(f"{k} {report['timings_s'][k]:.3f}" for k in STAGES if k in report["timings_s"])
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -178,29 +191,6 @@ def render_channels(tensor: np.ndarray, meta: dict[str, Any], path: Path) -> Pat
         axes[s].set_title(f"{name.upper()}: {desc}{b}", fontsize=9)
         axes[s].axis("off")
     fig.suptitle(f"normalized channels on the model grid, slice {k} (synthetic study)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def render_overlay(tensor: np.ndarray, fused_map: np.ndarray, path: Path) -> Path:
-    """PNG: fused localization map ``[D, H, W]`` over T2W on the slice of its maximum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = int(np.unravel_index(int(np.argmax(fused_map)), fused_map.shape)[0])
-    t2w = tensor[contract.sequence_index("t2w"), k]
-    fig, ax = plt.subplots(1, 2, figsize=(8, 4.4))
-    ax[0].imshow(t2w, cmap="gray", vmin=0.0, vmax=1.0)
-    ax[0].set_title(f"T2W, slice {k}", fontsize=9)
-    ax[1].imshow(t2w, cmap="gray", vmin=0.0, vmax=1.0)
-    ax[1].imshow(np.ma.masked_less(fused_map[k], 0.05), cmap="hot", vmin=0.0, vmax=1.0, alpha=0.6)
-    ax[1].set_title(f"fused localization map (max {float(fused_map.max()):.2f})", fontsize=9)
-    for a in ax:
-        a.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

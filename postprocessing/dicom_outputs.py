@@ -58,15 +58,42 @@ def _algorithm() -> hd.AlgorithmIdentificationSequence:
     )
 
 
+#: Type 2 attributes (present, possibly empty) that highdicom copies from the source images; real files
+#: sometimes omit them, which must not make the SEG/SR fail
+_TYPE2_COPIED: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
+def _with_type2(ds: pydicom.Dataset) -> pydicom.Dataset:
+    missing = [k for k in _TYPE2_COPIED if k not in ds]
+    if not missing:
+        return ds
+    copy = pydicom.Dataset(dict(ds.items()))  # a new element dict: the source stays untouched
+    copy.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+    for keyword in missing:
+        setattr(copy, keyword, "")
+    return copy
+
+
 def sort_source_images(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Source images sorted along the slice normal (highdicom does not sort: sort in one place)."""
+    """Source images sorted along the slice normal (highdicom does not sort: sort in one place); type 2
+    attributes that highdicom copies are added empty where a file omits them."""
 
     def position(ds: pydicom.Dataset) -> float:
         iop = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
         normal = np.cross(iop[:3], iop[3:])
         return float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64), normal))
 
-    return sorted(datasets, key=position)
+    return sorted((_with_type2(ds) for ds in datasets), key=position)
 
 
 def grid_affine(findings: Findings) -> np.ndarray:

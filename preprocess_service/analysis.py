@@ -88,6 +88,33 @@ def _source_datasets(source: Sequence[bytes] | Sequence[pydicom.Dataset], series
     return out
 
 
+def warm_up_dicom_outputs() -> float:
+    """Build a SEG and SR once for a tiny synthetic series (highdicom's first call costs about a second).
+
+    Returns the seconds it took. Run at start-up in the worker pool, so no router waits for it.
+    """
+    from contract import GridGeometry
+    from preprocessing.testing import make_series
+
+    t = time.perf_counter()
+    sources = make_series(
+        description="warm-up", value_fn=lambda p: np.zeros(p.shape[:-1]), num_slices=4, rows=8, columns=8
+    )
+    labels = np.zeros((4, 8, 8), np.float32)
+    labels[1:3, 2:5, 2:5] = 0.9
+    geometry = GridGeometry(
+        (-8.0, -8.0, -6.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (2.0, 2.0, 4.0), (8, 8, 4)
+    )
+    outputs = {
+        "fused_map": labels[None],
+        "cspca_probability": np.array([0.5], np.float32),
+        "pirads_distribution": np.full(5, 0.2, np.float32),
+    }
+    built = build_dicom_outputs(build_findings(outputs, geometry), sources)
+    DicomOutputs.encode(built.sr)
+    return time.perf_counter() - t
+
+
 class Analyzer:
     """Runs studies against one :class:`TritonEnsemble` with a shared worker pool."""
 

@@ -27,7 +27,13 @@ def register(subparsers: Any) -> None:
         description="Run the embedded CPU Triton server and the gRPC analysis service together.",
     )
     p.add_argument("--repository", type=Path, default=Path("out/serve/model_repository"), help="model repository")
-    p.add_argument("--checkpoint", type=Path, default=None, help="exported when the repository is not current")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="export this checkpoint unless the repository is current for it (default: serve the repository as "
+        "it is, or export the shipped checkpoint when it holds no exported model)",
+    )
     p.add_argument("--triton-http-port", type=int, default=8000)
     p.add_argument("--triton-grpc-port", type=int, default=8001)
     p.add_argument("--triton-metrics-port", type=int, default=8002)
@@ -38,10 +44,17 @@ def register(subparsers: Any) -> None:
 
 
 def ensure_repository(repository: Path, checkpoint: Path | None) -> None:
-    """Export ``checkpoint`` (default: the shipped one) into ``repository`` unless it is current."""
+    """Make ``repository`` servable.
+
+    With ``checkpoint``: export it unless the repository is current for it. Without: serve an exported
+    repository (one with a manifest) as it is, else export the shipped checkpoint into it.
+    """
     from export.pipeline import export_repository, repository_is_current
+    from export.repository import MANIFEST_FILENAME
     from networks.checkpoint import DEFAULT_CHECKPOINT
 
+    if checkpoint is None and (repository / MANIFEST_FILENAME).is_file():
+        return
     ckpt = checkpoint or DEFAULT_CHECKPOINT
     if not repository_is_current(ckpt, repository):
         export_repository(ckpt, repository)

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from mpmri_client.v1 import analysis_pb2 as pb
 from mpmri_client.v1 import analysis_pb2_grpc as pb_grpc
 from preprocess_service import logs
-from preprocess_service.analysis import Analyzer
+from preprocess_service.analysis import Analyzer, warm_up_dicom_outputs
 from preprocess_service.metrics import ServiceMetrics
 from preprocess_service.security import BearerTokenInterceptor, server_credentials
 from preprocess_service.servicer import AnalysisServicer
@@ -56,6 +56,7 @@ class AnalysisServer:
         self.metrics_port = -1
         self.model_error: str | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._warm_up: asyncio.Future[float] | None = None
         interceptors = []
         token = settings.auth_token()
         if token:
@@ -144,6 +145,7 @@ class AnalysisServer:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         await self.server.start()
         self._watcher = asyncio.create_task(self._watch())
+        self._warm_up = asyncio.get_running_loop().run_in_executor(self.executor, warm_up_dicom_outputs)
         log.info(
             "listening",
             extra={
@@ -203,3 +205,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+class BackgroundServer:
+    """An :class:`AnalysisServer` on its own event loop in a thread (the demo, benchmarks, notebooks).
+
+    Example::
+
+        with BackgroundServer(ServiceSettings(port=0, metrics_port=-1, triton_url=url)) as server:
+            target = f"127.0.0.1:{server.port}"
+    """
+
+    def __init__(self, settings: ServiceSettings, startup_timeout_s: float = 60.0) -> None:
+        import threading
+
+        self.settings = settings
+        self.startup_timeout_s = startup_timeout_s
+        self.loop = asyncio.new_event_loop()
+        self.server: AnalysisServer | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="mpmri-service", daemon=True)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(build_server(self.settings), self.loop)
+        self.server = future.result(timeout=self.startup_timeout_s)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace_s=5.0), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

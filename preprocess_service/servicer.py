@@ -207,31 +207,30 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
         current: list[bytes] = []
         total = 0
         async for message in request_iterator:
-            kind = message.WhichOneof("payload")
             if header is None:
-                if kind != "header":
+                if not message.HasField("header"):
                     raise RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT, "the first message of Analyze must carry the header"
                     )
                 header = message.header
-                continue
-            if kind != "chunk":
+            elif message.HasField("header"):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a second header arrived; one study per call")
-            total += len(message.chunk.data)
-            if total > self.settings.max_study_bytes:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"study larger than max_study_bytes={self.settings.max_study_bytes}",
-                )
-            current.append(message.chunk.data)
-            if message.chunk.end_of_instance:
-                instances.append(b"".join(current))
-                current = []
-                if len(instances) > self.settings.max_instances:
+            for chunk in message.chunks:
+                total += len(chunk.data)
+                if total > self.settings.max_study_bytes:
                     raise RequestError(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"more than max_instances={self.settings.max_instances} instances in one study",
+                        f"study larger than max_study_bytes={self.settings.max_study_bytes}",
                     )
+                current.append(chunk.data)
+                if chunk.end_of_instance:
+                    instances.append(current[0] if len(current) == 1 else b"".join(current))
+                    current = []
+                    if len(instances) > self.settings.max_instances:
+                        raise RequestError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"more than max_instances={self.settings.max_instances} instances in one study",
+                        )
         if header is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream: no header, no instances")
         if current:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from preprocessing.errors import (
+    CorruptDicomError,
     NotDicomError,
     TooManyInstancesError,
     TruncatedDicomError,
@@ -47,13 +51,75 @@ _IMAGE_SOP_CLASSES = frozenset(
         *ENHANCED_MR_SOP_CLASSES,
     }
 )
-_UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})  # implicit / explicit LE
+#: implicit / explicit LE, and deflated explicit LE (inflated by the reader: its Pixel Data is native LE)
+_UNCOMPRESSED_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"})
+#: pydicom decoding plugin per compressed transfer syntax, the fastest measured of the declared ones
+#: (docs/preprocessing.md, "Compressed pixel data"); another available plugin is used when it is missing.
+DECODING_PLUGINS: dict[str, str] = {
+    "1.2.840.10008.1.2.5": "pylibjpeg",  # RLE Lossless: pylibjpeg-rle
+    "1.2.840.10008.1.2.4.80": "pyjpegls",  # JPEG-LS Lossless: pyjpegls (CharLS)
+    "1.2.840.10008.1.2.4.81": "pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg",  # JPEG 2000 Lossless: pylibjpeg-openjpeg
+    "1.2.840.10008.1.2.4.91": "pylibjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg",  # HTJ2K Lossless: pylibjpeg-openjpeg (openjpeg >= 2.5)
+    "1.2.840.10008.1.2.4.202": "pylibjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.4.70": "gdcm",  # JPEG Lossless SV1: python-gdcm (pylibjpeg-libjpeg is GPL-3.0)
+    "1.2.840.10008.1.2.4.57": "gdcm",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.50": "gdcm",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "gdcm",  # JPEG Extended
+}
 _GE_BVALUE = Tag(0x0043, 0x1039)
 _SIEMENS_BVALUE = Tag(0x0019, 0x100C)
 #: VRs whose pydicom conversion depends only on the raw bytes (not on the dataset's character set)
 _CHARSET_FREE_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "US", "SS", "UL", "SL", "FL", "FD"}
 )
+
+
+#: exceptions that reading or converting a damaged header element raises (pydicom and int()/float())
+HEADER_EXCEPTIONS: tuple[type[Exception], ...] = (
+    ValueError,  # a number that does not parse (also UnicodeDecodeError)
+    TypeError,  # int(None), int([..]) of a missing or multi-valued element
+    NotImplementedError,  # pydicom: unknown VR
+    AttributeError,  # a required element missing
+    KeyError,
+    IndexError,
+    OverflowError,
+    struct.error,
+    EOFError,
+)
+_KNOWN_VRS = frozenset(str(v) for v in VR)
+
+
+@contextmanager
+def header_errors(label: str) -> Iterator[None]:
+    """Turn the exceptions of a damaged header (see :data:`HEADER_EXCEPTIONS`) into :class:`CorruptDicomError`.
+
+    Wrap every place that converts header elements of one object; ``label`` names the object's file.
+    """
+    try:
+        yield
+    except HEADER_EXCEPTIONS as err:
+        detail = str(err).splitlines()[0][:160] if str(err) else ""
+        raise CorruptDicomError(f"{label}: corrupt DICOM header ({type(err).__name__}: {detail})") from err
+
+
+def _looks_like_damaged_dicom(data: bytes) -> bool:
+    """A file pydicom refused as 'not DICOM' that still carries DICOM traits (a damaged one, not a README)."""
+    head = data[:1024]
+    if b"DICM" in head:
+        return True
+    if len(data) >= 32 and not any(data[: min(len(data), 128)]):
+        return True  # the zero preamble of a Part 10 file, cut or with a damaged DICM prefix
+    return data[:4] in (b"\x02\x00\x00\x00", b"\x02\x00\x01\x00", b"\x08\x00\x05\x00", b"\x08\x00\x08\x00")
+
+
+def _check_vrs(ds: Dataset, label: str) -> None:
+    """Refuse a dataset with an element whose VR is not a DICOM VR (a damaged explicit-VR header)."""
+    for tag, elem in ds._dict.items():
+        if isinstance(elem, RawDataElement) and elem.VR is not None and elem.VR not in _KNOWN_VRS:
+            raise CorruptDicomError(f"{label}: corrupt DICOM header (element {Tag(tag)} has unknown VR {elem.VR!r})")
 
 
 class HeaderValueCache:
@@ -280,7 +346,8 @@ def _read_one(data: bytes, label: str, cache: HeaderValueCache | None = None) ->
     except Exception:  # anything the fast reader trips over is left to pydicom, which reports it as before
         fast = None
     if fast is not None:
-        _check_complete(fast, label, cache)
+        with header_errors(label):
+            _check_complete(fast, label, cache)
         return fast
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -288,7 +355,11 @@ def _read_one(data: bytes, label: str, cache: HeaderValueCache | None = None) ->
         raise
     except Exception as err:  # struct.error, EOFError, BytesLengthException, ...: all mean a damaged file
         raise TruncatedDicomError(f"{label}: truncated or corrupt DICOM file ({type(err).__name__})") from err
-    _check_complete(ds, label, cache)
+    with header_errors(label):
+        _check_vrs(ds, label)
+        if ds.file_meta is not None:
+            _check_vrs(ds.file_meta, label)
+        _check_complete(ds, label, cache)
     return ds
 
 
@@ -301,6 +372,7 @@ def read_source(source: Source, max_instances: int) -> Ingested:
     datasets: list[Dataset] = []
     labels: list[str] = []
     skipped: list[dict[str, str]] = []
+    damaged: list[str] = []
     cache = HeaderValueCache()
     if isinstance(source, bytes | bytearray | memoryview):  # one object's bytes, not a sequence of objects
         source = [bytes(source)]
@@ -329,7 +401,8 @@ def read_source(source: Source, max_instances: int) -> Ingested:
         )
     for obj, label in items:
         if isinstance(obj, Dataset):
-            _check_complete(obj, label, cache)
+            with header_errors(label):
+                _check_complete(obj, label, cache)
             ds = obj
         else:
             if isinstance(obj, Path):
@@ -343,6 +416,8 @@ def read_source(source: Source, max_instances: int) -> Ingested:
             try:
                 ds = _read_one(obj, label, cache)
             except InvalidDicomError:
+                if _looks_like_damaged_dicom(obj):
+                    damaged.append(label)
                 skipped.append({"source": label, "reason": "not a DICOM file"})
                 continue
         datasets.append(ds)
@@ -350,6 +425,11 @@ def read_source(source: Source, max_instances: int) -> Ingested:
     if not datasets:
         what = f"{len(items)} input object(s)" if items else "an empty input"
         raise NotDicomError(f"no DICOM object found in {what}")
+    if damaged:  # next to readable DICOM objects, a damaged one may be a lost slice: never drop it silently
+        raise CorruptDicomError(
+            f"{damaged[0]}: damaged DICOM file (a preamble or DICM prefix, but no readable file meta)"
+            + (f"; {len(damaged) - 1} more such file(s)" if len(damaged) > 1 else "")
+        )
     return Ingested(datasets=datasets, labels=labels, skipped=skipped, values=cache)
 
 
@@ -357,13 +437,20 @@ def read_source(source: Source, max_instances: int) -> Ingested:
 # Header interpretation
 # --------------------------------------------------------------------------------------------------
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
-    if value is None:
+    """``n`` numbers of a multi-valued DS element; ``None`` when absent or empty.
+
+    Raises:
+        ValueError: a present value that is not ``n`` finite numbers (a damaged header, named by the caller).
+    """
+    if value is None or value == "" or (isinstance(value, list | tuple | pydicom.multival.MultiValue) and not value):
         return None
     try:
         vals = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        return None
-    return vals if len(vals) == n else None
+        raise ValueError(f"a value that should be {n} numbers does not parse") from None
+    if len(vals) != n or not all(np.isfinite(vals)):
+        raise ValueError(f"{len(vals)} value(s) where {n} finite numbers are expected")
+    return vals
 
 
 def _number(value: Any) -> float | None:
@@ -475,9 +562,18 @@ def series_key(ds: Dataset, cache: HeaderValueCache | None = None) -> tuple[str,
 def describe_series(ingested: Ingested, indices: Sequence[int]) -> SeriesInfo:
     """Build the :class:`SeriesInfo` of the objects ``indices`` (all of one series), frames in input order."""
     first = ingested.datasets[indices[0]]
+    with header_errors(ingested.labels[indices[0]]):
+        info = _series_info(first)
+    for i in indices:
+        with header_errors(ingested.labels[i]):
+            info.frames.extend(_frames_of(ingested.datasets[i], i, ingested.values))
+    return info
+
+
+def _series_info(first: Dataset) -> SeriesInfo:
     study_uid, series_uid = series_key(first)
     sn = first.get("SeriesNumber")
-    info = SeriesInfo(
+    return SeriesInfo(
         study_uid=study_uid,
         series_uid=series_uid,
         modality=str(first.get("Modality", "")),
@@ -488,19 +584,17 @@ def describe_series(ingested: Ingested, indices: Sequence[int]) -> SeriesInfo:
         image_type=_strings(first.get("ImageType")),
         scanning_sequence=_strings(first.get("ScanningSequence")),
     )
-    for i in indices:
-        info.frames.extend(_frames_of(ingested.datasets[i], i, ingested.values))
-    return info
 
 
 # --------------------------------------------------------------------------------------------------
 # Pixel decoding (chosen series only)
 # --------------------------------------------------------------------------------------------------
-def _required_int(ds: Dataset, keyword: str, cache: HeaderValueCache) -> int:
-    """``int(ds.<keyword>)``; a missing element raises the same AttributeError as without the cache."""
-    if _keyword_tag(keyword) not in ds._dict:
-        return int(getattr(ds, keyword))
-    return int(cache.value(ds, keyword, int))
+def _required_int(ds: Dataset, keyword: str, cache: HeaderValueCache, label: str) -> int:
+    """``int(ds.<keyword>)``; a missing or empty element raises :class:`CorruptDicomError` naming it."""
+    if _keyword_tag(keyword) not in ds._dict or ds._dict[_keyword_tag(keyword)].value in (None, b"", ""):
+        raise CorruptDicomError(f"{label}: corrupt DICOM header (required element {keyword} is missing or empty)")
+    with header_errors(label):
+        return int(cache.value(ds, keyword, int))
 
 
 def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = None) -> np.ndarray:
@@ -508,9 +602,9 @@ def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = N
     cache = cache or HeaderValueCache()
     if cache.value(ds, "SamplesPerPixel", _int_or_one, 1) != 1:
         raise UnsupportedPixelDataError(f"{label}: colour pixel data (SamplesPerPixel != 1) is not an MR image")
-    rows, cols = _required_int(ds, "Rows", cache), _required_int(ds, "Columns", cache)
+    rows, cols = _required_int(ds, "Rows", cache, label), _required_int(ds, "Columns", cache, label)
     frames = cache.value(ds, "NumberOfFrames", _int_or_one, 1)
-    bits_alloc = _required_int(ds, "BitsAllocated", cache)
+    bits_alloc = _required_int(ds, "BitsAllocated", cache, label)
     bits_stored = int(cache.value(ds, "BitsStored", int, bits_alloc))
     signed = cache.value(ds, "PixelRepresentation", int, 0) == 1
     meta = getattr(ds, "file_meta", None)
@@ -525,12 +619,34 @@ def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = N
             arr = arr & np.asarray((1 << bits_stored) - 1, dtype=dtype)
         return arr.reshape(frames, rows, cols)
     try:
-        arr = ds.pixel_array
+        arr = _decode_compressed(ds, tsyntax)
     except Exception as err:  # codec missing, corrupt fragments, ...
+        name = UID(tsyntax).name if tsyntax else "no transfer syntax"
+        detail = str(err).splitlines()[0][:120] if str(err) else ""
         raise UnsupportedPixelDataError(
-            f"{label}: cannot decode pixel data ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+            f"{label}: cannot decode pixel data in transfer syntax {name} ({tsyntax or '-'}): "
+            f"{type(err).__name__}: {detail}"
         ) from err
+    if arr.size != frames * rows * cols:
+        raise CorruptDicomError(
+            f"{label}: decoded pixel data has {arr.size} values, the header says {frames * rows * cols}"
+        )
     return np.asarray(arr).reshape(frames, rows, cols)
+
+
+def _decode_compressed(ds: Dataset, tsyntax: str) -> np.ndarray:
+    """``ds.pixel_array`` with the preferred plugin of :data:`DECODING_PLUGINS` (any available one without it)."""
+    plugin = DECODING_PLUGINS.get(tsyntax)
+    if plugin:
+        from pydicom.pixels import get_decoder
+
+        try:
+            available = plugin in get_decoder(UID(tsyntax)).available_plugins
+        except Exception:  # noqa: BLE001 - no decoder for this syntax at all: pixel_array names the problem
+            available = False
+        if available:
+            ds.pixel_array_options(decoding_plugin=plugin)
+    return np.asarray(ds.pixel_array)
 
 
 def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarray:
@@ -546,7 +662,11 @@ def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarr
     for n, fr in enumerate(frames):
         stored = cache.get(fr.instance)
         if stored is None:
-            stored = _decode_instance(ingested.datasets[fr.instance], ingested.labels[fr.instance], ingested.values)
+            label = ingested.labels[fr.instance]
+            with header_errors(label):
+                stored = _decode_instance(ingested.datasets[fr.instance], label, ingested.values)
+                if stored.shape[1:] != (rows, cols):
+                    raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
             cache[fr.instance] = stored
         out[n] = stored[fr.frame_index or 0]
     slopes = np.asarray([f.rescale_slope for f in frames], dtype=np.float32)

@@ -13,7 +13,12 @@ class NotDicomError(PreprocessError):
     """The input contains no readable DICOM object."""
 
 
-class TruncatedDicomError(PreprocessError):
+class CorruptDicomError(PreprocessError):
+    """A DICOM file is damaged: a header element that cannot be read (unknown VR, a number that does not
+    parse, a required element missing), or a file that starts like DICOM but cannot be read at all."""
+
+
+class TruncatedDicomError(CorruptDicomError):
     """A DICOM file ends early (header or pixel data shorter than declared)."""
 
 

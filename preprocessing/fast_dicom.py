@@ -1,4 +1,4 @@
-"""Fast reader for the common DICOM encoding (Part 10 file, Explicit VR Little Endian, no sequences).
+"""Fast reader for the common DICOM encoding (Part 10 file, Explicit VR Little Endian).
 
 :func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the same
 :class:`pydicom.dataset.FileDataset` that :func:`pydicom.dcmread` builds (raw, not yet converted data
@@ -6,9 +6,13 @@ elements, same file meta, same encodings), skipping pydicom's general-purpose el
 are still converted by pydicom on access, so every later result is the same as with ``dcmread``.
 
 It only accepts files it fully understands: a 128-byte preamble and ``DICM``, group 0002 meta
-information, Transfer Syntax Explicit VR Little Endian, then only elements with a known VR, a defined
-length and a complete value, ending exactly at the end of the bytes, no sequences (SQ), no command
-set (group 0000) and no item/delimiter tags. For anything else (implicit VR, big endian, compressed or
+information, Transfer Syntax Explicit VR Little Endian, then only elements with a known VR and a
+complete value, ending exactly at the end of the bytes, no command set (group 0000) and no top-level
+item/delimiter tags. Sequences (scanner headers: Referenced Image, Request Attributes, code sequences,
+private sequences) are read as pydicom reads them: a defined-length SQ is kept raw (skipped by its
+length, converted on access), an undefined-length SQ is parsed by pydicom's ``read_sequence`` at that
+offset (only parsing finds the delimiter that closes it when items nest). Large private OB blocks (a
+Siemens CSA header) are skipped by their length. For anything else (implicit VR, big endian, compressed or
 deflated syntaxes, enhanced multi-frame objects with sequences, truncated or odd files) it returns
 ``None`` and the caller reads the object with pydicom as before, so errors and edge cases are
 unchanged.
@@ -19,12 +23,14 @@ from __future__ import annotations
 import io
 import struct
 
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
 from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.filereader import read_sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+from pydicom.values import convert_string
 
 _HEADER = struct.Struct("<HH2sH")
 _UL = struct.Struct("<L")
@@ -32,9 +38,7 @@ _UL = struct.Struct("<L")
 _SHORT_VR: dict[bytes, str] = {
     str(v).encode("ascii"): str(v) for v in VR if v not in EXPLICIT_VR_LENGTH_32 and str(v) != "SQ"
 }
-_LONG_VR: dict[bytes, str] = {
-    str(v).encode("ascii"): str(v) for v in VR if v in EXPLICIT_VR_LENGTH_32 and str(v) != "SQ"
-}
+_LONG_VR: dict[bytes, str] = {str(v).encode("ascii"): str(v) for v in VR if v in EXPLICIT_VR_LENGTH_32}
 #: groups the walker leaves to pydicom: command set, file meta after the meta block, items/delimiters
 _REFUSED_GROUPS = frozenset({0x0000, 0x0002, 0xFFFE})
 _PREAMBLE_LEN = 128
@@ -51,6 +55,7 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
     handle exactly as pydicom's reader does.
     """
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    encoding: str | list[str] = default_encoding
     end = len(data)
     unpack_header = _HEADER.unpack_from
     unpack_ul = _UL.unpack_from
@@ -68,7 +73,7 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
         if meta_only:
             if group != 0x0002:
                 break
-        elif group in refused:
+        elif group in refused or group == 0xFFFE:
             return None
         vr = short_vr.get(vr_bytes)
         if vr is not None:
@@ -79,11 +84,27 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
                 return None
             length = unpack_ul(data, pos + 8)[0]
             value_pos = pos + 12
+        if length == 0xFFFFFFFF:
+            if vr != "SQ":  # undefined-length OB/UN/...: left to pydicom
+                return None
+            # As pydicom does: parse the undefined-length sequence now (items and nested sequences may be
+            # of undefined length too, so only parsing finds the delimiter that closes this one).
+            tag = new_tag(base_tag, group << 16 | elem)
+            fp = io.BytesIO(data)
+            fp.seek(value_pos)
+            seq = read_sequence(fp, False, True, length, encoding)
+            pos = fp.tell()
+            if pos > end:
+                return None
+            elements[tag] = DataElement(tag, vr, seq, value_pos, is_undefined_length=True)
+            continue
         pos = value_pos + length
-        if pos > end:  # also catches undefined length (0xFFFFFFFF)
+        if pos > end:
             return None
         tag = new_tag(base_tag, group << 16 | elem)
         value = data[value_pos:pos] if length else empty_value_for_VR(vr, raw=True)
+        if tag == 0x00080005:  # Specific Character Set: the encoding of later sequence items, as in pydicom
+            encoding = convert_encodings(convert_string(data[value_pos:pos], True))
         # tuple.__new__: the namedtuple's fields in order, without its Python-level constructor
         elements[tag] = new_raw(raw_cls, (tag, vr, length, value, value_pos, False, True, True, False))  # type: ignore[arg-type]
     return elements, pos

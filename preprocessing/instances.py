@@ -30,7 +30,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from preprocessing.dicom_io import FrameHeader, Ingested
+from preprocessing.dicom_io import FrameHeader, Ingested, header_errors
 from preprocessing.errors import ConflictingInstancesError, DuplicateSliceError
 from preprocessing.volume import GeometryTolerance, slice_normal_of
 
@@ -99,7 +99,9 @@ def drop_resent_instances(ingested: Ingested) -> tuple[Ingested, list[str]]:
         j = first.setdefault(uid, i)
         if j == i:
             continue
-        if not same_content(ingested.datasets[j], ds):
+        with header_errors(ingested.labels[i]):
+            same = same_content(ingested.datasets[j], ds)
+        if not same:
             raise ConflictingInstancesError(
                 f"{ingested.labels[i]} and {ingested.labels[j]} share SOPInstanceUID {_hash(uid)} (sha256 prefix) "
                 "but differ in content; remove the wrong copy"
@@ -203,7 +205,10 @@ def resolve_reacquired_slices(
     for group in groups:
         if len(group) < 2:
             continue
-        keys = {i: recency(ingested.datasets[frames[i].instance]) for i in group}
+        keys = {}
+        for i in group:
+            with header_errors(ingested.labels[frames[i].instance]):
+                keys[i] = recency(ingested.datasets[frames[i].instance])
         best = max(keys.values())
         winners = [i for i in group if keys[i] == best]
         if len(winners) > 1:
@@ -220,3 +225,24 @@ def resolve_reacquired_slices(
         f"(AcquisitionTime, ContentTime, InstanceNumber) and dropped {len(drop)} earlier slice(s)"
     )
     return kept, [warning]
+
+
+def missing_instance_numbers(frames: Sequence[FrameHeader], label: str) -> list[str]:
+    """A warning when the InstanceNumbers of a series' instances leave holes between their min and max.
+
+    Scanners number the instances of a series 1..N; a hole means an instance was lost on the way (a damaged
+    or unsent file). A lost *end* slice leaves no gap in the slice positions, so this is the only trace.
+    """
+    numbers = {f.instance: f.instance_number for f in frames}
+    values = [n for n in numbers.values() if n is not None]
+    if len(values) < 2 or len(values) != len(numbers) or len(set(values)) != len(values):
+        return []
+    lo, hi = min(values), max(values)
+    missing = (hi - lo + 1) - len(values)
+    if missing <= 0 or missing > 10 * len(values):
+        return []
+    first = min(set(range(lo, hi + 1)) - set(values))
+    return [
+        f"{label}: InstanceNumbers {lo}..{hi} lack {missing} number(s) (first {first}); an instance may be missing "
+        "(a lost end slice does not show in the slice positions)"
+    ]

@@ -36,7 +36,15 @@ from contract import (
     NormalizationSpec,
 )
 from preprocessing import grid as grid_mod
-from preprocessing.dicom_io import Ingested, SeriesInfo, decode_frames, describe_series, read_source, series_key
+from preprocessing.dicom_io import (
+    Ingested,
+    SeriesInfo,
+    decode_frames,
+    describe_series,
+    header_errors,
+    read_source,
+    series_key,
+)
 from preprocessing.errors import (
     MultipleStudiesError,
     NoT2WError,
@@ -44,7 +52,7 @@ from preprocessing.errors import (
     PreprocessError,
     StudyNotFoundError,
 )
-from preprocessing.instances import drop_resent_instances, resolve_reacquired_slices
+from preprocessing.instances import drop_resent_instances, missing_instance_numbers, resolve_reacquired_slices
 from preprocessing.normalize import normalize_channel
 from preprocessing.series_selection import Choice, Selection, load_rules, select_series
 from preprocessing.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
@@ -127,7 +135,9 @@ def _group_series(ingested: Ingested, skipped: list[dict[str, str]]) -> dict[tup
             name = UID(sop).name if sop else "no SOP class"
             skipped.append({"source": ingested.labels[i], "reason": f"non-image object ({name})"})
             continue
-        groups.setdefault(series_key(ds, ingested.values), []).append(i)
+        with header_errors(ingested.labels[i]):
+            key = series_key(ds, ingested.values)
+        groups.setdefault(key, []).append(i)
     return groups
 
 
@@ -167,6 +177,7 @@ def _build(
     frames, replaced = resolve_reacquired_slices(ingested, choice.frames, label, settings.tolerance)
     geometry = stack_geometry(frames, label, settings.tolerance)
     timer.add("assemble", t)
+    warnings.extend(missing_instance_numbers(choice.series.frames, label))
     if replaced:
         warnings.extend(replaced)
         choice = dataclasses.replace(choice, frames=frames)
@@ -243,6 +254,19 @@ def preprocess_study(
         )
         raise NoT2WError(f"no T2W series identified among {len(study_series)} series ({seen})")
 
+    for seq, choice in selection.choices.items():
+        twins = [
+            s
+            for s in study_series
+            if s.series_number == choice.series.series_number
+            and s.series_number is not None
+            and s.series_uid != choice.series.series_uid
+        ]
+        if twins:
+            warnings.append(
+                f"{seq}: {len(twins)} other series share SeriesNumber {choice.series.series_number} with the chosen "
+                f"series ({sum(len(t.frames) for t in twins)} frame(s)); a damaged SeriesInstanceUID may have split it"
+            )
     built: dict[str, tuple[Choice, Volume]] = {}
     for seq in SEQUENCES:
         result = _build_with_fallback(ingested, selection, seq, settings, timer, warnings)

@@ -8,7 +8,10 @@ marker at a known patient coordinate and check where it lands on the model grid.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -209,3 +212,169 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# Corruption (fuzzing): damaged headers as PACS and disks deliver them
+# --------------------------------------------------------------------------------------------------
+CORRUPTIONS = ("flip", "truncate", "insert", "delete")
+_PIXEL_DATA_TAG_LE = b"\xe0\x7f\x10\x00"
+
+
+def header_length(data: bytes) -> int:
+    """Bytes before the (top-level) Pixel Data element of an Explicit/Implicit VR LE file (all if none)."""
+    pos = data.rfind(_PIXEL_DATA_TAG_LE)
+    return pos if pos > 0 else len(data)
+
+
+def corrupt(data: bytes, kind: str, rng: np.random.Generator) -> tuple[bytes, str]:
+    """One damaged variant of a DICOM file and a short description of the damage.
+
+    Args:
+        data: a Part 10 file.
+        kind: ``"flip"`` (1-8 header bytes XORed with random non-zero values), ``"truncate"`` (cut at a
+            random offset), ``"insert"`` (1-16 random bytes inserted into the header) or ``"delete"``
+            (1-16 header bytes removed).
+        rng: the random source (seeded by the caller, so every damage is reproducible).
+    """
+    header = max(header_length(data), 133)
+    if kind == "flip":
+        out = bytearray(data)
+        positions = rng.integers(128, header, size=int(rng.integers(1, 9)))
+        for p in positions:
+            out[int(p)] ^= int(rng.integers(1, 256))
+        return bytes(out), f"flip {sorted(int(p) for p in positions)}"
+    if kind == "truncate":
+        cut = int(rng.integers(0, len(data)))
+        return data[:cut], f"truncate at {cut} of {len(data)}"
+    if kind == "insert":
+        p, n = int(rng.integers(128, header)), int(rng.integers(1, 17))
+        return data[:p] + rng.integers(0, 256, size=n, dtype=np.uint8).tobytes() + data[p:], f"insert {n} at {p}"
+    if kind == "delete":
+        p, n = int(rng.integers(128, header)), int(rng.integers(1, 17))
+        return data[:p] + data[p + n :], f"delete {n} at {p}"
+    raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+
+
+@dataclass(frozen=True)
+class FuzzOutcome:
+    """What :func:`fuzz_once` saw: ``kind`` is ``"ok"``, ``"explained"`` (a result whose geometry differs
+    from the clean study's, with a warning or skipped entry saying why), ``"refused"`` (a
+    :class:`~preprocessing.errors.PreprocessError`), or a defect: ``"crash"`` (any other exception),
+    ``"silent-geometry"`` (different geometry, nothing said), ``"unnamed"`` (a file-level error that
+    names no damaged file) or ``"slow"``."""
+
+    kind: str
+    damage: tuple[tuple[int, str], ...]
+    detail: str
+    seconds: float
+
+
+def fuzz_once(
+    blobs: Sequence[bytes], clean: Any, rng: np.random.Generator, max_files: int = 3, slow_s: float = 10.0
+) -> FuzzOutcome:
+    """Damage 1..``max_files`` files of ``blobs`` (header flips, truncation, inserted/deleted bytes) and
+    preprocess the study from bytes. ``clean`` is the :class:`PreprocessedStudy` of the undamaged study."""
+    from preprocessing.errors import CorruptDicomError, PreprocessError
+    from preprocessing.pipeline import preprocess_study
+
+    damaged = list(blobs)
+    damage = []
+    for i in rng.choice(len(damaged), size=int(rng.integers(1, max_files + 1)), replace=False):
+        kind = CORRUPTIONS[int(rng.integers(len(CORRUPTIONS)))]
+        damaged[int(i)], what = corrupt(damaged[int(i)], kind, rng)
+        damage.append((int(i), what))
+    t = time.perf_counter()
+    try:
+        out = preprocess_study(damaged)
+    except PreprocessError as err:
+        seconds = time.perf_counter() - t
+        message = str(err)
+        kind = "refused"
+        if (
+            "\n" in message
+            or isinstance(err, CorruptDicomError)
+            and not any(f"bytes[{i}]" in message for i, _ in damage)
+        ):
+            kind = "unnamed"
+        return FuzzOutcome(
+            kind if seconds < slow_s else "slow", tuple(damage), f"{type(err).__name__}: {message}", seconds
+        )
+    except Exception as err:  # noqa: BLE001 - a crash is exactly what the fuzzer looks for
+        return FuzzOutcome("crash", tuple(damage), f"{type(err).__name__}: {err}", time.perf_counter() - t)
+    seconds = time.perf_counter() - t
+    if seconds >= slow_s:
+        return FuzzOutcome("slow", tuple(damage), f"{seconds:.1f} s", seconds)
+    if out.geometry == clean.geometry:
+        return FuzzOutcome("ok", tuple(damage), "", seconds)
+    said = len(out.meta["warnings"]) > len(clean.meta["warnings"]) or len(out.meta["skipped"]) > len(
+        clean.meta["skipped"]
+    )
+    return FuzzOutcome(
+        "explained" if said else "silent-geometry", tuple(damage), "; ".join(out.meta["warnings"]), seconds
+    )
+
+
+def fuzz_study(rows: int = 24) -> list[Dataset]:
+    """The small three-series study (T2W, 2-b DWI, rescaled ADC; ``rows`` x ``rows`` x 8 each, fixed UIDs)."""
+    fn = blob((4.0, -2.0, 1.0), sigma_mm=6.0, peak=800.0, background=120.0)
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    common: dict[str, Any] = {"study_uid": uid, "rows": rows, "columns": rows, "num_slices": 8}
+    datasets = (
+        make_series(description="t2_tse_tra", value_fn=fn, series_uid=uid + ".1", series_number=1, **common)
+        + make_series(
+            description="ep2d_diff_b50_800", value_fn=fn, b_values=[50, 800], series_uid=uid + ".2",
+            series_number=2, **common,
+        )
+        + make_series(
+            description="ADC", value_fn=fn, image_type=("DERIVED", "PRIMARY", "ADC"), series_uid=uid + ".3",
+            series_number=3, rescale=(2.0, 0.0), **common,
+        )
+    )  # fmt: skip
+    for n, ds in enumerate(datasets):
+        ds.SOPInstanceUID = f"{uid}.9.{n}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return datasets
+
+
+# --------------------------------------------------------------------------------------------------
+# Compressed variants (lossless): the same study in another transfer syntax
+# --------------------------------------------------------------------------------------------------
+#: transfer syntaxes :func:`encode` can write here: name -> UID
+LOSSLESS_SYNTAXES: dict[str, str] = {
+    "rle": "1.2.840.10008.1.2.5",  # RLE Lossless (pydicom's encoder)
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless (pyjpegls)
+    "jpeg2000": "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only (pylibjpeg-openjpeg)
+    "jpeg-sv1": "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (dcmtk's dcmcjpeg, when installed)
+    "deflated": "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian (pydicom writes it)
+}
+
+
+def encode(data: bytes, syntax: str) -> bytes:
+    """One Part 10 file re-encoded losslessly in ``syntax`` (a key of :data:`LOSSLESS_SYNTAXES`).
+
+    Raises:
+        RuntimeError: the encoder of ``syntax`` is not available on this machine (e.g. no ``dcmcjpeg``).
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    uid = UID(LOSSLESS_SYNTAXES[syntax])
+    if syntax == "deflated":
+        ds.file_meta.TransferSyntaxUID = uid
+        return to_bytes(ds)
+    if syntax == "jpeg-sv1":
+        exe = shutil.which("dcmcjpeg")
+        if exe is None:
+            raise RuntimeError("dcmcjpeg (dcmtk) is not installed: cannot encode JPEG Lossless SV1")
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = f"{tmp}/in.dcm", f"{tmp}/out.dcm"
+            with open(src, "wb") as fh:
+                fh.write(data)
+            subprocess.run([exe, "+e1", src, dst], check=True, capture_output=True, timeout=60)
+            with open(dst, "rb") as fh:
+                return fh.read()
+    ds.compress(uid)
+    return to_bytes(ds)

@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     perf.add_argument("--pa-requests-per-round", type=int, default=30, help="requests per block (a)")
     perf.add_argument("--note", default="", help="free text for the report (e.g. what else ran on the machine)")
     perf.set_defaults(func=_run_bench)
+    from preprocess_service.bench import register as register_service_bench
+
+    register_service_bench(bench_sub)
     bench.set_defaults(func=lambda args: (bench.print_help(), 2)[1])
 
 

@@ -556,7 +556,8 @@ def server_stats_delta_ms(
     return delta
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """CPU model, logical CPUs and kernel of this machine (for benchmark reports)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -611,7 +612,7 @@ def render_markdown(report: ComparisonReport, settings: BenchSettings, csv_path:
         SECTION_BEGIN,
         "## Serving: Triton (embedded CPU tritonserver 2.51) — `mpmri bench triton`",
         "",
-        f"- Date (UTC): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')}; machine: {_machine()}",
+        f"- Date (UTC): {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M')}; machine: {machine_description()}",
         f"- Command: `{command}`; batch {settings.batch_size}, gRPC, system shared memory; raw CSVs: "
         f"`{csv_path}` (sweep), `{csv_path.with_name(csv_path.stem + '_rounds.csv')}` (every request)",
         "- Method: the ensemble and the in-process onnxruntime chain of the same three ONNX files are measured "
@@ -689,12 +690,13 @@ def pa_rounds_text(settings: BenchSettings) -> str:
     )
 
 
-def update_benchmarks_md(path: Path, section: str) -> None:
-    """Replace (or append) the serving section of ``path``; other sections stay untouched."""
+def update_benchmarks_md(path: Path, section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """Replace (or append) one section of ``path`` (``section`` includes its ``begin``/``end`` markers);
+    other sections stay untouched."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"

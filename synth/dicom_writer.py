@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from contract import GridGeometry
@@ -70,8 +71,12 @@ def build_series(
     protocol: Protocol,
     series_time: str,
     instance_order: Sequence[int] | np.ndarray,
+    scanner_headers: bool = False,
 ) -> list[Dataset]:
-    """Datasets for ``instances``; ``instance_order[n]`` is the InstanceNumber-1 of instance ``n``."""
+    """Datasets for ``instances``; ``instance_order[n]`` is the InstanceNumber-1 of instance ``n``.
+
+    ``scanner_headers`` adds :func:`add_scanner_headers` (sequences, private blocks of ``protocol.vendor``).
+    """
     series_uid = study_uid(tags.seed, tags.index, "series", plan.key)
     out: list[Dataset] = []
     for n, inst in enumerate(instances):
@@ -103,6 +108,8 @@ def build_series(
         if inst.b_value is not None:
             ds.DiffusionBValue = float(inst.b_value)
             ds.DiffusionDirectionality = "ISOTROPIC"
+        if scanner_headers:
+            add_scanner_headers(ds, protocol.vendor, number)
         out.append(ds)
     return out
 
@@ -202,3 +209,60 @@ def write_datasets(datasets: Sequence[Dataset], folder: Path, names: Sequence[st
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def add_scanner_headers(ds: Dataset, vendor: str, number: int) -> None:
+    """Header parts real scanners write that the model ignores: nested sequences and private blocks.
+
+    Referenced Image Sequence (defined length), Request Attributes Sequence with a nested code sequence
+    (undefined lengths), procedure and anatomic region code sequences, and per vendor a Siemens CSA
+    header (OB, 12-40 kB, private group 0029), GE private groups 0019/0043 or Philips private groups
+    2001/2005 with an undefined-length private sequence. Deterministic in ``number`` (InstanceNumber).
+    Never touches the elements preprocessing reads (b-values stay in DiffusionBValue).
+    """
+    rng = np.random.default_rng([0x5CA11, number])
+
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        return item
+
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = MRImageStorage
+    ref.ReferencedSOPInstanceUID = generate_uid(UID_PREFIX, entropy_srcs=["ref", str(number)])
+    ds.ReferencedImageSequence = DicomSequence([ref, ref])
+    request = Dataset()
+    request.RequestedProcedureID = f"RP{number % 97:04d}"
+    request.ScheduledProcedureStepID = f"SPS{number % 89:04d}"
+    request.ScheduledProtocolCodeSequence = DicomSequence([code("MRPROS", "99LOCAL", "MR prostate mpMRI")])
+    ds.RequestAttributesSequence = DicomSequence([request])
+    ds["RequestAttributesSequence"].is_undefined_length = True
+    request["ScheduledProtocolCodeSequence"].is_undefined_length = True
+    ds.ProcedureCodeSequence = DicomSequence([code("RPID16", "RADLEX", "MR PELVIS")])
+    ds.AnatomicRegionSequence = DicomSequence([code("41216001", "SCT", "Prostate")])
+    ds["AnatomicRegionSequence"].is_undefined_length = True
+    if vendor == "siemens":
+        block = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+        size = int(rng.integers(12_000, 40_000)) & ~1
+        block.add_new(0x08, "CS", "IMAGE NUM 4")
+        block.add_new(0x10, "OB", b"SV10\x04\x03\x02\x01" + rng.bytes(size - 8))
+        block.add_new(0x20, "OB", b"SV10\x04\x03\x02\x01" + rng.bytes(size // 2 - 8))
+    elif vendor == "ge":
+        acq = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+        acq.add_new(0x0F, "DS", "1234.5")
+        acq.add_new(0x9C, "LO", "epi2")
+        parm = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
+        parm.add_new(0x01, "SS", 5)
+        parm.add_new(0x2C, "SS", 1)
+        parm.add_new(0x83, "DS", ["1", "1"])
+    else:  # philips
+        img = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
+        img.add_new(0x0A, "IS", str(number))
+        img.add_new(0x63, "CS", "NO")
+        mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+        item = Dataset()
+        item.add_new(0x00080100, "SH", "PHX")
+        item.add_new(0x00080104, "LO", "private series state")
+        mr.add_new(0x0F, "SQ", DicomSequence([item]))
+        ds[mr.get_tag(0x0F)].is_undefined_length = True
+        mr.add_new(0x0D, "FL", 0.5)

@@ -61,6 +61,10 @@ class SynthConfig:
         t2w_acquired_fraction: T2W is rendered on a grid this many times coarser in-plane and
             interpolated to the stored matrix (like scanner zero-fill interpolation; also for speed).
         gland_center_range_mm: range of the gland centre in LPS (x, y, z) around the isocentre.
+        scanner_headers_every: studies whose ``index % n == n - 1`` carry realistic scanner headers
+            (:func:`synth.dicom_writer.add_scanner_headers`: nested sequences, a Siemens CSA header, GE /
+            Philips private groups); 2 = every other study, 1 = all, 0 = none. Draws no random numbers,
+            so the images of every study are the same either way.
     """
 
     anatomy: anat.AnatomyRanges = anat.AnatomyRanges()
@@ -74,6 +78,7 @@ class SynthConfig:
     adc_background_snr: float = 4.0
     t2w_acquired_fraction: int = 2
     gland_center_range_mm: tuple[tuple[float, float], ...] = ((-15.0, 15.0), (-10.0, 30.0), (-40.0, 40.0))
+    scanner_headers_every: int = 2
 
 
 @dataclasses.dataclass
@@ -156,7 +161,10 @@ def synthesize_study(seed: int, index: int = 0, config: SynthConfig = SynthConfi
         else:  # pragma: no cover - protocol only produces the kinds above
             raise SynthError(f"unknown series kind {plan.key!r}")
         order = rng.permutation(len(instances)) if plan.shuffle_instances else np.arange(len(instances), dtype=np.int64)
-        datasets = build_series(plan, instances, tags, protocol, series_time, order)
+        headers = config.scanner_headers_every > 0 and index % config.scanner_headers_every == (
+            config.scanner_headers_every - 1
+        )
+        datasets = build_series(plan, instances, tags, protocol, series_time, order, scanner_headers=headers)
         series[plan.key] = datasets
         truth_series.append(_series_truth(plan, datasets))
 

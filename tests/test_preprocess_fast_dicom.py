@@ -112,9 +112,19 @@ def test_fast_reader_leaves_other_encodings_and_damaged_files_to_pydicom(name: s
     assert fast_dcmread(pydicom_file(name).read_bytes()) is None
 
 
-def test_fast_reader_leaves_enhanced_multiframe_objects_to_pydicom() -> None:
+@pytest.mark.parametrize("undefined_length", [False, True])
+def test_fast_reader_reads_enhanced_multiframe_sequences_as_pydicom_does(undefined_length: bool) -> None:
     (enhanced,) = make_series(description="t2_tse_tra", value_fn=lambda p: p[..., 2], enhanced=True)
-    assert fast_dcmread(to_bytes(enhanced)) is None
+    if undefined_length:
+        for kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            enhanced[kw].is_undefined_length = True
+    data = to_bytes(enhanced)
+    assert (b"\xfe\xff\xdd\xe0" in data) == undefined_length
+    fast = fast_dcmread(data)
+    assert fast is not None
+    ref = pydicom.dcmread(io.BytesIO(data))
+    assert list(fast.keys()) == list(ref.keys()) and fast == ref
+    assert fast.PerFrameFunctionalGroupsSequence[3] == ref.PerFrameFunctionalGroupsSequence[3]
 
 
 def test_fast_reader_reads_pydicoms_explicit_little_endian_mr_exactly() -> None:

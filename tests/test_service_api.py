@@ -213,9 +213,9 @@ def test_two_studies_in_one_call_are_invalid_and_named(
 def test_malformed_streams_are_invalid_argument(serve_stack: Any) -> None:
     with grpc.insecure_channel(serve_stack.target) as channel:
         stub = pb_grpc.AnalysisServiceStub(channel)
-        chunk = pb.AnalyzeRequest(chunk=pb.InstanceChunk(data=b"x", end_of_instance=True))
+        chunk = pb.AnalyzeRequest(chunks=[pb.InstanceChunk(data=b"x", end_of_instance=True)])
         header = pb.AnalyzeRequest(header=pb.AnalyzeHeader(request_id="r"))
-        open_chunk = pb.AnalyzeRequest(chunk=pb.InstanceChunk(data=b"DICM", end_of_instance=False))
+        open_chunk = pb.AnalyzeRequest(chunks=[pb.InstanceChunk(data=b"DICM", end_of_instance=False)])
         cases = {
             "must carry the header": [chunk],
             "no dicom instances": [header],

@@ -28,8 +28,8 @@ import grpc.aio
 from mpmri_client.v1 import analysis_pb2 as pb
 from mpmri_client.v1 import analysis_pb2_grpc as pb_grpc
 
-#: bytes per streamed chunk: well under gRPC's default 4 MiB message limit
-DEFAULT_CHUNK_BYTES = 1 << 20
+#: bytes per streamed message: under gRPC's default 4 MiB message limit with room for framing
+DEFAULT_CHUNK_BYTES = 3 << 20
 #: status codes worth retrying: the service or its Triton is down or restarting
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 
@@ -102,21 +102,29 @@ def request_stream(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     **options: Any,
 ) -> Iterator[pb.AnalyzeRequest]:
-    """The ``Analyze`` request stream: a header, then every instance in chunks of at most ``chunk_bytes``.
+    """The ``Analyze`` request stream: the header, then the instances packed into messages of about
+    ``chunk_bytes`` (small instances share a message, a large one is split).
 
     ``options`` are :class:`AnalyzeOptions` fields (``include_fused_map``, ``include_dicom_outputs``, ...).
     """
-    yield pb.AnalyzeRequest(header=pb.AnalyzeHeader(request_id=request_id, options=pb.AnalyzeOptions(**options)))
+    message = pb.AnalyzeRequest(header=pb.AnalyzeHeader(request_id=request_id, options=pb.AnalyzeOptions(**options)))
+    size = 0
     for data in instances:
-        view = memoryview(data)
-        if len(view) == 0:
-            yield pb.AnalyzeRequest(chunk=pb.InstanceChunk(data=b"", end_of_instance=True))
-            continue
-        for start in range(0, len(view), chunk_bytes):
-            end = min(start + chunk_bytes, len(view))
-            yield pb.AnalyzeRequest(
-                chunk=pb.InstanceChunk(data=bytes(view[start:end]), end_of_instance=end == len(view))
-            )
+        start = 0
+        while True:
+            take = min(len(data) - start, chunk_bytes - size)
+            if take <= 0 and start < len(data):  # the message is full: send it, start the next
+                yield message
+                message, size = pb.AnalyzeRequest(), 0
+                continue
+            end = start + take
+            piece = data if (start == 0 and end == len(data)) else data[start:end]
+            message.chunks.add(data=piece, end_of_instance=end == len(data))
+            size += max(take, 1)
+            start = end
+            if start >= len(data):
+                break
+    yield message
 
 
 def _backoff(options: ChannelOptions, attempt: int) -> float:

@@ -35,12 +35,12 @@ class InstanceChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., end_of_instance: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     header: AnalyzeHeader
-    chunk: InstanceChunk
-    def __init__(self, header: _Optional[_Union[AnalyzeHeader, _Mapping]] = ..., chunk: _Optional[_Union[InstanceChunk, _Mapping]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[InstanceChunk]
+    def __init__(self, header: _Optional[_Union[AnalyzeHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[InstanceChunk, _Mapping]]] = ...) -> None: ...
 
 class AnalyzeReferenceRequest(_message.Message):
     __slots__ = ("request_id", "dicomweb_url", "study_instance_uid", "options", "store_results")

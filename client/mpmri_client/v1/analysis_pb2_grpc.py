@@ -50,8 +50,9 @@ class AnalysisServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Analyze(self, request_iterator, context):
-        """Client-streamed study: the first message carries `header`, then every DICOM instance follows as one or
-        more `chunk` messages (an instance ends with a chunk whose `end_of_instance` is true). One response.
+        """Client-streamed study: the first message carries `header`; the DICOM instances follow as chunks, in order,
+        packed into the messages (an instance ends with a chunk whose `end_of_instance` is true; several small
+        instances may share one message, a large one spans several). One response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,110 @@
+"""Torch-free postprocessing: findings from ensemble outputs, DICOM SEG and SR; the service runs without torch."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from service_harness import running_service
+
+from contract import GridGeometry
+from mpmri_client import AnalysisClient, read_instances
+from postprocessing.dicom_outputs import DicomOutputs, build_dicom_outputs
+from postprocessing.report import build_findings
+from preprocessing.testing import make_series
+
+GEOMETRY = GridGeometry((-16.0, -16.0, -12.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (2.0, 2.0, 4.0), (16, 16, 6))
+
+
+def _outputs(fused: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "fused_map": fused[None],
+        "cspca_probability": np.array([0.8], np.float32),
+        "pirads_distribution": np.array([0.05, 0.05, 0.1, 0.3, 0.5], np.float32),
+    }
+
+
+def _two_blobs() -> np.ndarray:
+    fused = np.zeros((6, 16, 16), np.float32)
+    fused[2:4, 3:6, 3:6] = 0.5
+    fused[1:3, 10:13, 9:12] = 0.9
+    return fused
+
+
+def test_findings_number_lesions_by_likelihood_with_lps_centres_and_ml() -> None:
+    findings = build_findings(_outputs(_two_blobs()), GEOMETRY)
+    assert [les.id for les in findings.lesions] == [1, 2]
+    assert findings.lesions[0].likelihood == pytest.approx(0.9)
+    # blob 1: d 1..2, h 10..12, w 9..11 -> index centre (1.5, 11, 10) -> LPS origin + (10*2, 11*2, 1.5*4)
+    assert findings.lesions[0].center_lps_mm == pytest.approx((-16 + 20, -16 + 22, -12 + 6), abs=1e-3)
+    assert findings.lesions[0].volume_ml == pytest.approx(2 * 3 * 3 * 16 / 1000)
+    assert set(np.unique(findings.labels)) == {0, 1, 2}
+    assert findings.pirads_score == 5
+
+
+def test_findings_name_a_missing_or_misshapen_output() -> None:
+    with pytest.raises(ValueError, match="'fused_map' is missing"):
+        build_findings({"cspca_probability": np.zeros(1), "pirads_distribution": np.zeros(5)}, GEOMETRY)
+    with pytest.raises(ValueError, match=r"fused_map has shape \(1, 5, 16, 16\)"):
+        build_findings(_outputs(np.zeros((5, 16, 16), np.float32)), GEOMETRY)
+
+
+def _sources(drop: tuple[str, ...] = ()) -> list[pydicom.Dataset]:
+    sources = make_series(description="t2", value_fn=lambda p: np.ones(p.shape[:-1]), num_slices=6, rows=16, columns=16)
+    for ds in sources:
+        for keyword in drop:
+            if keyword in ds:
+                delattr(ds, keyword)
+    return sources
+
+
+def test_seg_and_sr_are_made_even_when_sources_omit_type2_patient_attributes() -> None:
+    sources = _sources(drop=("PatientBirthDate", "PatientSex", "AccessionNumber"))
+    outputs = build_dicom_outputs(build_findings(_outputs(_two_blobs()), GEOMETRY), sources)
+    assert outputs.seg is not None
+    seg = pydicom.dcmread(io.BytesIO(DicomOutputs.encode(outputs.seg)))
+    sr = pydicom.dcmread(io.BytesIO(DicomOutputs.encode(outputs.sr)))
+    assert seg.Modality == "SEG" and len(seg.SegmentSequence) == 2
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert sr.Modality == "SR" and sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert all("PatientBirthDate" not in ds for ds in sources), "the sources must stay untouched"
+
+
+def test_study_without_lesions_gets_an_sr_and_no_seg() -> None:
+    outputs = build_dicom_outputs(build_findings(_outputs(np.zeros((6, 16, 16), np.float32)), GEOMETRY), _sources())
+    assert outputs.seg is None
+    assert pydicom.dcmread(io.BytesIO(DicomOutputs.encode(outputs.sr))).Modality == "SR"
+
+
+BLOCK_TORCH = (
+    "import sys; sys.modules.update(dict.fromkeys(('torch', 'monai', 'onnxruntime', 'pytriton'), None));"
+    "from preprocess_service.server import main; sys.exit(main())"
+)
+
+
+@pytest.mark.triton
+@pytest.mark.service
+def test_service_analyzes_with_torch_and_monai_unimportable(
+    serve_stack: Any, service_studies: dict[str, Path], tmp_path: Path
+) -> None:
+    command = [sys.executable, "-c", BLOCK_TORCH]
+    with running_service(serve_stack.triton_url, tmp_path, command=command) as service:
+        with AnalysisClient(service.target) as client:
+            r = client.analyze(
+                read_instances(service_studies["cancer"] / "dicom"), timeout_s=120, include_dicom_outputs=True
+            )
+        assert r.lesions and r.seg.data and r.sr.data
+
+
+def test_service_modules_import_without_torch() -> None:
+    probe = (
+        "import sys; sys.modules.update(dict.fromkeys(('torch', 'monai'), None));"
+        "import preprocess_service.server, preprocess_service.cli, postprocessing.dicom_outputs, contract"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True)
