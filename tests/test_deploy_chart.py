@@ -435,6 +435,13 @@ def test_network_policy_routers_service_triton_only(rendered: dict[str, list[dic
     assert inference_in["from"][0]["podSelector"]["matchLabels"].items() <= analysis_labels.items()
     assert len(inference_in["from"]) == 1
     assert by_kind(documents(render({"networkPolicy": {"enabled": False}})), "NetworkPolicy") == []
+    # AnalyzeReference: the service may also reach the PACS's DICOMweb, when the operator says so
+    pacs = {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pacs"}}}],
+        "ports": [{"port": 8042, "protocol": "TCP"}],
+    }
+    docs = documents(render({"networkPolicy": {"analysisEgress": [pacs]}}))
+    assert one(docs, "NetworkPolicy", "-analysis")["spec"]["egress"][2] == pacs
 
 
 def test_service_monitors_only_with_the_operator_api(rendered: dict[str, list[dict[str, Any]]]) -> None:
