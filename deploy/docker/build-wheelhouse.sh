@@ -29,7 +29,7 @@ service() {
   # fixed timestamps: an unchanged checkout gives byte-identical wheels, so image builds reuse their layers
   SOURCE_DATE_EPOCH=315532800 "${PIP[@]}" wheel -q --no-deps --no-build-isolation -w "$dir/local" \
     "$ROOT/client" "$ROOT" >&2
-  rm -rf "$ROOT"/build/lib "$ROOT"/build/bdist.* "$ROOT"/client/build
+  rm -rf "$ROOT"/build/lib "$ROOT"/build/bdist.*
   # ... and their dependencies, base dependencies only (no [ml] extra: no torch). Two folders, so that an
   # image rebuild after a code change reuses the layer with the dependencies.
   "${PIP[@]}" download -q --only-binary=:all: -d "$dir/deps" -c "$dir/constraints.txt" --find-links "$dir/local" \
