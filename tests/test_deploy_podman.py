@@ -386,7 +386,7 @@ def test_service_image_analyzes_through_triton_image(
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         # one study analyzed, once: the service's own Prometheus counters say so
-        assert re.search(r'^mpmri_requests_total\{method="Analyze",code="OK"\} 1\.0$', metrics, re.M), metrics[:2000]
+        assert re.search(r'^mpmri_requests_total\{code="OK",method="Analyze"\} 1\.0$', metrics, re.M), metrics[:2000]
         assert "mpmri_stage_duration_seconds_bucket" in metrics
     finally:
         run(["podman", "rm", "-f", "-t", "5", name], check=False)
