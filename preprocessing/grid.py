@@ -56,9 +56,13 @@ def array_to_grid_image(array_dhw: np.ndarray, geometry: GridGeometry) -> sitk.I
 def _resample(
     image: sitk.Image, geometry: GridGeometry, interpolator: int, default: float, pixel_type: int
 ) -> sitk.Image:
-    # One thread per call: the grid is tiny (65k voxels), and concurrent service calls must not oversubscribe.
+    # One thread per call: concurrent service calls and the pipeline's channel threads must not oversubscribe.
+    # The output grid is set directly (no all-zero reference image is allocated for it).
     f = sitk.ResampleImageFilter()
-    f.SetReferenceImage(grid_image(geometry))
+    f.SetSize([int(v) for v in geometry.size_ijk])
+    f.SetOutputOrigin(geometry.origin_lps_mm)
+    f.SetOutputSpacing(geometry.spacing_mm_ijk)
+    f.SetOutputDirection(geometry.direction)
     f.SetTransform(sitk.Transform())
     f.SetInterpolator(interpolator)
     f.SetDefaultPixelValue(default)
@@ -72,8 +76,12 @@ def resample_to_grid(image: sitk.Image, geometry: GridGeometry, default_value: f
 
     Grid voxels outside the image get ``default_value``.
     """
-    out = _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
+    return sitk.GetArrayFromImage(resample_to_grid_image(image, geometry, default_value))
+
+
+def resample_to_grid_image(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> sitk.Image:
+    """:func:`resample_to_grid` as a float32 SimpleITK image (``sitk.GetArrayViewFromImage`` reads it uncopied)."""
+    return _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
 
 
 def resample_label_to_grid(label: sitk.Image, geometry: GridGeometry) -> np.ndarray:

@@ -293,7 +293,7 @@ def preprocess_study(
 
     normalization = settings.normalization or NORMALIZATION
     d, h, w = settings.grid.size_dhw
-    tensor = np.full((len(SEQUENCES), d, h, w), MISSING_CHANNEL_FILL_VALUE, dtype=np.float32)
+    tensor = np.empty((len(SEQUENCES), d, h, w), dtype=np.float32)  # every channel is written below
     availability = np.zeros(len(SEQUENCES), dtype=np.float32)
     norm_meta: dict[str, Any] = {}
 
@@ -301,10 +301,12 @@ def preprocess_study(
         """Resample, FOV mask and normalize one channel into ``tensor[ch]`` (channels run concurrently)."""
         volume = built[seq][1]
         t0 = time.perf_counter()
-        values = grid_mod.resample_to_grid(volume.image, geometry)
+        resampled = grid_mod.resample_to_grid_image(volume.image, geometry)
+        values = sitk.GetArrayViewFromImage(resampled)  # no copy: read while ``resampled`` is alive
         inside = grid_mod.inside_fov_mask(volume.image, geometry)
         t1 = time.perf_counter()
         _, params = normalize_channel(values, inside, normalization[seq], out=tensor[ch])
+        del values, resampled
         return params, bool(inside.any()), t1 - t0, time.perf_counter() - t1
 
     present = [(ch, seq) for ch, seq in enumerate(SEQUENCES) if seq in built]
@@ -319,6 +321,7 @@ def preprocess_study(
     per_channel = dict(zip((seq for _, seq in present), results))
     for ch, seq in enumerate(SEQUENCES):
         if seq not in built:
+            tensor[ch] = MISSING_CHANNEL_FILL_VALUE
             if seq not in selection.choices and not any(w.startswith(f"{seq} missing") for w in warnings):
                 warnings.append(
                     f"{seq} missing: no series identified as {seq}; channel filled with "

@@ -97,6 +97,17 @@ def reference_normalize_channel(
     return out.astype(np.float32, copy=False), params
 
 
+def reference_resample_to_grid(image: sitk.Image, geometry: GridGeometry) -> np.ndarray:
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(grid_mod.grid_image(geometry))
+    f.SetTransform(sitk.Transform())
+    f.SetInterpolator(sitk.sitkLinear)
+    f.SetDefaultPixelValue(0.0)
+    f.SetOutputPixelType(sitk.sitkFloat32)
+    f.SetNumberOfThreads(1)
+    return sitk.GetArrayFromImage(f.Execute(image))
+
+
 def bits(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
 
@@ -148,6 +159,26 @@ def test_fov_mask_equals_voxelwise_definition_on_random_geometries() -> None:
         np.testing.assert_array_equal(grid_mod.inside_fov_mask(image, geometry), expected, err_msg=f"trial {trial}")
         partial += bool(expected.any() and not expected.all())
     assert partial > 100  # the boundaries were exercised, not only all-in / all-out cases
+
+
+def test_resample_without_reference_image_equals_reference() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        image = sitk.GetImageFromArray(rng.gamma(2.0, 200.0, (12, 40, 48)).astype(np.float32))
+        image.SetSpacing(rng.uniform(0.5, 3.0, 3).tolist())
+        image.SetDirection(random_rotation(rng).ravel().tolist())
+        geometry = GridGeometry(
+            origin_lps_mm=tuple(float(v) for v in rng.uniform(-10, 10, 3)),  # type: ignore[arg-type]
+            direction=tuple(float(v) for v in random_rotation(rng).ravel()),
+            spacing_mm_ijk=tuple(float(v) for v in rng.uniform(0.4, 2.0, 3)),  # type: ignore[arg-type]
+            size_ijk=(33, 29, 9),
+        )
+        expected = reference_resample_to_grid(image, geometry)
+        np.testing.assert_array_equal(bits(grid_mod.resample_to_grid(image, geometry)), bits(expected))
+        resampled = grid_mod.resample_to_grid_image(image, geometry)  # the view is valid while this lives
+        view = sitk.GetArrayViewFromImage(resampled)
+        np.testing.assert_array_equal(bits(np.array(view)), bits(expected))
+        del view, resampled
 
 
 # --------------------------------------------------------------------------------------------------
