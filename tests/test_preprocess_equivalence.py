@@ -295,7 +295,9 @@ def test_realistic_grid_through_preprocess_study(synthetic_case: Path) -> None:
     assert res.geometry.spacing_mm_ijk == (0.5, 0.5, 3.0)
     assert res.meta["grid_spec"] == REALISTIC_GRID.to_dict()
     assert np.isfinite(res.tensor).all()
-    assert {"resample", "normalize", "channels"} <= set(res.meta["timings_s"])
+    timings = res.meta["timings_s"]
+    assert {"resample", "normalize"} <= set(timings)
+    assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] * 1.01 + 1e-3  # wall, not summed
     sequential = preprocess_study(
         synthetic_case / "dicom", PreprocessSettings(grid=REALISTIC_GRID, channel_threads=1)
     ).tensor
