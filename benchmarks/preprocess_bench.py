@@ -23,7 +23,7 @@ at two grids: ``contract.DEFAULT_GRID`` (16 x 64 x 64, 3.0 x 1.5 x 1.5 mm) and `
 The speed-up is the median over rounds of ``monai wall / mpmri wall`` of the same round (robust to other
 jobs on a shared machine), with its interquartile range and min-max. Per-core throughput comes from the
 process CPU time per study (all threads). Cores per GPU = CPU ms per study / GPU ms per study, with the GPU
-figures given by ``--gpu-ms`` (not measured here). Run::
+figures of ``DEFAULT_GPU_MS`` (given, not measured here). Run::
 
     .venv/bin/python benchmarks/preprocess_bench.py [--rounds 11] [--write BENCHMARKS.md]
 
