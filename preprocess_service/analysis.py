@@ -9,6 +9,7 @@ slower stage's).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import logging
 import time
@@ -134,7 +135,9 @@ class Analyzer:
         )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` in the worker pool, with this call's context (its request id reaches the logs)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
 
     async def analyze(
         self,

@@ -7,6 +7,8 @@ physical (LPS) space with SimpleITK, so oblique and differently spaced series ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -54,9 +56,13 @@ def array_to_grid_image(array_dhw: np.ndarray, geometry: GridGeometry) -> sitk.I
 def _resample(
     image: sitk.Image, geometry: GridGeometry, interpolator: int, default: float, pixel_type: int
 ) -> sitk.Image:
-    # One thread per call: the grid is tiny (65k voxels), and concurrent service calls must not oversubscribe.
+    # One thread per call: concurrent service calls and the pipeline's channel threads must not oversubscribe.
+    # The output grid is set directly (no all-zero reference image is allocated for it).
     f = sitk.ResampleImageFilter()
-    f.SetReferenceImage(grid_image(geometry))
+    f.SetSize([int(v) for v in geometry.size_ijk])
+    f.SetOutputOrigin(geometry.origin_lps_mm)
+    f.SetOutputSpacing(geometry.spacing_mm_ijk)
+    f.SetOutputDirection(geometry.direction)
     f.SetTransform(sitk.Transform())
     f.SetInterpolator(interpolator)
     f.SetDefaultPixelValue(default)
@@ -70,8 +76,12 @@ def resample_to_grid(image: sitk.Image, geometry: GridGeometry, default_value: f
 
     Grid voxels outside the image get ``default_value``.
     """
-    out = _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(out)
+    return sitk.GetArrayFromImage(resample_to_grid_image(image, geometry, default_value))
+
+
+def resample_to_grid_image(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> sitk.Image:
+    """:func:`resample_to_grid` as a float32 SimpleITK image (``sitk.GetArrayViewFromImage`` reads it uncopied)."""
+    return _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
 
 
 def resample_label_to_grid(label: sitk.Image, geometry: GridGeometry) -> np.ndarray:
@@ -84,26 +94,79 @@ def inside_fov_mask(image: sitk.Image, geometry: GridGeometry) -> np.ndarray:
 
     Inside means the continuous source index lies in ``[-0.5, size - 0.5]`` on every axis (the voxel box),
     the same region in which the linear interpolator returns image values.
+
+    The continuous source index of voxel ``(k, j, i)`` along source axis ``a`` is computed in float64 as
+    ``plane[k, j, a] + ci[i, a]`` with ``plane = offset + ck + cj`` and ``ci = i * step_i`` (the definition).
+    For one grid row ``(k, j)`` that expression is monotone in ``i`` (float multiplication and addition
+    round monotonically), so each of the six comparisons holds on a prefix or a suffix of the row and the
+    inside voxels of a row form one interval. The interval ends are estimated by division and then
+    corrected by evaluating the defining expression at the ends (:func:`_first_true`), so the mask equals
+    the voxel-wise evaluation bit for bit (``tests/test_preprocess_equivalence.py``) at the cost of two
+    comparisons per voxel instead of fifteen array operations.
     """
-    grid_dir = geometry.direction_matrix
     src_dir = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     src_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    # source continuous index = offset + sum over grid axes a of step[a] * index[a] (affine, separable)
-    offset = ((np.asarray(geometry.origin_lps_mm) - np.asarray(image.GetOrigin())) @ src_dir) / src_spacing
-    steps = ((grid_dir * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing  # [grid axis, src axis]
+    offset, steps = _source_index_affine(image, geometry, src_dir, src_spacing)
     size_i, size_j, size_k = geometry.size_ijk
-    ci = np.arange(size_i)[None, None, :, None] * steps[0]
-    cj = np.arange(size_j)[None, :, None, None] * steps[1]
-    ck = np.arange(size_k)[:, None, None, None] * steps[2]
-    plane = offset + ck + cj  # [D, H, 1, 3]; + ci gives the continuous source index of every grid voxel
+    ci = np.arange(size_i)[:, None] * steps[0]  # [W, 3]
+    cj = np.arange(size_j)[None, :, None] * steps[1]
+    ck = np.arange(size_k)[:, None, None] * steps[2]
+    plane = offset + ck + cj  # [D, H, 3]
     size = np.asarray(image.GetSize(), dtype=np.float64)
     eps = 1e-6
     lower = -0.5 - eps
     upper = size - 0.5 + eps
-    # One source axis at a time on contiguous [D, H, W] arrays (same sums and comparisons as on [D, H, W, 3]).
-    inside = np.ones((size_k, size_j, size_i), dtype=bool)
+    start = np.zeros((size_k, size_j), dtype=np.intp)  # first inside index of each row
+    end = np.full((size_k, size_j), size_i, dtype=np.intp)  # one past the last inside index
     for axis in range(3):
-        src = plane[..., axis] + ci[..., axis]
-        inside &= src >= lower
-        inside &= src <= upper[axis]
+        p = plane[..., axis]
+        c = ci[:, axis]
+        s = float(steps[0][axis])
+        ge_lower = lambda idx, p=p, c=c: p + c[idx] >= lower  # noqa: E731
+        le_upper = lambda idx, p=p, c=c, u=upper[axis]: p + c[idx] <= u  # noqa: E731
+        not_ge_lower = lambda idx, f=ge_lower: ~f(idx)  # noqa: E731
+        not_le_upper = lambda idx, f=le_upper: ~f(idx)  # noqa: E731
+        if s > 0:  # source index increases along the row
+            start = np.maximum(start, _first_true(ge_lower, (lower - p) / s, size_i, ceil=True))
+            end = np.minimum(end, _first_true(not_le_upper, (upper[axis] - p) / s, size_i, ceil=False))
+        elif s < 0:
+            end = np.minimum(end, _first_true(not_ge_lower, (lower - p) / s, size_i, ceil=False))
+            start = np.maximum(start, _first_true(le_upper, (upper[axis] - p) / s, size_i, ceil=True))
+        else:  # constant along the row: all or nothing
+            zero = np.zeros(p.shape, dtype=np.intp)
+            row_inside = ge_lower(zero) & le_upper(zero)
+            end = np.where(row_inside, end, 0)
+    index = np.arange(size_i, dtype=np.intp)
+    inside: np.ndarray = index >= start[..., None]
+    inside &= index < end[..., None]
     return inside
+
+
+def _source_index_affine(
+    image: sitk.Image, geometry: GridGeometry, src_dir: np.ndarray, src_spacing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source continuous index = offset + sum over grid axes a of step[a] * index[a] (affine, separable)."""
+    grid_dir = geometry.direction_matrix
+    offset = ((np.asarray(geometry.origin_lps_mm) - np.asarray(image.GetOrigin())) @ src_dir) / src_spacing
+    steps = ((grid_dir * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing  # [grid axis, src axis]
+    return offset, steps
+
+
+def _first_true(pred: Any, estimate: np.ndarray, n: int, ceil: bool) -> np.ndarray:
+    """Per row, the first index in ``[0, n]`` at which the non-decreasing predicate ``pred`` holds (``n``: never).
+
+    ``estimate`` is the real-valued crossing point (``ceil``: it is the first true index when rounded up,
+    else the last false one when rounded down). It is only a starting point: the result is corrected by
+    evaluating ``pred`` itself, so rounding in the estimate cannot change it.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        est = np.ceil(estimate) if ceil else np.floor(estimate) + 1.0
+    est = np.nan_to_num(est, nan=0.0, posinf=float(n), neginf=0.0)
+    t = np.clip(est, 0, n).astype(np.intp)
+    for _ in range(n + 1):
+        down = (t > 0) & pred(np.maximum(t - 1, 0))  # the previous index already holds: move down
+        up = (t < n) & ~pred(np.minimum(t, n - 1))  # this index does not hold yet: move up
+        if not (down.any() or up.any()):
+            break
+        t = t - down + up
+    return t

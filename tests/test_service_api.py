@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -368,3 +369,54 @@ def test_triton_killed_mid_run_unavailable_then_recovery_loses_nothing(
     patient.close()
     impatient.close()
     assert "restarting" in serve_stack.process.log()
+
+
+def test_async_client_analyzes_concurrently(
+    serve_stack: Any, cancer_reference: pb.AnalyzeResponse, service_studies: dict[str, Path]
+) -> None:
+    import asyncio
+
+    from mpmri_client import AsyncAnalysisClient
+
+    instances = read_instances(service_studies["cancer"] / "dicom")
+
+    async def main() -> list[pb.AnalyzeResponse]:
+        async with AsyncAnalysisClient(serve_stack.target, ChannelOptions(retries=1)) as client:
+            return list(await asyncio.gather(*(client.analyze(instances, timeout_s=120) for _ in range(3))))
+
+    for r in asyncio.run(main()):
+        assert r.cspca_probability == pytest.approx(cancer_reference.cspca_probability, abs=1e-6)
+
+
+def test_cancelled_call_frees_its_slot_and_the_service_keeps_serving(
+    serve_stack: Any, client: AnalysisClient, service_studies: dict[str, Path]
+) -> None:
+    from mpmri_client import request_stream
+
+    instances = read_instances(service_studies["cancer"] / "dicom")
+    with grpc.insecure_channel(serve_stack.target) as channel:
+        stub = pb_grpc.AnalysisServiceStub(channel)
+        future = stub.Analyze.future(request_stream(instances, "to-cancel"), timeout=120)
+        time.sleep(0.1)
+        future.cancel()
+        assert future.cancelled() or future.code() == grpc.StatusCode.CANCELLED
+
+    def in_flight() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve_stack.metrics_port}/metrics", timeout=10) as reply:
+            line = next(x for x in reply.read().decode().splitlines() if x.startswith("mpmri_requests_in_flight "))
+        return float(line.split()[-1])
+
+    wait_for(lambda: in_flight() == 0.0, 30, "in-flight gauge back to 0 after the cancel")
+    assert client.analyze(instances, timeout_s=120).lesions
+
+
+def test_logs_hold_no_patient_identifiers_or_raw_uids(serve_stack: Any, service_studies: dict[str, Path]) -> None:
+    truth = _truth(service_studies["cancer"])
+    first = pydicom.dcmread(next(p for p in sorted((service_studies["cancer"] / "dicom").rglob("*")) if p.is_file()))
+    log = serve_stack.process.log()
+    assert log, "the service wrote no log"
+    for secret in (truth["study_instance_uid"], str(first.SeriesInstanceUID), str(first.SOPInstanceUID)):
+        assert secret not in log
+    for value in (str(first.get("PatientName", "")), str(first.get("PatientID", ""))):
+        if len(value) > 3:
+            assert value not in log
