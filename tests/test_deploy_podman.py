@@ -148,6 +148,9 @@ def images(base_image: str) -> dict[str, str]:
                 timeout=1800,
             )
         built[name] = tag
+        # the image this tag pointed to before a rebuild is dangling now: drop it (the build cache stays)
+        title = tag.rsplit("/", 1)[-1].split(":")[0]
+        run(["podman", "image", "prune", "-f", "--filter", f"label=org.opencontainers.image.title={title}"])
     return built
 
 
