@@ -395,6 +395,77 @@ def test_service_image_analyzes_through_triton_image(
         run(["podman", "rm", "-f", "-t", "5", name], check=False)
 
 
+def _pki(d: Path, server_names: list[str]) -> None:
+    """A throw-away CA and a server certificate (serverAuth + clientAuth) as a kubernetes.io/tls Secret lays it
+    out (tls.crt, tls.key, ca.crt), plus a client certificate for the host."""
+
+    def openssl(*args: str) -> None:
+        run(["openssl", *args], timeout=60)
+
+    d.mkdir(parents=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mpmri test CA",
+            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))  # fmt: skip
+    san = ",".join(f"DNS:{n}" for n in server_names) + ",IP:127.0.0.1"
+    for name, ext in (("tls", f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth"),
+                      ("client", "extendedKeyUsage=clientAuth")):  # fmt: skip
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(d / f"{name}.key"),
+                "-out", str(d / f"{name}.csr"))  # fmt: skip
+        openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
+                "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+                "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.crt"))  # fmt: skip
+    for path in d.iterdir():
+        path.chmod(0o644)  # the service runs as uid 10001
+
+
+@needs_service
+def test_tls_exec_probe_as_the_chart_runs_it(
+    images: dict[str, str], triton_container: dict[str, Any], synthetic_study: Path, tmp_path: Path
+) -> None:
+    """The TLS variant's readiness probe (``mpmri-healthcheck`` in the image, kubelet's gRPC probes are plaintext)
+    with the chart's own environment and Secret layout, against the service image serving mutual TLS."""
+    from deploy_helpers import env_of
+
+    docs = documents(render(merge(VARIANTS["tls-on"], {"analysis": {"auth": {"enabled": False}}})))
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-analysis"))
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["exec"]["command"] == ["mpmri-healthcheck"]
+    env = env_of(container)
+    server_name = env["MPMRI_HEALTHCHECK_SERVER_NAME"]
+    tls_dir = Path(env["MPMRI_TLS_CERT"]).parent  # /etc/mpmri/tls, the Secret's mount
+    pki = tmp_path / "tls"
+    _pki(pki, [server_name, "localhost"])
+    port = free_port()
+    name = f"mpmri-test-tls-{uuid.uuid4().hex[:8]}"
+    chart_env = {k: v for k, v in env.items() if k.startswith(("MPMRI_TLS_", "MPMRI_HEALTHCHECK_"))}
+    chart_env["MPMRI_TLS_CLIENT_CA"] = str(tls_dir / "ca.crt")  # the chart's client-ca mount holds the same CA
+    flags = [x for k, v in {**chart_env, "MPMRI_HOST": "127.0.0.1", "MPMRI_PORT": str(port),
+                            "MPMRI_METRICS_PORT": str(free_port()),
+                            "MPMRI_TRITON_URL": f"127.0.0.1:{triton_container['grpc']}"}.items()
+             for x in ("-e", f"{k}={v}")]  # fmt: skip
+    try:
+        run(["podman", "run", "-d", "--name", name, "--network", "host", "--read-only", "--tmpfs", "/tmp",
+             "-v", f"{pki}:{tls_dir}:ro", *flags, images["service"]])  # fmt: skip
+        probe = ["podman", "exec", name, *container["readinessProbe"]["exec"]["command"]]
+        wait_for(lambda: run(probe, check=False).returncode == 0, 120, "TLS exec probe SERVING",
+                 functools.partial(container_logs, name))  # fmt: skip
+        assert "SERVING" in run(probe).stdout
+        # the probe really verifies the certificate: a name the certificate does not carry fails
+        wrong = run(["podman", "exec", "-e", "MPMRI_HEALTHCHECK_SERVER_NAME=elsewhere.example", name,
+                     "mpmri-healthcheck"], check=False)  # fmt: skip
+        assert wrong.returncode != 0
+        # and the service serves mutual TLS to a router with a client certificate
+        env_client = {k: v for k, v in os.environ.items() if not k.startswith("MPMRI_CLIENT")}
+        done = run([MPMRI, "analyze", str(synthetic_study / "dicom"), "--server", f"127.0.0.1:{port}",
+                    "--out", str(tmp_path / "out"), "--ca", str(pki / "ca.crt"), "--cert", str(pki / "client.crt"),
+                    "--key", str(pki / "client.key"), "--server-name", server_name, "--retries", "1"],
+                   check=False, env=env_client, timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stderr + container_logs(name)
+        check_result(synthetic_study, tmp_path / "out")
+    finally:
+        run(["podman", "rm", "-f", "-t", "5", name], check=False)
+
+
 # --- the chart's CPU variant under podman kube play -----------------------------------------------------
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature

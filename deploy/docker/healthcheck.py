@@ -9,8 +9,9 @@ native gRPC probes speak plaintext only). Reads the same environment as the serv
   ``MPMRI_HEALTHCHECK_CA``, else ``ca.crt`` beside the certificate (cert-manager secrets have one), else the
   certificate itself (self-signed). ``MPMRI_HEALTHCHECK_SERVER_NAME`` (default ``localhost``) is the name
   checked against the certificate.
-* ``MPMRI_TLS_CLIENT_CA``: mutual TLS; the check presents the server's own certificate and key, which
-  works when the client CA also issued the server certificate (one internal CA).
+* ``MPMRI_TLS_CLIENT_CA``: mutual TLS; the check presents ``MPMRI_HEALTHCHECK_CERT``/``MPMRI_HEALTHCHECK_KEY``
+  when set, else the server's own certificate and key. That works when the client CA also issued the server
+  certificate and the certificate allows client authentication (extended key usage clientAuth, or none).
 * ``MPMRI_HEALTHCHECK_SERVICE`` (default ``""``: the whole server) and ``MPMRI_HEALTHCHECK_TIMEOUT_S`` (3).
 """
 
@@ -33,8 +34,8 @@ def _channel(target: str) -> grpc.Channel:
     ca = next(Path(c) for c in ca_candidates if c and Path(c).is_file())
     client_key = client_cert = None
     if os.environ.get("MPMRI_TLS_CLIENT_CA"):
-        client_cert = cert_path.read_bytes()
-        client_key = Path(os.environ["MPMRI_TLS_KEY"]).read_bytes()
+        client_cert = Path(os.environ.get("MPMRI_HEALTHCHECK_CERT") or cert_path).read_bytes()
+        client_key = Path(os.environ.get("MPMRI_HEALTHCHECK_KEY") or os.environ["MPMRI_TLS_KEY"]).read_bytes()
     credentials = grpc.ssl_channel_credentials(ca.read_bytes(), client_key, client_cert)
     server_name = os.environ.get("MPMRI_HEALTHCHECK_SERVER_NAME", "localhost")
     return grpc.secure_channel(target, credentials, options=[("grpc.ssl_target_name_override", server_name)])
