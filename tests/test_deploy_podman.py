@@ -248,6 +248,30 @@ def test_images_are_non_root_with_healthchecks(images: dict[str, str]) -> None:
     assert probe.stdout.split() == ["True", "True"], probe.stdout
 
 
+def test_gpu_dockerfile_builds_on_a_stand_in_base(images: dict[str, str]) -> None:
+    """NGC's tritonserver image cannot be pulled here (no registry), and there is no GPU: Dockerfile.triton-gpu's
+    own steps are built on the CPU Triton image instead, which has python3, tritonserver and uid 1000 as NGC's
+    has. The helpers the GPU chart's init containers run must be there and runnable."""
+    tag = f"localhost/mpmri-triton-gpu-standin:{uuid.uuid4().hex[:8]}"
+    with timed("podman build Dockerfile.triton-gpu (stand-in base)"):
+        run(["podman", "build", "--format", "docker", "--network", "host", "--build-arg",
+             f"BASE_IMAGE={images['triton']}", "-f", str(DOCKER / "Dockerfile.triton-gpu"), "-t", tag, "."],
+            cwd=REPO_ROOT)  # fmt: skip
+    try:
+        out = run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", tag, "-c",
+                   "id -u && mpmri-warmup --help && mpmri-fetch-model-repository --help"])  # fmt: skip
+        lines = out.stdout.splitlines()
+        assert lines[0] == "1000"
+        assert any(line.startswith("usage: mpmri-warmup") for line in lines), out.stdout
+        assert "--sha256" in out.stdout
+        (info,) = json.loads(run(["podman", "image", "inspect", tag]).stdout)
+        assert info["Config"]["Cmd"][:4] == ["tritonserver", "--model-repository=/models",
+                                             "--model-control-mode=explicit", "--load-model=mpmri_ensemble"]
+        assert "TRITON_HTTP_PORT" in " ".join(info["Healthcheck"]["Test"])
+    finally:
+        run(["podman", "rmi", "-f", tag], check=False)
+
+
 @pytest.fixture(scope="module")
 def triton_container(images: dict[str, str], model_repository: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The CPU Triton image running with the model repository mounted read-only, on 127.0.0.1 only."""
