@@ -265,8 +265,12 @@ def test_gpu_dockerfile_builds_on_a_stand_in_base(images: dict[str, str]) -> Non
         assert any(line.startswith("usage: mpmri-warmup") for line in lines), out.stdout
         assert "--sha256" in out.stdout
         (info,) = json.loads(run(["podman", "image", "inspect", tag]).stdout)
-        assert info["Config"]["Cmd"][:4] == ["tritonserver", "--model-repository=/models",
-                                             "--model-control-mode=explicit", "--load-model=mpmri_ensemble"]
+        assert info["Config"]["Cmd"][:4] == [
+            "tritonserver",
+            "--model-repository=/models",
+            "--model-control-mode=explicit",
+            "--load-model=mpmri_ensemble",
+        ]
         assert "TRITON_HTTP_PORT" in " ".join(info["Healthcheck"]["Test"])
     finally:
         run(["podman", "rmi", "-f", tag], check=False)
