@@ -158,8 +158,8 @@ def evaluate(
     """Evaluate ``checkpoint`` on every case of ``data_dir``; writes the report to ``out_dir``; returns metrics."""
     torch.set_num_threads(threads)
     t0 = time.monotonic()
+    nets, meta = load_checkpoint(checkpoint)  # first: a checkpoint under another contract is refused by name
     cases = find_cases(data_dir)
-    nets, meta = load_checkpoint(checkpoint)
     results: list[CaseResult] = []
     for case_dir in tqdm(cases, desc="evaluate", disable=not progress, mininterval=5):
         results.append(predict_record(nets, prepare_case_dir(case_dir)))
