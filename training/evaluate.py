@@ -1,18 +1,22 @@
-"""Evaluation of a checkpoint on ``mpmri synth`` studies: the full chain from DICOM, scored the PI-CAI way.
+"""Evaluation of a checkpoint on ``mpmri synth`` studies: the full chain from DICOM, scored the PI-CAI way
+and by the protocol of :mod:`training.scoring` (intervals, located within 5 mm, FROC, calibration, coherence).
 
 For every case folder: :func:`preprocessing.pipeline.preprocess_study` on ``dicom/`` -> networks ->
-:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores:
+:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores (docs/networks.md, "Evaluation"):
 
 * ``picai_eval.evaluate`` on the candidate maps vs the csPCa lesion masks (``lesions.nii.gz`` resampled
   to the model grid, significant lesions only): ``auroc`` (patient level, case score = the highest
   candidate likelihood), ``ap`` (lesion level), ``score`` = (auroc + ap) / 2;
-* ``classifier_auroc``: the classification network's csPCa probability vs the study truth;
-* PI-RADS-like confusion matrix of ``argmax(pirads_distribution)`` vs the study's max PI-RADS;
-* lesion centre errors (mm): each csPCa truth lesion vs the best candidate overlapping it;
+* ``classifier_auroc``, ``brier``, ``ece``: the classification network's csPCa probability vs the study truth;
+* PI-RADS-like confusion matrix and quadratic kappa of ``argmax(pirads_distribution)`` vs the study's max PI-RADS;
+* ``located_fraction``: significant truth lesions with a candidate centre within 5 mm, over all of them;
+  ``froc_sensitivity_at_{0.5,1}_fp``; ``incoherent_fraction``; the same by zone and by lesion size;
 * the same picai scores for the trivial baseline ``adc_min`` (:mod:`training.baseline`), keys ``baseline_*``,
-  and for the stronger ``dwi_max`` heuristic, keys ``baseline_dwi_*``.
+  and for the stronger ``dwi_max`` heuristic, keys ``baseline_dwi_*``;
+* ``ci95``: case-level bootstrap 95 % intervals of every figure above.
 
-Outputs in OUT_DIR: ``metrics.json``, ``cases.csv``, ``roc.png``, ``pr.png``, ``froc.png``, ``confusion.png``.
+Outputs in OUT_DIR: ``metrics.json``, ``cases.csv``, ``candidates.csv``, ``lesions.csv``, ``roc.png``,
+``pr.png``, ``froc.png``, ``confusion.png``.
 """
 
 from __future__ import annotations
