@@ -415,7 +415,6 @@ def contract_differences(recorded: dict[str, Any], current: dict[str, Any], pref
     return out
 
 
-
 def recorded_contract_differences(recorded: dict[str, Any]) -> list[str]:
     """How a contract recorded with a model (a checkpoint) differs from what this code would record for it.
 
