@@ -270,7 +270,13 @@ DEFAULT_CANDIDATES = CandidateSettings()
 
 
 def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
-    """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests)."""
+    """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests).
+
+    ``candidates`` (the :data:`DEFAULT_CANDIDATES` settings) was added to the dict after the first
+    checkpoints were recorded, without a version change: a recorded contract that lacks the key was made
+    when the candidate settings were today's defaults, and :func:`recorded_contract_differences` reads it
+    so (see docs/networks.md, "The contract a checkpoint records").
+    """
     return {
         "contract_version": CONTRACT_VERSION,
         "sequences": list(SEQUENCES),
@@ -279,11 +285,17 @@ def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
         "missing_channel_fill_value": MISSING_CHANNEL_FILL_VALUE,
         "pirads_categories": list(PIRADS_CATEGORIES),
         "labels": LABEL_DEFINITIONS,
+        "candidates": DEFAULT_CANDIDATES.to_dict(),
     }
 
 
 def contract_json(grid: GridSpec = DEFAULT_GRID) -> str:
     return json.dumps(contract_dict(grid), indent=2, sort_keys=True)
+
+
+#: keys added to :func:`contract_dict` after checkpoints were first recorded, with the value a recorded
+#: contract that lacks them stands for (the code's constants at the time the key was added)
+LEGACY_CONTRACT_DEFAULTS: dict[str, Any] = {"candidates": DEFAULT_CANDIDATES.to_dict()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +327,10 @@ def _normalization_from_dict(name: str, d: dict[str, Any]) -> NormalizationSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ServedContract:
-    """The part of a model's contract that preprocessing must honour (grid, sequences, normalization)."""
+    """The part of a model's contract that preprocessing must honour (grid, sequences, normalization).
+
+    Candidate settings are not honoured but checked: they must be the code's (:data:`DEFAULT_CANDIDATES`).
+    """
 
     grid: GridSpec
     normalization: dict[str, NormalizationSpec]
@@ -327,8 +342,9 @@ class ServedContract:
         """Parse and check a recorded contract (:func:`contract_dict` layout).
 
         Raises:
-            ContractMismatchError: a version, sequence set, grid or normalization this code cannot produce;
-                the message names the field, what the model wants and what the code supports.
+            ContractMismatchError: a version, sequence set, grid or normalization this code cannot produce, or
+                candidate settings other than the code's; the message names the field, what the model wants
+                and what the code supports.
         """
         version = str(d.get("contract_version"))
         if version not in SUPPORTED_CONTRACT_VERSIONS:
@@ -360,6 +376,17 @@ class ServedContract:
         if missing:
             raise ContractMismatchError(f"normalization: no entry for {missing}")
         normalization = {s: _normalization_from_dict(s, dict(norm_d[s])) for s in SEQUENCES}
+        # the service extracts lesion candidates with the code's settings: a model recorded with others is refused
+        # (a contract recorded before the key existed stands for the defaults, see LEGACY_CONTRACT_DEFAULTS)
+        recorded_candidates = d.get("candidates", LEGACY_CONTRACT_DEFAULTS["candidates"])
+        if not isinstance(recorded_candidates, dict):
+            raise ContractMismatchError(f"candidates: malformed {recorded_candidates!r}")
+        diffs = contract_differences(json.loads(json.dumps(recorded_candidates)), DEFAULT_CANDIDATES.to_dict())
+        if diffs:
+            raise ContractMismatchError(
+                "candidate settings differ from the ones this code extracts lesions with: "
+                + "; ".join(f"candidates.{line}" for line in diffs)
+            )
         return cls(
             grid=grid,
             normalization=normalization,
@@ -389,3 +416,26 @@ def contract_differences(recorded: dict[str, Any], current: dict[str, Any], pref
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+def recorded_contract_differences(recorded: dict[str, Any]) -> list[str]:
+    """How a contract recorded with a model (a checkpoint) differs from what this code would record for it.
+
+    The grid is the model's own (a model trained for another grid is fine: it is compared with
+    ``contract_dict(recorded grid)``); everything else must equal the code's: contract version,
+    sequences, normalization, missing-channel fill value, PI-RADS categories, label definitions and
+    candidate settings. Keys of :data:`LEGACY_CONTRACT_DEFAULTS` absent from ``recorded`` count as
+    recorded with those values.
+
+    Returns:
+        one ``key: recorded -> current`` line per difference (empty when the contract is the code's).
+    """
+    if not isinstance(recorded, dict) or not recorded:
+        return ["contract: <absent> -> the code's contract (the checkpoint records none)"]
+    try:
+        grid = GridSpec.from_dict(recorded["grid"])
+        current = contract_dict(grid)
+    except (KeyError, TypeError, ValueError) as err:
+        return [f"grid: missing or malformed ({err!r})"]
+    filled = {**LEGACY_CONTRACT_DEFAULTS, **recorded}
+    return contract_differences(json.loads(json.dumps(filled)), json.loads(json.dumps(current)))

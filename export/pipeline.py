@@ -102,6 +102,9 @@ def export_repository(
 
     Raises:
         ExportError: an export or check failed (the repository is left unchanged).
+        CheckpointContractError: the checkpoint's recorded contract (sequences, normalization, fill value,
+            candidate settings...) differs from the code's; the message names each difference and nothing
+            is written.
         CheckpointError: the checkpoint is missing or unreadable.
     """
     checkpoint = Path(checkpoint)
@@ -111,7 +114,8 @@ def export_repository(
 
         require_tensorrt()
     progress(f"load checkpoint {checkpoint}")
-    nets, metadata = load_checkpoint(checkpoint)
+    nets, metadata = load_checkpoint(checkpoint)  # refuses a recorded contract other than the code's, by name
+    progress(f"recorded contract matches the code's (version {CONTRACT_VERSION}, grid {list(nets.grid.size_dhw)})")
     repository.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.staging-", dir=repository.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server (another user in a container) must read it

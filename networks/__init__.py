@@ -5,7 +5,13 @@ Public API: :func:`build_networks`, :class:`MpmriNetworks`, :data:`PROFILES`,
 :func:`extract_candidates` / :class:`LesionCandidate`, :data:`ONNX_OPSET` / :func:`export_kwargs`.
 """
 
-from networks.checkpoint import DEFAULT_CHECKPOINT, CheckpointError, load_checkpoint, save_checkpoint
+from networks.checkpoint import (
+    DEFAULT_CHECKPOINT,
+    CheckpointContractError,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from networks.models import (
     ONNX_OPSET,
     PROFILES,
@@ -24,6 +30,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "ONNX_OPSET",
     "PROFILES",
+    "CheckpointContractError",
     "CheckpointError",
     "Classification",
     "LesionCandidate",

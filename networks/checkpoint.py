@@ -10,7 +10,8 @@ File layout (``torch.save`` of a plain dict, readable with ``torch.load(weights_
       "training_state": {...} | absent,          # optimizer / epoch state, only in resumable run files
     }
 
-Metadata always holds ``profile``, ``contract`` (:func:`contract.contract_dict`),
+Metadata always holds ``profile``, ``contract`` (:func:`contract.contract_dict`; :func:`load_checkpoint`
+refuses a checkpoint whose recorded contract differs from the code's, naming each difference),
 ``code_version`` (``mpmri.__version__`` + git commit when available) and ``created_utc``; training
 adds ``training`` (data seed, case count, epochs...) and evaluation adds ``evaluation`` (metrics).
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from contract import GridSpec, __version__, contract_dict
+from contract import ContractMismatchError, GridSpec, __version__, contract_dict, recorded_contract_differences
 from contract.errors import MpmriError
 from networks.models import MpmriNetworks, NetworkProfile, build_networks_from_profile
 
@@ -38,6 +39,35 @@ DEFAULT_CHECKPOINT: Path = REPO_ROOT / "checkpoints" / "cpu_default.pt"
 
 class CheckpointError(MpmriError):
     """A checkpoint file is missing, unreadable or does not match the contract."""
+
+
+class CheckpointContractError(CheckpointError, ContractMismatchError):
+    """A checkpoint's recorded contract differs from the code's (the message names every difference)."""
+
+
+def contract_problems(metadata: dict[str, Any], grid: GridSpec) -> list[str]:
+    """Every way the contract recorded in ``metadata`` differs from the code's for a model on ``grid``.
+
+    ``grid`` is the grid the weights were built for; the recorded contract's grid must be that grid, and
+    everything else must be the code's (:func:`contract.recorded_contract_differences`).
+    """
+    recorded = metadata.get("contract")
+    if not isinstance(recorded, dict):
+        return recorded_contract_differences({})
+    problems = recorded_contract_differences(recorded)
+    if isinstance(recorded.get("grid"), dict) and recorded["grid"] != grid.to_dict():
+        problems.append(f"grid: recorded contract {recorded['grid']!r} -> weights built for {grid.to_dict()!r}")
+    return problems
+
+
+def require_code_contract(metadata: dict[str, Any], grid: GridSpec, path: Path) -> None:
+    """Raise :class:`CheckpointContractError` naming each difference when the recorded contract is not the code's."""
+    problems = contract_problems(metadata, grid)
+    if problems:
+        raise CheckpointContractError(
+            f"checkpoint {path} was recorded with another contract than this code's "
+            f"({len(problems)} difference(s), recorded -> code): " + "; ".join(problems)
+        )
 
 
 def git_commit() -> str | None:
@@ -115,22 +145,31 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: Path) -> tuple[MpmriNetworks, dict[str, Any]]:
+def load_checkpoint(path: Path, check_contract: bool = True) -> tuple[MpmriNetworks, dict[str, Any]]:
     """Networks (eval mode, CPU) and metadata from ``path``.
 
+    Args:
+        path: the checkpoint file.
+        check_contract: refuse a checkpoint whose recorded contract differs from the code's (see
+            :func:`contract_problems`); ``False`` only to inspect such a file.
+
     Raises:
+        CheckpointContractError: the recorded contract differs from the code's (names each difference).
         CheckpointError: missing/unreadable file, or weights that do not fit the recorded profile.
     """
     payload = _read(path)
     profile = NetworkProfile.from_dict(payload["profile"])
     grid = GridSpec.from_dict(payload["grid"])
+    metadata = json.loads(payload["metadata_json"])
+    if check_contract:
+        require_code_contract(metadata, grid, path)
     nets = build_networks_from_profile(profile, grid)
     try:
         nets.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} weights do not match profile {profile.name!r}") from err
     nets.eval()
-    return nets, json.loads(payload["metadata_json"])
+    return nets, metadata
 
 
 def load_training_state(path: Path) -> dict[str, Any] | None:

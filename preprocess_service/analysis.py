@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import io
 import logging
 import time
 from collections.abc import Sequence
@@ -26,8 +25,9 @@ from postprocessing.dicom_outputs import DicomOutputs, build_dicom_outputs
 from postprocessing.report import Findings, build_findings
 from preprocess_service.settings import ServiceSettings
 from preprocess_service.triton import ServedModel, TritonEnsemble
-from preprocessing import PreprocessSettings, preprocess_study
-from preprocessing.pipeline import PreprocessedStudy, uid_hash
+from preprocessing import PreprocessSettings
+from preprocessing.dicom_io import Ingested, read_source
+from preprocessing.pipeline import PreprocessedStudy, preprocess_ingested, uid_hash
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +67,11 @@ class AnalysisResult:
     encoded: dict[str, bytes] = field(default_factory=dict)
 
 
-def _source_datasets(source: Sequence[bytes] | Sequence[pydicom.Dataset], series_uid: str) -> list[pydicom.Dataset]:
-    """Headers of the instances of ``series_uid`` (one per SOP instance), for the SEG/SR references."""
+def _source_datasets(datasets: Sequence[pydicom.Dataset], series_uid: str) -> list[pydicom.Dataset]:
+    """The instances of ``series_uid`` (one per SOP instance, resent copies dropped), for SEG/SR references."""
     seen: set[str] = set()
     out: list[pydicom.Dataset] = []
-    for item in source:
-        if isinstance(item, pydicom.Dataset):
-            ds = item
-        else:
-            try:
-                ds = pydicom.dcmread(io.BytesIO(item), stop_before_pixels=True, force=False)
-            except Exception:  # noqa: BLE001 - preprocessing already reported or skipped unreadable files
-                continue
+    for ds in datasets:
         if str(ds.get("SeriesInstanceUID", "")) != series_uid:
             continue
         sop = str(ds.get("SOPInstanceUID", ""))
@@ -134,7 +127,7 @@ class Analyzer:
             study_instance_uid=options.study_instance_uid or None,
         )
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def run_in_pool(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the worker pool, with this call's context (its request id reaches the logs)."""
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, fn, *args)
@@ -146,9 +139,24 @@ class Analyzer:
         timings_s: dict[str, float] | None = None,
     ) -> AnalysisResult:
         """Analyze one study (DICOM bytes or datasets). Raises the typed errors mapped in :mod:`status`."""
+        t = time.perf_counter()
+        ingested = await self.run_in_pool(read_source, source, self.settings.max_instances)
+        return await self.analyze_ingested(ingested, time.perf_counter() - t, len(source), options, timings_s)
+
+    async def analyze_ingested(
+        self,
+        ingested: Ingested,
+        read_s: float,
+        num_instances: int,
+        options: AnalysisOptions,
+        timings_s: dict[str, float] | None = None,
+    ) -> AnalysisResult:
+        """Analyze a study whose headers were already read (e.g. while it arrived): ``read_s`` is that time."""
         timings = dict(timings_s or {})
         model = self.ensemble.model or await self.ensemble.refresh_model()
-        pre: PreprocessedStudy = await self._run(preprocess_study, source, self.preprocess_settings(model, options))
+        pre: PreprocessedStudy = await self.run_in_pool(
+            preprocess_ingested, ingested, self.preprocess_settings(model, options), read_s
+        )
         for key, seconds in pre.meta.get("timings_s", {}).items():
             stage = _PREPROCESS_STAGES.get(key)
             if stage is not None:
@@ -159,7 +167,7 @@ class Analyzer:
         timings["infer"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        findings: Findings = await self._run(build_findings, outputs, pre.geometry)
+        findings: Findings = await self.run_in_pool(build_findings, outputs, pre.geometry)
         timings["candidates"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -170,12 +178,12 @@ class Analyzer:
             model=model,
             warnings=list(pre.meta.get("warnings", [])),
             timings_s=timings,
-            num_instances=len(source),
+            num_instances=num_instances,
             t2w_channel=pre.tensor[sequence_index("t2w")] if options.include_t2w_preview else None,
         )
         if options.include_dicom_outputs:
             t2w_uid = pre.meta["series"]["t2w"]["series_uid"]
-            await self._run(self._encode_dicom, result, source, t2w_uid)
+            await self.run_in_pool(self._encode_dicom, result, ingested.datasets, t2w_uid)
         timings["encode"] = time.perf_counter() - t
         log.info(
             "analyzed",
@@ -190,10 +198,8 @@ class Analyzer:
         return result
 
     @staticmethod
-    def _encode_dicom(
-        result: AnalysisResult, source: Sequence[bytes] | Sequence[pydicom.Dataset], t2w_uid: str
-    ) -> None:
-        outputs = build_dicom_outputs(result.findings, _source_datasets(source, t2w_uid))
+    def _encode_dicom(result: AnalysisResult, datasets: Sequence[pydicom.Dataset], t2w_uid: str) -> None:
+        outputs = build_dicom_outputs(result.findings, _source_datasets(datasets, t2w_uid))
         result.seg, result.sr = outputs.seg, outputs.sr
         if outputs.seg is not None:
             result.encoded["seg"] = DicomOutputs.encode(outputs.seg)

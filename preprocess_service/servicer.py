@@ -28,6 +28,7 @@ from preprocess_service.logs import request_id_var
 from preprocess_service.metrics import ServiceMetrics
 from preprocess_service.settings import ServiceSettings
 from preprocess_service.status import RequestError, status_for
+from preprocessing.dicom_io import SourceReader
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,16 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
 
     # -- Analyze -----------------------------------------------------------------------------------
     async def _receive(
-        self, request_iterator: AsyncIterator[pb.AnalyzeRequest]
-    ) -> tuple[pb.AnalyzeHeader, list[bytes]]:
+        self,
+        request_iterator: AsyncIterator[pb.AnalyzeRequest],
+        on_instances: Callable[[list[bytes]], None],
+    ) -> tuple[pb.AnalyzeHeader, int]:
+        """Read the stream; hand each message's completed instances to ``on_instances`` as they arrive.
+
+        Returns the header and the number of instances.
+        """
         header: pb.AnalyzeHeader | None = None
-        instances: list[bytes] = []
+        count = 0
         current: list[bytes] = []
         total = 0
         async for message in request_iterator:
@@ -215,6 +222,7 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
                 header = message.header
             elif message.HasField("header"):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a second header arrived; one study per call")
+            completed: list[bytes] = []
             for chunk in message.chunks:
                 total += len(chunk.data)
                 if total > self.settings.max_study_bytes:
@@ -224,23 +232,27 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
                     )
                 current.append(chunk.data)
                 if chunk.end_of_instance:
-                    instances.append(current[0] if len(current) == 1 else b"".join(current))
+                    completed.append(current[0] if len(current) == 1 else b"".join(current))
                     current = []
-                    if len(instances) > self.settings.max_instances:
-                        raise RequestError(
-                            grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"more than max_instances={self.settings.max_instances} instances in one study",
-                        )
+            count += len(completed)
+            if count > self.settings.max_instances:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than max_instances={self.settings.max_instances} instances in one study",
+                )
+            if completed:
+                on_instances(completed)
         if header is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "empty request stream: no header, no instances")
         if current:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the stream ended inside instance {len(instances) + 1} (its last chunk lacks end_of_instance)",
+                f"the stream ended inside instance {count + 1} (its last chunk lacks end_of_instance)",
             )
-        if not instances:
+        if not count:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no DICOM instances in the request")
-        return header, instances
+        self.metrics.study_bytes.observe(total)
+        return header, count
 
     async def Analyze(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterator[pb.AnalyzeRequest], context: grpc.aio.ServicerContext
@@ -248,15 +260,47 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
         header_holder: dict[str, pb.AnalyzeHeader] = {}
 
         async def work(timings: dict[str, float]) -> tuple[AnalysisResult, AnalysisOptions, bool]:
+            # headers are parsed in the worker pool while the rest of the study still arrives
+            reader = SourceReader(self.settings.max_instances)
+            parse_s = [0.0]
+            chain: asyncio.Future[None] | None = None
+
+            def parse(batch: list[bytes], first: int) -> None:
+                t0 = time.perf_counter()
+                for i, data in enumerate(batch, start=first):
+                    reader.add(data, f"bytes[{i}]")
+                parse_s[0] += time.perf_counter() - t0
+
+            async def parse_after(previous: asyncio.Future[None] | None, batch: list[bytes], first: int) -> None:
+                if previous is not None:
+                    await previous
+                await self.analyzer.run_in_pool(parse, batch, first)
+
+            received = [0]
+
+            def on_instances(batch: list[bytes]) -> None:
+                nonlocal chain
+                chain = asyncio.ensure_future(parse_after(chain, batch, received[0]))
+                received[0] += len(batch)
+
             t = time.perf_counter()
-            header, instances = await self._receive(request_iterator)
+            try:
+                header, count = await self._receive(request_iterator, on_instances)
+            except BaseException:
+                if chain is not None:
+                    chain.cancel()
+                raise
             header_holder["h"] = header
             if header.request_id:
                 request_id_var.set(header.request_id)
             timings["receive"] = time.perf_counter() - t
-            self.metrics.study_bytes.observe(sum(len(b) for b in instances))
+            if chain is not None:
+                await chain
+            ingested = reader.finish()
             options = _options(header.options)
-            result = await self._with_slot(lambda: self.analyzer.analyze(instances, options, timings))
+            result = await self._with_slot(
+                lambda: self.analyzer.analyze_ingested(ingested, parse_s[0], count, options, timings)
+            )
             return result, options, False
 
         # the request id is in the header, which is read inside work(); the log context is set there

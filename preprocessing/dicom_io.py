@@ -369,11 +369,6 @@ def read_source(source: Source, max_instances: int) -> Ingested:
     Non-DICOM files inside a folder are skipped and recorded; an input without any DICOM object raises
     :class:`NotDicomError`. A damaged DICOM object raises :class:`TruncatedDicomError`.
     """
-    datasets: list[Dataset] = []
-    labels: list[str] = []
-    skipped: list[dict[str, str]] = []
-    damaged: list[str] = []
-    cache = HeaderValueCache()
     if isinstance(source, bytes | bytearray | memoryview):  # one object's bytes, not a sequence of objects
         source = [bytes(source)]
     if isinstance(source, Mapping):  # e.g. SyntheticStudy.series: {name: [Dataset, ...]}
@@ -399,38 +394,68 @@ def read_source(source: Source, max_instances: int) -> Ingested:
         raise TooManyInstancesError(
             f"input holds {len(items)} objects, more than the limit of {max_instances} instances"
         )
+    reader = SourceReader(max_instances)
     for obj, label in items:
+        reader.add(obj, label)
+    return reader.finish()
+
+
+class SourceReader:
+    """:func:`read_source` one object at a time, e.g. while a study is still arriving over the network.
+
+    ``add`` each object in order, then ``finish``; the result equals :func:`read_source` on the same objects.
+    Not thread-safe: one caller at a time (the objects share a header-value cache).
+    """
+
+    def __init__(self, max_instances: int) -> None:
+        self.max_instances = max_instances
+        self.datasets: list[Dataset] = []
+        self.labels: list[str] = []
+        self.skipped: list[dict[str, str]] = []
+        self.damaged: list[str] = []
+        self.cache = HeaderValueCache()
+        self.count = 0
+
+    def add(self, obj: bytes | Path | Dataset, label: str) -> None:
+        """Read one object's header (no pixel decoding); raises the typed errors of :func:`read_source`."""
+        self.count += 1
+        if self.count > self.max_instances:
+            raise TooManyInstancesError(f"input holds more than the limit of {self.max_instances} instances")
         if isinstance(obj, Dataset):
             with header_errors(label):
-                _check_complete(obj, label, cache)
+                _check_complete(obj, label, self.cache)
             ds = obj
         else:
             if isinstance(obj, Path):
                 try:
                     obj = obj.read_bytes()
                 except OSError as err:
-                    skipped.append(
+                    self.skipped.append(
                         {"source": label, "reason": f"unreadable file ({err.strerror or type(err).__name__})"}
                     )
-                    continue
+                    return
             try:
-                ds = _read_one(obj, label, cache)
+                ds = _read_one(obj, label, self.cache)
             except InvalidDicomError:
                 if _looks_like_damaged_dicom(obj):
-                    damaged.append(label)
-                skipped.append({"source": label, "reason": "not a DICOM file"})
-                continue
-        datasets.append(ds)
-        labels.append(label)
-    if not datasets:
-        what = f"{len(items)} input object(s)" if items else "an empty input"
-        raise NotDicomError(f"no DICOM object found in {what}")
-    if damaged:  # next to readable DICOM objects, a damaged one may be a lost slice: never drop it silently
-        raise CorruptDicomError(
-            f"{damaged[0]}: damaged DICOM file (a preamble or DICM prefix, but no readable file meta)"
-            + (f"; {len(damaged) - 1} more such file(s)" if len(damaged) > 1 else "")
-        )
-    return Ingested(datasets=datasets, labels=labels, skipped=skipped, values=cache)
+                    self.damaged.append(label)
+                self.skipped.append({"source": label, "reason": "not a DICOM file"})
+                return
+        self.datasets.append(ds)
+        self.labels.append(label)
+
+    def finish(self) -> Ingested:
+        """Everything read; raises :class:`NotDicomError` without any DICOM object, :class:`CorruptDicomError`
+        when a damaged DICOM file lies among readable ones."""
+        if not self.datasets:
+            what = f"{self.count} input object(s)" if self.count else "an empty input"
+            raise NotDicomError(f"no DICOM object found in {what}")
+        if self.damaged:  # next to readable DICOM objects, a damaged one may be a lost slice: never drop it silently
+            raise CorruptDicomError(
+                f"{self.damaged[0]}: damaged DICOM file (a preamble or DICM prefix, but no readable file meta)"
+                + (f"; {len(self.damaged) - 1} more such file(s)" if len(self.damaged) > 1 else "")
+            )
+        return Ingested(datasets=self.datasets, labels=self.labels, skipped=self.skipped, values=self.cache)
 
 
 # --------------------------------------------------------------------------------------------------

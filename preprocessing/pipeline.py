@@ -247,11 +247,19 @@ def preprocess_study(
         preprocessing.errors.PreprocessError: a subclass naming the problem (not DICOM, truncated,
             too many instances, several studies, not MR, no T2W, inconsistent geometry, single slice, ...).
     """
+    t = time.perf_counter()
+    ingested = read_source(source, settings.max_instances)
+    return preprocess_ingested(ingested, settings, read_s=time.perf_counter() - t)
+
+
+def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s: float = 0.0) -> PreprocessedStudy:
+    """:func:`preprocess_study` after the read stage: ``ingested`` comes from :func:`read_source` or a
+    :class:`preprocessing.dicom_io.SourceReader` fed while the study arrives (``read_s``: the time it took)."""
     timer = _Timer()
-    t_total = time.perf_counter()
+    t_total = time.perf_counter() - read_s
+    timer.t["read"] = read_s
     t = time.perf_counter()
     rules = load_rules(settings.rules_path)
-    ingested = read_source(source, settings.max_instances)
     ingested, resent_warnings = drop_resent_instances(ingested)
     timer.add("read", t)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -29,10 +30,13 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with only `pip install ./client` (and its declared dependencies)."""
-    env_dir = tmp_path_factory.mktemp("client_venv") / "venv"
+    root = tmp_path_factory.mktemp("client_venv")
+    env_dir = root / "venv"
+    source = root / "client"  # a copy: the build leaves build/ and *.egg-info beside the sources
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     venv.EnvBuilder(with_pip=True).create(env_dir)
     subprocess.run(
-        [str(env_dir / "bin/python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(CLIENT)],
+        [str(env_dir / "bin/python"), "-m", "pip", "install", "-q", "-c", str(ROOT / "constraints.txt"), str(source)],
         check=True,
         timeout=600,
     )

@@ -172,6 +172,55 @@ def test_evaluate_cli_writes_metrics_and_plots(cache_dir: Path, synthetic_datase
         assert (out / png).stat().st_size > 0
 
 
+def test_evaluate_protocol_outputs_on_the_shipped_checkpoint(
+    synthetic_dataset: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = synthetic_dataset[0].parent
+    out = tmp_path / "eval"
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text("# Benchmarks\n")
+    rc = mpmri_main(
+        ["evaluate", "--data", str(data_dir), "--out", str(out), "--resamples", "40", "--no-progress"]
+        + ["--benchmarks-md", str(bench)]
+    )
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    figures = ("auroc", "ap", "brier", "ece", "pirads_quadratic_kappa", "located_fraction", "incoherent_fraction")
+    for key in (*figures, "froc_sensitivity_at_0.5_fp", "froc_sensitivity_at_1_fp", "baseline_dwi_auroc"):
+        assert key in metrics and key in metrics["ci95"], key
+    assert metrics["data_seeds"] == [1234] and metrics["bootstrap"]["resamples"] == 40
+    with open(out / "cases.csv") as fh:
+        cases = list(csv.DictReader(fh))
+    with open(out / "candidates.csv") as fh:
+        candidates = list(csv.DictReader(fh))
+    with open(out / "lesions.csv") as fh:
+        lesions = list(csv.DictReader(fh))
+    needed = {
+        "case_id",
+        "significant",
+        "max_pirads",
+        "cspca_probability",
+        "pirads_predicted",
+        "top_candidate_likelihood",
+    }
+    assert needed <= set(cases[0])
+    assert {"case_id", "x_mm", "y_mm", "z_mm", "likelihood", "pirads"} <= set(candidates[0])
+    assert len(cases) == len(synthetic_dataset)
+    assert len(candidates) == sum(int(c["num_candidates"]) for c in cases)
+    # located is over every significant lesion of the truth, each a row of lesions.csv
+    truth = [json.loads((d / "ground_truth.json").read_text()) for d in synthetic_dataset]
+    assert len(lesions) == metrics["lesions_total"] == sum(les["significant"] for t in truth for les in t["lesions"])
+    located = [int(row["located"]) for row in lesions]
+    assert metrics["lesions_located"] == sum(located)
+    assert all(float(row["nearest_candidate_mm"] or "inf") <= 5.0 for row in lesions if row["located"] == "1")
+    if lesions:
+        assert metrics["located_fraction"] == pytest.approx(sum(located) / len(located))
+    assert set(metrics["by_size"]) == {"<10 mm", "10-15 mm", ">=15 mm"}
+    assert set(metrics["by_zone"]) == {row["zone"] for row in lesions}
+    text = bench.read_text()
+    assert "<!-- evaluation:begin -->" in text and "seed 1234" in text
+
+
 def test_evaluate_cli_reports_missing_data_folder_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -54,6 +54,15 @@ def register(subparsers: Any) -> None:
     e.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--record", action="store_true", help="store the metrics in the checkpoint's metadata")
+    e.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    e.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the case-level bootstrap")
+    e.add_argument(
+        "--benchmarks-md",
+        type=Path,
+        default=None,
+        help="also write the results as the marked evaluation section of this file (e.g. BENCHMARKS.md); "
+        "only for validation seeds (docs/networks.md, 'Seeds')",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)
 
@@ -106,19 +115,32 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         record_in_checkpoint=args.record,
+        resamples=args.resamples,
+        bootstrap_seed=args.bootstrap_seed,
     )
     keys = (
         "auroc",
         "ap",
-        "score",
         "classifier_auroc",
-        "baseline_auroc",
-        "baseline_ap",
-        "centre_error_mm_median",
-        "centre_within_5mm_fraction",
-        "pirads_accuracy",
+        "brier",
+        "ece",
+        "baseline_dwi_auroc",
+        "located_fraction",
+        "froc_sensitivity_at_1_fp",
+        "incoherent_fraction",
+        "pirads_quadratic_kappa",
         "num_cases",
     )
     print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print("(synthetic studies; 95% intervals in metrics.json 'ci95')")
     print(f"report: {args.out}")
+    if args.benchmarks_md is not None:
+        from training.report import write_benchmarks_section
+
+        command = (
+            f"mpmri evaluate --data {args.data} --out {args.out} --checkpoint {args.checkpoint} "
+            f"--resamples {args.resamples} --bootstrap-seed {args.bootstrap_seed} --benchmarks-md {args.benchmarks_md}"
+        )
+        write_benchmarks_section(args.benchmarks_md, metrics, command)
+        print(f"benchmarks: {args.benchmarks_md} (section <!-- evaluation:begin/end -->)")
     return 0

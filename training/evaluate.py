@@ -1,24 +1,29 @@
-"""Evaluation of a checkpoint on ``mpmri synth`` studies: the full chain from DICOM, scored the PI-CAI way.
+"""Evaluation of a checkpoint on ``mpmri synth`` studies: the full chain from DICOM, scored the PI-CAI way
+and by the protocol of :mod:`training.scoring` (intervals, located within 5 mm, FROC, calibration, coherence).
 
 For every case folder: :func:`preprocessing.pipeline.preprocess_study` on ``dicom/`` -> networks ->
-:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores:
+:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores (docs/networks.md, "Evaluation"):
 
 * ``picai_eval.evaluate`` on the candidate maps vs the csPCa lesion masks (``lesions.nii.gz`` resampled
   to the model grid, significant lesions only): ``auroc`` (patient level, case score = the highest
   candidate likelihood), ``ap`` (lesion level), ``score`` = (auroc + ap) / 2;
-* ``classifier_auroc``: the classification network's csPCa probability vs the study truth;
-* PI-RADS-like confusion matrix of ``argmax(pirads_distribution)`` vs the study's max PI-RADS;
-* lesion centre errors (mm): each csPCa truth lesion vs the best candidate overlapping it;
+* ``classifier_auroc``, ``brier``, ``ece``: the classification network's csPCa probability vs the study truth;
+* PI-RADS-like confusion matrix and quadratic kappa of ``argmax(pirads_distribution)`` vs the study's max PI-RADS;
+* ``located_fraction``: significant truth lesions with a candidate centre within 5 mm, over all of them;
+  ``froc_sensitivity_at_{0.5,1}_fp``; ``incoherent_fraction``; the same by zone and by lesion size;
 * the same picai scores for the trivial baseline ``adc_min`` (:mod:`training.baseline`), keys ``baseline_*``,
-  and for the stronger ``dwi_max`` heuristic, keys ``baseline_dwi_*``.
+  and for the stronger ``dwi_max`` heuristic, keys ``baseline_dwi_*``;
+* ``ci95``: case-level bootstrap 95 % intervals of every figure above.
 
-Outputs in OUT_DIR: ``metrics.json``, ``cases.csv``, ``roc.png``, ``pr.png``, ``froc.png``, ``confusion.png``.
+Outputs in OUT_DIR: ``metrics.json``, ``cases.csv``, ``candidates.csv``, ``lesions.csv``, ``roc.png``,
+``pr.png``, ``froc.png``, ``confusion.png``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import logging
@@ -30,28 +35,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import confusion_matrix, roc_curve
 from tqdm import tqdm
 
-from contract import PIRADS_CATEGORIES, GridGeometry
+from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, GridGeometry
 from contract.errors import MpmriError
 from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from networks.models import MpmriNetworks
-from postprocessing.candidates import (
-    CANDIDATE_THRESHOLD,
-    DYNAMIC_THRESHOLD_FACTOR,
-    MIN_VOXELS_DETECTION,
-    NUM_LESIONS_TO_EXTRACT,
-    LesionCandidate,
-    extract_candidates,
-)
+from postprocessing.candidates import LesionCandidate, extract_candidates
 from training.baseline import BASELINES, baseline_likelihood_map
 from training.data import CaseRecord, prepare_case_dir
+from training.scoring import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    CENTRE_TOLERANCE_MM,
+    COHERENCE_HIGH_CANDIDATE,
+    ECE_BINS,
+    FROC_FP_PER_STUDY,
+    SIZE_BINS_MM,
+    Figure,
+    Match,
+    auroc_or_none,
+    bootstrap_intervals,
+    brier_score,
+    expected_calibration_error,
+    froc_curve,
+    froc_sensitivity,
+    incoherent,
+    match_candidates,
+    quadratic_kappa_or_none,
+    size_bin,
+)
 
 log = logging.getLogger(__name__)
-
-#: a truth lesion counts as located when a candidate overlapping it has its centre within this distance
-CENTRE_TOLERANCE_MM: float = 5.0
 
 
 class EvaluationError(MpmriError):
@@ -69,8 +85,17 @@ class CaseResult:
     candidate_map: np.ndarray
     target: np.ndarray
     baseline_maps: dict[str, np.ndarray]
-    centre_errors_mm: list[float]
-    lesions_missed: int
+    lesions: list[dict[str, Any]]  # the significant truth lesions (ground_truth.json entries)
+    match: Match
+    data_seed: int | None = None
+
+    @property
+    def top_likelihood(self) -> float:
+        return self.candidates[0].likelihood if self.candidates else 0.0
+
+    @property
+    def pirads_predicted(self) -> int:
+        return int(np.argmax(self.pirads_distribution)) + PIRADS_CATEGORIES[0]
 
 
 def find_cases(data_dir: Path) -> list[Path]:
@@ -84,27 +109,22 @@ def find_cases(data_dir: Path) -> list[Path]:
     return cases
 
 
-def centre_errors(
-    record: CaseRecord, candidates: list[LesionCandidate], candidate_map: np.ndarray
-) -> tuple[list[float], int]:
-    """Distances (mm) from each csPCa truth lesion centre to the most likely candidate overlapping it.
+def significant_lesions(truth: dict[str, Any]) -> list[dict[str, Any]]:
+    """The clinically significant lesions of a ground-truth dict (with their 1-based ``label``)."""
+    return [
+        {**lesion, "label": int(lesion.get("label", i))}
+        for i, lesion in enumerate(truth.get("lesions", []), start=1)
+        if lesion.get("significant")
+    ]
 
-    A candidate's voxels are those of ``candidate_map`` holding its likelihood. Returns
-    ``(errors, missed)``: lesions that no candidate overlaps count as missed.
-    """
-    errors: list[float] = []
-    missed = 0
-    for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
-        if not lesion.get("significant"):
-            continue
-        mask = record.lesion_index == i
-        overlapping = [c for c in candidates if (candidate_map[mask] == np.float32(c.likelihood)).any()]
-        if not overlapping:
-            missed += 1
-            continue
-        best = max(overlapping, key=lambda c: c.likelihood)
-        errors.append(float(np.linalg.norm(np.asarray(best.center_lps_mm) - np.asarray(lesion["center_lps_mm"]))))
-    return errors, missed
+
+def match_case(candidates: list[LesionCandidate], lesions: list[dict[str, Any]]) -> Match:
+    """:func:`training.scoring.match_candidates` on one study's candidates and significant lesions."""
+    return match_candidates(
+        np.asarray([c.center_lps_mm for c in candidates], dtype=np.float64).reshape(-1, 3),
+        np.asarray([c.likelihood for c in candidates], dtype=np.float64),
+        np.asarray([les["center_lps_mm"] for les in lesions], dtype=np.float64).reshape(-1, 3),
+    )
 
 
 @torch.no_grad()
@@ -114,7 +134,8 @@ def predict_record(nets: MpmriNetworks, record: CaseRecord) -> CaseResult:
     out = nets(images, availability)
     fused = out["fused_map"][0, 0].numpy()
     candidates, candidate_map = extract_candidates(fused, record.geometry)
-    errors, missed = centre_errors(record, candidates, candidate_map)
+    lesions = significant_lesions(record.truth)
+    seed = record.truth.get("seed")
     return CaseResult(
         case_id=record.case_id,
         significant=record.significant,
@@ -125,8 +146,9 @@ def predict_record(nets: MpmriNetworks, record: CaseRecord) -> CaseResult:
         candidate_map=candidate_map,
         target=record.target,
         baseline_maps={rule: baseline_likelihood_map(record.images, record.availability, rule) for rule in BASELINES},
-        centre_errors_mm=errors,
-        lesions_missed=missed,
+        lesions=lesions,
+        match=match_case(candidates, lesions),
+        data_seed=None if seed is None else int(seed),
     )
 
 
@@ -143,8 +165,120 @@ def _picai(y_det: list[np.ndarray], y_true: list[np.ndarray], subjects: list[str
         )
 
 
-def _finite(x: float) -> float | None:
+def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _picai_figure(metrics: Any, subjects: list[str], what: str) -> Figure:
+    """A bootstrap figure computed by picai_eval's own code on the resampled subjects (repeats included)."""
+
+    def figure(idx: np.ndarray) -> float | None:
+        chosen = [subjects[i] for i in idx]
+        if what == "auroc":
+            targets = {metrics.case_target[s] for s in chosen}
+            return _finite(float(metrics.calc_auroc(chosen))) if len(targets) == 2 else None
+        if not any(is_lesion for s in chosen for is_lesion, *_ in metrics.lesion_results[s]):
+            return None
+        return _finite(float(metrics.calc_AP(chosen)))
+
+    return figure
+
+
+class _Protocol:
+    """Per-case arrays of one evaluation and the figures of the protocol on any case subset (index array)."""
+
+    def __init__(self, results: list[CaseResult]) -> None:
+        self.n = len(results)
+        self.labels = np.array([r.significant for r in results], dtype=np.int64)
+        self.probs = np.array([r.cspca_probability for r in results], dtype=np.float64)
+        self.top = np.array([r.top_likelihood for r in results], dtype=np.float64)
+        self.truth_pirads = np.array([r.max_pirads for r in results], dtype=np.int64)
+        self.pred_pirads = np.array([r.pirads_predicted for r in results], dtype=np.int64)
+        self.incoherent = incoherent(self.top, self.probs)
+        self.baseline_top = {
+            rule: np.array([float(r.baseline_maps[rule].max()) for r in results]) for rule in BASELINES
+        }
+        # per case: false-positive likelihoods and per-lesion (likelihood, zone, size bin)
+        self.fp = [
+            np.array([c.likelihood for c, m in zip(r.candidates, r.match.candidate_lesion) if m < 0]) for r in results
+        ]
+        self.lesion_lik = [r.match.lesion_likelihood for r in results]
+        self.lesion_zone = [np.array([str(les.get("zone", "?")) for les in r.lesions], dtype=object) for r in results]
+        self.lesion_size = [
+            np.array([size_bin(float(les.get("diameter_mm", 0.0))) for les in r.lesions], dtype=object) for r in results
+        ]
+        self.has_zone = {zone: np.array([bool(np.any(z == zone)) for z in self.lesion_zone]) for zone in self.zones()}
+
+    def zones(self) -> list[str]:
+        return sorted({str(z) for zs in self.lesion_zone for z in zs})
+
+    def _lesions(self, idx: np.ndarray, group: tuple[str, str] | None = None) -> np.ndarray:
+        parts = []
+        for i in idx:
+            lik = self.lesion_lik[i]
+            if group is not None:
+                kind, value = group
+                keep = (self.lesion_zone[i] if kind == "zone" else self.lesion_size[i]) == value
+                lik = lik[keep.astype(bool)]
+            parts.append(lik)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def located_fraction(self, idx: np.ndarray, group: tuple[str, str] | None = None) -> float | None:
+        lik = self._lesions(idx, group)
+        return float(np.mean(~np.isnan(lik))) if lik.size else None
+
+    def froc(self, idx: np.ndarray, fp_per_study: float, group: tuple[str, str] | None = None) -> float | None:
+        fps = np.concatenate([self.fp[i] for i in idx]) if len(idx) else np.zeros(0)
+        return froc_sensitivity(fps, self._lesions(idx, group), len(idx), fp_per_study)
+
+    def zone_auroc(self, idx: np.ndarray, zone: str) -> float | None:
+        """Top-candidate AUROC: studies with a significant lesion in ``zone`` vs studies without csPCa."""
+        keep = idx[(self.labels[idx] == 0) | self.has_zone[zone][idx]]
+        return auroc_or_none(self.labels[keep], self.top[keep])
+
+    def figures(self, model: Any, baselines: dict[str, Any], subjects: list[str]) -> dict[str, Figure]:
+        f: dict[str, Figure] = {
+            "auroc": _picai_figure(model, subjects, "auroc"),
+            "ap": _picai_figure(model, subjects, "ap"),
+            "classifier_auroc": lambda idx: auroc_or_none(self.labels[idx], self.probs[idx]),
+            "brier": lambda idx: brier_score(self.labels[idx], self.probs[idx]),
+            "ece": lambda idx: expected_calibration_error(self.labels[idx], self.probs[idx]),
+            "pirads_accuracy": lambda idx: float(np.mean(self.truth_pirads[idx] == self.pred_pirads[idx])),
+            "pirads_quadratic_kappa": lambda idx: quadratic_kappa_or_none(
+                self.truth_pirads[idx].tolist(), self.pred_pirads[idx].tolist()
+            ),
+            "located_fraction": self.located_fraction,
+            "incoherent_fraction": lambda idx: float(np.mean(self.incoherent[idx])),
+            "baseline_auroc": _picai_figure(baselines["adc_min"], subjects, "auroc"),
+            "baseline_ap": _picai_figure(baselines["adc_min"], subjects, "ap"),
+            "baseline_dwi_auroc": _picai_figure(baselines["dwi_max"], subjects, "auroc"),
+            "baseline_dwi_ap": _picai_figure(baselines["dwi_max"], subjects, "ap"),
+        }
+        for fp in FROC_FP_PER_STUDY:
+            f[f"froc_sensitivity_at_{fp:g}_fp"] = functools.partial(self.froc, fp_per_study=fp)
+        return f
+
+    def group_figures(self) -> dict[str, Figure]:
+        """By zone and by lesion size: located fraction, FROC sensitivities; by zone also the study AUROC."""
+        f: dict[str, Figure] = {}
+        groups = [("zone", z) for z in self.zones()] + [("size", label) for label, _, _ in SIZE_BINS_MM]
+        for group in groups:
+            key = f"{group[0]}={group[1]}"
+            f[f"{key}/located_fraction"] = functools.partial(self.located_fraction, group=group)
+            for fp in FROC_FP_PER_STUDY:
+                f[f"{key}/froc_sensitivity_at_{fp:g}_fp"] = functools.partial(self.froc, fp_per_study=fp, group=group)
+            if group[0] == "zone":
+                f[f"{key}/auroc"] = functools.partial(self.zone_auroc, zone=group[1])
+        return f
+
+    def lesion_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for zones, sizes in zip(self.lesion_zone, self.lesion_size):
+            for z in zones:
+                counts[f"zone={z}"] = counts.get(f"zone={z}", 0) + 1
+            for b in sizes:
+                counts[f"size={b}"] = counts.get(f"size={b}", 0) + 1
+        return counts
 
 
 def evaluate(
@@ -154,12 +288,14 @@ def evaluate(
     threads: int = 2,
     progress: bool = True,
     record_in_checkpoint: bool = False,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    bootstrap_seed: int = BOOTSTRAP_SEED,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on every case of ``data_dir``; writes the report to ``out_dir``; returns metrics."""
     torch.set_num_threads(threads)
     t0 = time.monotonic()
+    nets, meta = load_checkpoint(checkpoint)  # first: a checkpoint under another contract is refused by name
     cases = find_cases(data_dir)
-    nets, meta = load_checkpoint(checkpoint)
     results: list[CaseResult] = []
     for case_dir in tqdm(cases, desc="evaluate", disable=not progress, mininterval=5):
         results.append(predict_record(nets, prepare_case_dir(case_dir)))
@@ -177,21 +313,34 @@ def evaluate(
     }
     base = baselines["adc_min"]
 
-    labels = np.array([r.significant for r in results])
-    probs = np.array([r.cspca_probability for r in results])
-    both_classes = 0 < labels.sum() < len(labels)
-    truth_pirads = [r.max_pirads for r in results]
-    pred_pirads = [int(np.argmax(r.pirads_distribution)) + PIRADS_CATEGORIES[0] for r in results]
-    cm = confusion_matrix(truth_pirads, pred_pirads, labels=list(PIRADS_CATEGORIES))
-    errors = [e for r in results for e in r.centre_errors_mm]
-    missed = sum(r.lesions_missed for r in results)
-    n_lesions = len(errors) + missed
+    proto = _Protocol(results)
+    all_idx = np.arange(len(results))
+    cm = confusion_matrix(proto.truth_pirads, proto.pred_pirads, labels=list(PIRADS_CATEGORIES))
+    figures = proto.figures(model, baselines, subjects)
+    group_figures = proto.group_figures()
+    point = {name: _finite(fig(all_idx)) for name, fig in figures.items()}
+    group_point = {name: _finite(fig(all_idx)) for name, fig in group_figures.items()}
+    intervals = bootstrap_intervals({**figures, **group_figures}, len(results), resamples, bootstrap_seed)
+    nearest = np.concatenate([r.match.lesion_nearest_mm for r in results]) if results else np.zeros(0)
+    located_nearest = nearest[nearest <= CENTRE_TOLERANCE_MM]
+    n_lesions = int(nearest.size)
+    n_located = int(sum(int(np.sum(~np.isnan(r.match.lesion_likelihood))) for r in results))
+    seeds = sorted({r.data_seed for r in results if r.data_seed is not None})
+
+    by_group: dict[str, dict[str, Any]] = {}
+    counts = proto.lesion_counts()
+    for name, value in group_point.items():
+        group, figure = name.split("/", 1)
+        entry = by_group.setdefault(group, {"significant_lesions": counts.get(group, 0)})
+        entry[figure] = value
+        entry[f"{figure}_ci95"] = intervals[name]
 
     metrics: dict[str, Any] = {
-        "auroc": _finite(model.auroc),
-        "ap": _finite(model.AP),
+        **{k: point[k] for k in ("auroc", "ap")},
         "score": _finite(model.score),
-        "classifier_auroc": _finite(float(roc_auc_score(labels, probs))) if both_classes else None,
+        "classifier_auroc": point["classifier_auroc"],
+        "brier": point["brier"],
+        "ece": point["ece"],
         "baseline_auroc": _finite(base.auroc),
         "baseline_ap": _finite(base.AP),
         "baseline_score": _finite(base.score),
@@ -199,27 +348,46 @@ def evaluate(
         "baseline_dwi_auroc": _finite(baselines["dwi_max"].auroc),
         "baseline_dwi_ap": _finite(baselines["dwi_max"].AP),
         "baseline_dwi_score": _finite(baselines["dwi_max"].score),
-        "pirads_accuracy": float(np.trace(cm) / max(1, cm.sum())),
-        "pirads_quadratic_kappa": _finite(float(cohen_kappa_score(truth_pirads, pred_pirads, weights="quadratic")))
-        if len(set(truth_pirads) | set(pred_pirads)) > 1
-        else None,
+        "pirads_accuracy": point["pirads_accuracy"],
+        "pirads_quadratic_kappa": point["pirads_quadratic_kappa"],
         "pirads_confusion": {"categories": list(PIRADS_CATEGORIES), "rows_truth_cols_predicted": cm.tolist()},
-        "centre_error_mm_median": float(np.median(errors)) if errors else None,
-        "centre_error_mm_mean": float(np.mean(errors)) if errors else None,
-        "centre_error_mm_p90": float(np.percentile(errors, 90)) if errors else None,
-        "centre_error_mm_max": float(np.max(errors)) if errors else None,
-        "centre_within_5mm_fraction": float(np.mean(np.asarray(errors) <= CENTRE_TOLERANCE_MM)) if errors else None,
-        "lesions_located": len(errors),
-        "lesions_missed": missed,
+        "pirads_categories_never_predicted": [
+            int(c)
+            for c in PIRADS_CATEGORIES
+            if c in set(proto.truth_pirads.tolist()) and c not in set(proto.pred_pirads.tolist())
+        ],
+        "located_fraction": point["located_fraction"],
+        "centre_within_5mm_fraction": point["located_fraction"],
+        "lesions_located": n_located,
+        "lesions_missed": n_lesions - n_located,
         "lesions_total": n_lesions,
-        "num_cases": len(results),
-        "num_significant_cases": int(labels.sum()),
-        "candidates": {
-            "threshold": CANDIDATE_THRESHOLD,
-            "min_voxels_detection": MIN_VOXELS_DETECTION,
-            "num_lesions_to_extract": NUM_LESIONS_TO_EXTRACT,
-            "dynamic_threshold_factor": DYNAMIC_THRESHOLD_FACTOR,
+        "centre_error_mm_median": float(np.median(located_nearest)) if located_nearest.size else None,
+        "centre_error_mm_p90": float(np.percentile(located_nearest, 90)) if located_nearest.size else None,
+        "centre_error_mm_max": float(np.max(located_nearest)) if located_nearest.size else None,
+        **{f"froc_sensitivity_at_{fp:g}_fp": point[f"froc_sensitivity_at_{fp:g}_fp"] for fp in FROC_FP_PER_STUDY},
+        "incoherent_fraction": point["incoherent_fraction"],
+        "incoherent_studies": int(proto.incoherent.sum()),
+        "studies_with_candidate_ge_0.9": int(np.sum(proto.top >= COHERENCE_HIGH_CANDIDATE)),
+        "ci95": {name: intervals[name] for name in figures},
+        "by_zone": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("zone=")},
+        "by_size": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("size=")},
+        "bootstrap": {
+            "resamples": resamples,
+            "seed": bootstrap_seed,
+            "method": "case-level resampling with replacement, 2.5th-97.5th percentiles",
         },
+        "definitions": {
+            "located": f"a candidate centre within {CENTRE_TOLERANCE_MM:g} mm of a significant lesion centre, "
+            "over all significant lesions",
+            "froc": "greedy matching by likelihood; unmatched candidates are false positives",
+            "incoherent": "a candidate >= 0.9 with study probability < 0.5, "
+            "or no candidate >= 0.1 with probability > 0.5",
+            "ece": f"{ECE_BINS} equal-width bins of cspca_probability vs the study truth",
+        },
+        "num_cases": len(results),
+        "num_significant_cases": int(proto.labels.sum()),
+        "data_seeds": seeds,
+        "candidates": DEFAULT_CANDIDATES.to_dict(),
         "data_dir": str(data_dir),
         "checkpoint": str(checkpoint),
         "checkpoint_profile": meta.get("profile"),
@@ -230,10 +398,12 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    _write_cases_csv(out_dir / "cases.csv", results)
-    _plots(out_dir, model, baselines, labels, probs, cm)
+    _write_cases_csv(out_dir / "cases.csv", results, proto)
+    _write_candidates_csv(out_dir / "candidates.csv", results)
+    _write_lesions_csv(out_dir / "lesions.csv", results)
+    _plots(out_dir, model, baselines, proto, cm)
     if record_in_checkpoint:
-        summary = {k: metrics[k] for k in metrics if k not in ("pirads_confusion", "candidates")}
+        summary = {k: metrics[k] for k in metrics if k not in ("pirads_confusion", "candidates", "definitions")}
         save_checkpoint(checkpoint, nets, {**meta, "evaluation": summary})
     return metrics
 
@@ -244,7 +414,7 @@ def _unit_geometry(shape_dhw: tuple[int, ...]) -> GridGeometry:
     return GridGeometry((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (1.0, 1.0, 1.0), (w, h, d))
 
 
-def _write_cases_csv(path: Path, results: list[CaseResult]) -> None:
+def _write_cases_csv(path: Path, results: list[CaseResult], proto: _Protocol) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -256,28 +426,94 @@ def _write_cases_csv(path: Path, results: list[CaseResult]) -> None:
                 "pirads_predicted",
                 "top_candidate_likelihood",
                 "num_candidates",
+                "false_positive_candidates",
+                "significant_lesions",
+                "lesions_located",
+                "incoherent",
                 "baseline_adc_min_score",
                 "baseline_dwi_max_score",
-                "centre_errors_mm",
-                "lesions_missed",
+                "nearest_candidate_mm",
             ]
         )
-        for r in results:
+        for i, r in enumerate(results):
             writer.writerow(
                 [
                     r.case_id,
                     r.significant,
                     r.max_pirads,
                     f"{r.cspca_probability:.4f}",
-                    int(np.argmax(r.pirads_distribution)) + 1,
-                    f"{(r.candidates[0].likelihood if r.candidates else 0.0):.4f}",
+                    r.pirads_predicted,
+                    f"{r.top_likelihood:.4f}",
                     len(r.candidates),
+                    int(np.sum(r.match.candidate_lesion < 0)),
+                    len(r.lesions),
+                    int(np.sum(~np.isnan(r.match.lesion_likelihood))),
+                    int(proto.incoherent[i]),
                     f"{float(r.baseline_maps['adc_min'].max()):.4f}",
                     f"{float(r.baseline_maps['dwi_max'].max()):.4f}",
-                    " ".join(f"{e:.2f}" for e in r.centre_errors_mm),
-                    r.lesions_missed,
+                    " ".join(f"{e:.2f}" for e in r.match.lesion_nearest_mm),
                 ]
             )
+
+
+def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
+    """One row per candidate; ``pirads`` stays empty until the networks score each lesion (issue 10, item 1)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "case_id",
+                "x_mm",
+                "y_mm",
+                "z_mm",
+                "likelihood",
+                "pirads",
+                "rank",
+                "volume_mm3",
+                "located_lesion_label",
+                "nearest_significant_lesion_mm",
+            ]
+        )
+        for r in results:
+            for c, lesion, dist in zip(r.candidates, r.match.candidate_lesion, r.match.candidate_distance_mm):
+                x, y, z = c.center_lps_mm
+                writer.writerow(
+                    [
+                        r.case_id,
+                        f"{x:.2f}",
+                        f"{y:.2f}",
+                        f"{z:.2f}",
+                        f"{c.likelihood:.4f}",
+                        "",
+                        c.label,
+                        f"{c.volume_mm3:.1f}",
+                        r.lesions[lesion]["label"] if lesion >= 0 else "",
+                        f"{dist:.2f}" if math.isfinite(dist) else "",
+                    ]
+                )
+
+
+def _write_lesions_csv(path: Path, results: list[CaseResult]) -> None:
+    """One row per significant truth lesion: zone, size, nearest candidate, located or not."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            ["case_id", "label", "zone", "diameter_mm", "pirads", "nearest_candidate_mm", "located", "likelihood"]
+        )
+        for r in results:
+            for lesion, nearest, lik in zip(r.lesions, r.match.lesion_nearest_mm, r.match.lesion_likelihood):
+                writer.writerow(
+                    [
+                        r.case_id,
+                        lesion["label"],
+                        lesion.get("zone", ""),
+                        lesion.get("diameter_mm", ""),
+                        lesion.get("pirads", ""),
+                        f"{nearest:.2f}" if math.isfinite(nearest) else "",
+                        int(not math.isnan(lik)),
+                        "" if math.isnan(lik) else f"{lik:.4f}",
+                    ]
+                )
 
 
 def _save(fig: Any, path: Path, legend_loc: str | None = None) -> None:
@@ -291,19 +527,18 @@ def _save(fig: Any, path: Path, legend_loc: str | None = None) -> None:
     plt.close(fig)
 
 
-def _plots(
-    out_dir: Path, model: Any, baselines: dict[str, Any], labels: np.ndarray, probs: np.ndarray, cm: np.ndarray
-) -> None:
+def _plots(out_dir: Path, model: Any, baselines: dict[str, Any], proto: _Protocol, cm: np.ndarray) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels, probs = proto.labels, proto.probs
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(model.case_FPR, model.case_TPR, label=f"networks, top candidate (AUROC {model.auroc:.3f})")
     if 0 < labels.sum() < len(labels):
         fpr, tpr, _ = roc_curve(labels, probs)
-        ax.plot(fpr, tpr, label=f"networks, csPCa head (AUROC {roc_auc_score(labels, probs):.3f})")
+        ax.plot(fpr, tpr, label=f"networks, csPCa head (AUROC {auroc_or_none(labels, probs):.3f})")
     for rule, base in baselines.items():
         ax.plot(base.case_FPR, base.case_TPR, label=f"baseline {rule} (AUROC {base.auroc:.3f})", linestyle="--")
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.5)
@@ -324,13 +559,20 @@ def _plots(
     _save(fig, out_dir / "pr.png", legend_loc="lower left")
 
     fig, ax = plt.subplots(figsize=(5, 5))
-    ax.plot(model.lesion_FPR, model.lesion_TPR, label="networks")
+    ax.plot(model.lesion_FPR, model.lesion_TPR, label="networks (picai_eval, IoU >= 0.1)")
+    idx = np.arange(proto.n)
+    fp_rate, sens = froc_curve(
+        np.concatenate([proto.fp[i] for i in idx]) if proto.n else np.zeros(0), proto._lesions(idx), proto.n
+    )
+    ax.plot(fp_rate, sens, label=f"networks (centre within {CENTRE_TOLERANCE_MM:g} mm)", drawstyle="steps-post")
+    for fp in FROC_FP_PER_STUDY:
+        ax.axvline(fp, color="grey", linewidth=0.5)
     for rule, base in baselines.items():
         ax.plot(base.lesion_FPR, base.lesion_TPR, label=f"baseline {rule}", linestyle="--")
     ax.set_xscale("log")
     ax.set_xlabel("false positives per case")
     ax.set_ylabel("lesion sensitivity")
-    ax.set_title("FROC")
+    ax.set_title("FROC (synthetic studies)")
     _save(fig, out_dir / "froc.png", legend_loc="lower right")
 
     fig, ax = plt.subplots(figsize=(5, 4.5))

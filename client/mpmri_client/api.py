@@ -127,6 +127,19 @@ def request_stream(
     yield message
 
 
+def reference_request(
+    dicomweb_url: str, study_instance_uid: str, request_id: str = "", store_results: bool = False, **options: Any
+) -> pb.AnalyzeReferenceRequest:
+    """The ``AnalyzeReference`` request; ``options`` are :class:`AnalyzeOptions` fields."""
+    return pb.AnalyzeReferenceRequest(
+        request_id=request_id,
+        dicomweb_url=dicomweb_url,
+        study_instance_uid=study_instance_uid,
+        store_results=store_results,
+        options=pb.AnalyzeOptions(**options),
+    )
+
+
 def _backoff(options: ChannelOptions, attempt: int) -> float:
     return float(min(options.backoff_s * (2**attempt), options.max_backoff_s) * (0.5 + random.random()))
 
@@ -191,13 +204,7 @@ class AnalysisClient:
         **options: Any,
     ) -> pb.AnalyzeResponse:
         """Let the service pull the study over DICOMweb (and store SEG/SR back when ``store_results``)."""
-        request = pb.AnalyzeReferenceRequest(
-            request_id=request_id,
-            dicomweb_url=dicomweb_url,
-            study_instance_uid=study_instance_uid,
-            store_results=store_results,
-            options=pb.AnalyzeOptions(**options),
-        )
+        request = reference_request(dicomweb_url, study_instance_uid, request_id, store_results, **options)
         return self._call(self._stub.AnalyzeReference, lambda: request, timeout_s)
 
     def close(self) -> None:
@@ -275,13 +282,7 @@ class AsyncAnalysisClient:
         timeout_s: float | None = None,
         **options: Any,
     ) -> pb.AnalyzeResponse:
-        request = pb.AnalyzeReferenceRequest(
-            request_id=request_id,
-            dicomweb_url=dicomweb_url,
-            study_instance_uid=study_instance_uid,
-            store_results=store_results,
-            options=pb.AnalyzeOptions(**options),
-        )
+        request = reference_request(dicomweb_url, study_instance_uid, request_id, store_results, **options)
         return await self._call(self._stub.AnalyzeReference, lambda: request, timeout_s)
 
     async def close(self) -> None:
