@@ -208,9 +208,10 @@ def check_result(case: Path, out: Path) -> None:
     assert result["availability"] == {"t2w": True, "adc": True, "dwi": True}
     assert 0.0 <= result["cspca_probability"] <= 1.0
     assert abs(sum(result["pirads_distribution"]) - 1.0) < 1e-3
-    # seed 3 / case 0 is a benign study (max PI-RADS 1): the shipped checkpoint calls it so
+    # seed 3 / case 0 is a benign study (max PI-RADS 1): the shipped checkpoint calls it so (one category of
+    # slack, so that a retrained checkpoint does not break a test of the deployment)
     assert (result["cspca_probability"] >= 0.5) is truth["significant"]
-    assert result["pirads_score"] == truth["max_pirads"]
+    assert abs(result["pirads_score"] - truth["max_pirads"]) <= 1
     sr = pydicom.dcmread(out / "sr.dcm")
     assert sr.StudyInstanceUID == truth["study_instance_uid"] and sr.Modality == "SR"
 
