@@ -4,7 +4,7 @@
 # The wheel is manylinux_2_38; Debian 12 has glibc 2.36, so pip refuses it. We unpack the wheel and run
 # the binary through the dynamic loader of Debian trixie's libc6/libstdc++6/libgcc-s1, unpacked into
 # .tools/trixie from a private apt configuration (the system's apt state is not touched).
-# Needs network access to PyPI and deb.debian.org only. Prints the launcher path on success.
+# Needs network access to PyPI and Debian's archive (the mirror this machine's apt uses) only. Prints the launcher path on success.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 TOOLS="${MPMRI_TOOLS_DIR:-$ROOT/.tools}"
@@ -34,7 +34,7 @@ fi
 if [[ ! -e "$TRIXIE/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ]]; then
   APT="$TOOLS/apt"
   mkdir -p "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/debs"
-  echo "deb http://deb.debian.org/debian trixie main" > "$APT/sources.list"
+  echo "deb $(bash "$(dirname "$0")/debian_mirror.sh") trixie main" > "$APT/sources.list"
   OPTS=(-o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
         -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache" -o "APT::Architecture=amd64"
         -o "Debug::NoLocking=1")

@@ -50,7 +50,8 @@ fi
 ROOTFS="$(mktemp -d /var/tmp/mpmri-rootfs.XXXXXX)"
 trap 'rm -rf "$ROOTFS"' EXIT
 echo "debootstrap --variant=minbase $SUITE (+ $INCLUDE) -> $BASE_IMAGE" >&2
-debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOTFS" http://deb.debian.org/debian >&2
+MIRROR="$(bash "$(dirname "$0")/debian_mirror.sh")"  # the archive this machine's apt uses
+debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$ROOTFS" "$MIRROR" >&2
 # a smaller image: apt lists and caches, docs and locales are not needed at run time
 rm -rf "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/var/cache/apt/*.bin "$ROOTFS"/var/cache/apt/archives/*.deb \
   "$ROOTFS"/usr/share/doc/* "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/locale/*

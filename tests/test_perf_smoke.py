@@ -42,7 +42,7 @@ from serving.perf import (
 def test_perf_analyzer_measures_ensemble_and_a_composing_model(
     triton_server: EmbeddedTriton, exported_repository: Path, tmp_path: Path
 ) -> None:
-    ensure_perf_analyzer()  # installs into .tools/ on a fresh machine (PyPI + deb.debian.org)
+    ensure_perf_analyzer()  # installs into .tools/ on a fresh machine (PyPI + Debian's archive)
     tensors = study_tensors(None)
     sessions = {m: ort_session(exported_repository / m / "1" / "model.onnx") for m in NETWORK_MODELS}
     tensors = ort_chain(sessions, tensors)
