@@ -7,8 +7,8 @@ methods, the order of the two methods alternating from round to round), on the s
 * ``plain`` -- the generator's files (Explicit VR Little Endian, no scanner headers);
 * ``scanner`` -- the same images with scanner-like headers (nested sequences, Siemens CSA / GE / Philips
   private groups: ``SynthConfig.scanner_headers_every = 1``);
-* ``rle``, ``jpeg-ls``, ``jpeg2000`` (and ``jpeg-sv1`` where dcmtk is installed) -- the plain files re-encoded
-  losslessly (``preprocessing.testing.encode``),
+* ``rle``, ``jpeg-ls``, ``jpeg2000`` (and ``jpeg-sv1`` where dcmtk is installed, ``htj2k`` where OpenJPH's
+  ``ojph_compress`` is installed) -- the plain files re-encoded losslessly (``preprocessing.testing.encode``),
 
 at two grids: ``contract.DEFAULT_GRID`` (16 x 64 x 64, 3.0 x 1.5 x 1.5 mm) and ``contract.REALISTIC_GRID``
 (24 x 256 x 256, 3.0 x 0.5 x 0.5 mm, the grid of deployed GPU models).
@@ -170,9 +170,12 @@ def prepare_variants(root: Path, seed: int, index: int) -> tuple[list[Variant], 
     variants = [_write_variant("plain", plain, root, chosen)]
     variants.append(_write_variant("scanner", study_blobs(1, "scanner"), root, chosen))
     notes: list[str] = []
-    for syntax in ("rle", "jpeg-ls", "jpeg2000", "jpeg-sv1"):
+    for syntax in ("rle", "jpeg-ls", "jpeg2000", "jpeg-sv1", "htj2k"):
         if syntax == "jpeg-sv1" and shutil.which("dcmcjpeg") is None:
             notes.append("jpeg-sv1 not measured: dcmtk's dcmcjpeg (its encoder) is not installed")
+            continue
+        if syntax == "htj2k" and shutil.which("ojph_compress") is None:
+            notes.append("htj2k not measured: OpenJPH's ojph_compress (its encoder, openjph-tools) is not installed")
             continue
         encoded = {rel: encode(data, syntax) for rel, data in plain.items()}
         assert all(LOSSLESS_SYNTAXES[syntax].encode() in e[:400] for e in encoded.values())

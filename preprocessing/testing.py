@@ -346,6 +346,7 @@ LOSSLESS_SYNTAXES: dict[str, str] = {
     "jpeg-ls": "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless (pyjpegls)
     "jpeg2000": "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only (pylibjpeg-openjpeg)
     "jpeg-sv1": "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (dcmtk's dcmcjpeg, when installed)
+    "htj2k": "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless (OpenJPH's ojph_compress, when installed)
     "deflated": "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian (pydicom writes it)
 }
 
@@ -354,7 +355,8 @@ def encode(data: bytes, syntax: str) -> bytes:
     """One Part 10 file re-encoded losslessly in ``syntax`` (a key of :data:`LOSSLESS_SYNTAXES`).
 
     Raises:
-        RuntimeError: the encoder of ``syntax`` is not available on this machine (e.g. no ``dcmcjpeg``).
+        RuntimeError: the encoder of ``syntax`` is not available on this machine (e.g. no ``dcmcjpeg``,
+            no ``ojph_compress``).
     """
     import shutil
     import subprocess
@@ -363,6 +365,16 @@ def encode(data: bytes, syntax: str) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     uid = UID(LOSSLESS_SYNTAXES[syntax])
     if syntax == "deflated":
+        ds.file_meta.TransferSyntaxUID = uid
+        return to_bytes(ds)
+    if syntax == "htj2k":
+        from pydicom.encaps import encapsulate
+
+        frames = [
+            htj2k_encode_frame(f, int(ds.BitsStored), signed=int(ds.PixelRepresentation) == 1) for f in _frames(ds)
+        ]
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = uid
         return to_bytes(ds)
     if syntax == "jpeg-sv1":
@@ -378,3 +390,73 @@ def encode(data: bytes, syntax: str) -> bytes:
                 return fh.read()
     ds.compress(uid)
     return to_bytes(ds)
+
+
+def _frames(ds: Dataset) -> list[np.ndarray]:
+    """The stored values of every frame of a native (uncompressed) monochrome object, ``[rows, cols]`` each."""
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError(f"only monochrome pixel data can be encoded, SamplesPerPixel is {ds.SamplesPerPixel}")
+    arr = np.asarray(ds.pixel_array)
+    return list(arr.reshape(-1, int(ds.Rows), int(ds.Columns)))
+
+
+def htj2k_encode_frame(frame: np.ndarray, bits_stored: int, *, signed: bool) -> bytes:
+    """One monochrome frame as a reversible (lossless) HTJ2K codestream (``.j2c``), by OpenJPH's ``ojph_compress``.
+
+    Args:
+        frame: stored values ``[rows, cols]`` (unsigned, or two's complement when ``signed``).
+        bits_stored: BitsStored (the component's bit depth in the codestream, 1..16).
+        signed: PixelRepresentation is 1.
+
+    The frame is handed over as raw samples (``.yuv``: 1 byte per sample up to 8 bits, else 2 bytes in the
+    host byte order, which OpenJPH reads). ``ojph_compress`` (OpenJPH 0.9) reads raw samples as unsigned, so a
+    signed frame is written offset by ``2**(bits_stored - 1)`` as an unsigned component, and the sign bit
+    of the component's Ssiz in the SIZ marker is then set. That is the codestream of the signed frame:
+    JPEG 2000 level-shifts an unsigned component by exactly ``-2**(bits_stored - 1)`` before the
+    (reversible) transform and signed components not at all, and nothing else in the codestream depends
+    on the signedness.
+
+    Raises:
+        RuntimeError: ``ojph_compress`` (Debian package ``openjph-tools``) is not installed.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("ojph_compress")
+    if exe is None:
+        raise RuntimeError("ojph_compress (OpenJPH, Debian openjph-tools) is not installed: cannot encode HTJ2K")
+    if frame.ndim != 2 or not 1 <= bits_stored <= 16:
+        raise ValueError(f"one 2-D frame of 1..16 bits expected, got shape {frame.shape}, {bits_stored} bits")
+    rows, cols = frame.shape
+    values = frame.astype(np.int64)
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if values.size and (values.min() < lo or values.max() > hi):
+        raise ValueError(f"frame values {values.min()}..{values.max()} do not fit {bits_stored} bits")
+    if signed:
+        values = values + (1 << (bits_stored - 1))
+    raw = values.astype("u1" if bits_stored <= 8 else "=u2").tobytes()  # OpenJPH reads native byte order
+    # 5 decompositions (the default) unless the frame is too small for them
+    decomps = max(0, min(5, int(np.floor(np.log2(max(1, min(rows, cols)))))))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = f"{tmp}/frame.yuv", f"{tmp}/frame.j2c"
+        with open(src, "wb") as fh:
+            fh.write(raw)
+        cmd = [
+            exe, "-i", src, "-o", dst, "-reversible", "true", "-num_decomps", str(decomps),
+            "-dims", f"{{{cols},{rows}}}", "-num_comps", "1", "-signed", "false",
+            "-bit_depth", str(bits_stored), "-downsamp", "{1,1}",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"ojph_compress failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+            )
+        with open(dst, "rb") as fh:
+            codestream = bytearray(fh.read())
+    # SOC, SIZ: marker, Lsiz, Rsiz, 8 x 4-byte sizes and offsets, Csiz, then Ssiz of component 0 at byte 42
+    if codestream[:4] != b"\xff\x4f\xff\x51" or len(codestream) < 43:
+        raise RuntimeError("ojph_compress wrote no JPEG 2000 codestream (SOC + SIZ expected)")
+    if signed:
+        codestream[42] |= 0x80
+    return bytes(codestream)

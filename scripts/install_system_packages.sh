@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the test suite starts for real: Orthanc (+ Python and DICOMweb plugins) as the PACS,
-# dcmtk's storescu as the modality, openssl for test certificates. Idempotent: installs only what is missing.
+# dcmtk's storescu as the modality (and dcmcjpeg, the JPEG Lossless SV1 test encoder), openjph-tools'
+# ojph_compress (the HTJ2K test encoder), openssl for test certificates. Idempotent: installs only what is missing.
 set -euo pipefail
-packages=(orthanc orthanc-python orthanc-dicomweb dcmtk openssl procps)
+packages=(orthanc orthanc-python orthanc-dicomweb dcmtk openjph-tools openssl procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,8 +1,9 @@
 """Compressed pixel data: every lossless syntax gives the tensor of the uncompressed study, bit for bit.
 
 Encoders: pydicom (RLE, deflate), pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), dcmtk's dcmcjpeg
-(JPEG Lossless SV1; skipped where dcmtk is not installed). HTJ2K cannot be encoded on this machine
-(openjpeg decodes HTJ2K but does not encode it; no OpenJPH/Kakadu): its decoder is declared, not tested here.
+(JPEG Lossless SV1), OpenJPH's ojph_compress (HTJ2K Lossless; Debian openjph-tools). The two command-line
+encoders are installed by ``scripts/install_system_packages.sh`` (``make test``); their syntaxes are skipped
+where they are missing. HTJ2K is decoded by pylibjpeg-openjpeg (openjpeg >= 2.5).
 """
 
 from __future__ import annotations
@@ -10,12 +11,19 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import UID
 
 from preprocessing.errors import UnsupportedPixelDataError
 from preprocessing.pipeline import PreprocessedStudy, preprocess_study
-from preprocessing.testing import LOSSLESS_SYNTAXES, encode, fuzz_study, to_bytes
+from preprocessing.testing import LOSSLESS_SYNTAXES, blob, encode, fuzz_study, make_series, to_bytes
+
+needs_ojph = pytest.mark.skipif(
+    shutil.which("ojph_compress") is None,
+    reason="OpenJPH's ojph_compress (the HTJ2K encoder, Debian openjph-tools) is not installed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +42,8 @@ def test_lossless_syntax_gives_the_tensor_of_the_uncompressed_study(
 ) -> None:
     if syntax == "jpeg-sv1" and shutil.which("dcmcjpeg") is None:
         pytest.skip("dcmtk's dcmcjpeg (the JPEG Lossless SV1 encoder) is not installed")
+    if syntax == "htj2k" and shutil.which("ojph_compress") is None:
+        pytest.skip("OpenJPH's ojph_compress (the HTJ2K encoder, Debian openjph-tools) is not installed")
     encoded = [encode(b, syntax) for b in blobs]
     assert all(LOSSLESS_SYNTAXES[syntax].encode() in e[:400] for e in encoded)  # really re-encoded
     out = preprocess_study(encoded)
@@ -43,9 +53,7 @@ def test_lossless_syntax_gives_the_tensor_of_the_uncompressed_study(
 
 
 def test_a_syntax_without_a_decoder_is_an_error_naming_the_transfer_syntax(blobs: list[bytes]) -> None:
-    import pydicom
     from pydicom.encaps import encapsulate
-    from pydicom.filebase import DicomBytesIO
 
     mpeg2 = UID("1.2.840.10008.1.2.4.100")  # MPEG2 Main Profile / Main Level: no pixel decoder
     damaged = []
@@ -57,3 +65,53 @@ def test_a_syntax_without_a_decoder_is_an_error_naming_the_transfer_syntax(blobs
         damaged.append(to_bytes(ds))
     with pytest.raises(UnsupportedPixelDataError, match=r"transfer syntax MPEG2 Main Profile / Main Level \(1\.2\.840"):
         preprocess_study(damaged)
+
+
+def _htj2k_frames(ds: pydicom.Dataset) -> list[bytes]:
+    from pydicom.encaps import generate_frames
+
+    return list(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1))))
+
+
+@needs_ojph
+@pytest.mark.parametrize(
+    ("bits_stored", "signed", "enhanced"),
+    [(16, False, False), (12, False, False), (16, True, False), (12, True, False), (16, False, True)],
+)
+def test_an_htj2k_frame_decodes_to_the_original_frame_bit_for_bit(
+    bits_stored: int, signed: bool, enhanced: bool
+) -> None:
+    rng = np.random.default_rng(bits_stored + 2 * signed)
+    (ds,) = make_series(
+        description="t2_tse_tra", value_fn=blob((0.0, 0.0, 0.0)), rows=40, columns=56, num_slices=3 if enhanced else 1,
+        enhanced=enhanced,
+    )  # fmt: skip
+    # full-range noise: every bit of the stored values matters, negative values where signed
+    lo, hi = (-(1 << (bits_stored - 1)), 1 << (bits_stored - 1)) if signed else (0, 1 << bits_stored)
+    original = rng.integers(lo, hi, size=(3 if enhanced else 1, 40, 56)).astype(np.int16 if signed else np.uint16)
+    original[..., 0, 0], original[..., 0, 1] = lo, hi - 1  # the extremes of the range
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, int(signed)
+    ds.PixelData = original.tobytes()
+    expected = pydicom.dcmread(DicomBytesIO(to_bytes(ds))).pixel_array
+    np.testing.assert_array_equal(expected.reshape(original.shape), original)
+
+    out = pydicom.dcmread(DicomBytesIO(encode(to_bytes(ds), "htj2k")))
+    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.201"
+    assert out.PhotometricInterpretation == "MONOCHROME2"
+    frames = _htj2k_frames(out)
+    assert len(frames) == original.shape[0]
+    for frame in frames:
+        # a J2K codestream (SOC, SIZ) whose main header has the CAP marker of Part 15 (HT block coder)
+        assert frame[:4] == b"\xff\x4f\xff\x51"
+        assert b"\xff\x50" in frame[: frame.index(b"\xff\x90")]  # before the first tile-part (SOT)
+        assert frame[42] == (0x80 if signed else 0) | (bits_stored - 1)  # Ssiz: signedness and depth
+    decoded = out.pixel_array
+    assert decoded.dtype == original.dtype
+    np.testing.assert_array_equal(decoded.reshape(original.shape), original)
+
+
+def test_htj2k_without_ojph_compress_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    (ds,) = make_series(description="t2_tse_tra", value_fn=blob((0.0, 0.0, 0.0)), rows=32, columns=32, num_slices=1)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    with pytest.raises(RuntimeError, match="ojph_compress .*openjph-tools.* is not installed"):
+        encode(to_bytes(ds), "htj2k")
