@@ -101,9 +101,10 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
         pos = value_pos + length
         if pos > end:
             return None
-        tag = new_tag(base_tag, group << 16 | elem)
+        key = group << 16 | elem
+        tag = new_tag(base_tag, key)
         value = data[value_pos:pos] if length else empty_value_for_VR(vr, raw=True)
-        if tag == 0x00080005:  # Specific Character Set: the encoding of later sequence items, as in pydicom
+        if key == 0x00080005:  # Specific Character Set (int compare: BaseTag.__eq__ is Python-level, slow)
             encoding = convert_encodings(convert_string(data[value_pos:pos], True))
         # tuple.__new__: the namedtuple's fields in order, without its Python-level constructor
         elements[tag] = new_raw(raw_cls, (tag, vr, length, value, value_pos, False, True, True, False))  # type: ignore[arg-type]
