@@ -10,6 +10,7 @@ likelihood) that references its SEG segment, plus the study-level csPCa probabil
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from pydicom.sr.codedict import codes
 
 from contract import __version__
 from postprocessing.report import Findings
+
+# highdicom logs dataset UIDs at INFO level; UIDs never reach our logs (a user may lower this again)
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "mpmri-serve"
 ALGORITHM_NAME = "mpmri-serve lesion localization"

@@ -49,5 +49,3 @@ def configure(log_format: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # highdicom logs dataset UIDs at INFO level: never let them reach the service's logs
-    logging.getLogger("highdicom").setLevel(logging.WARNING)

@@ -56,7 +56,6 @@ class AnalysisServer:
         self.metrics_port = -1
         self.model_error: str | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._warm_up: asyncio.Future[float] | None = None
         interceptors = []
         token = settings.auth_token()
         if token:
@@ -143,9 +142,10 @@ class AnalysisServer:
             raise SettingsError(f"cannot listen on {self.settings.address}")
         if self.settings.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        # highdicom's first SEG costs about a second: pay it before the first router call, not during it
+        warm_up_s = await asyncio.get_running_loop().run_in_executor(self.executor, warm_up_dicom_outputs)
         await self.server.start()
         self._watcher = asyncio.create_task(self._watch())
-        self._warm_up = asyncio.get_running_loop().run_in_executor(self.executor, warm_up_dicom_outputs)
         log.info(
             "listening",
             extra={
@@ -156,6 +156,7 @@ class AnalysisServer:
                     "metrics_port": self.metrics_port,
                     "triton": self.settings.triton_url,
                     "shared_memory": self.settings.triton_shared_memory,
+                    "warm_up_s": round(warm_up_s, 3),
                 }
             },
         )
