@@ -86,27 +86,62 @@ def extract_candidates(
     return candidates, candidate_map
 
 
+#: report_guided_annotation's "dynamic" extraction stops once the map's maximum is below this
+_DYNAMIC_STOP_LIKELIHOOD = 0.01
+
+
+def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[slice, ...] | None:
+    """The box (plus a one-voxel margin) outside of which no voxel can join a candidate; ``None``: none can.
+
+    With ``"dynamic"`` every threshold is at least ``0.01 / factor`` (the extraction stops below a maximum of
+    0.01), with a static threshold it is that threshold; voxels below it are zeroed before labelling. Labelling
+    (26-connectivity), the one-voxel dilation and the raster order of labels are local, so running the PI-CAI
+    extraction on the window gives exactly the whole-volume result (tested) at a fraction of the cost: the
+    fused map is zero almost everywhere (about 0.1 % of the voxels of a study lie above the floor).
+    """
+    if settings.threshold == "dynamic":
+        floor = _DYNAMIC_STOP_LIKELIHOOD / settings.dynamic_threshold_factor
+    elif isinstance(settings.threshold, int | float):
+        floor = float(settings.threshold)
+    else:  # "dynamic-fast" and others: no floor known, the whole volume
+        return tuple(slice(0, n) for n in volume.shape)
+    points = np.nonzero(volume >= floor)
+    if points[0].size == 0:
+        return None
+    return tuple(
+        slice(max(int(axis.min()) - 1, 0), min(int(axis.max()) + 2, n)) for axis, n in zip(points, volume.shape)
+    )
+
+
 def extract_candidate_labels(
-    fused_map: np.ndarray, geometry: GridGeometry, settings: CandidateSettings = DEFAULT_CANDIDATES
+    fused_map: np.ndarray,
+    geometry: GridGeometry,
+    settings: CandidateSettings = DEFAULT_CANDIDATES,
+    crop: bool = True,
 ) -> tuple[list[LesionCandidate], np.ndarray, np.ndarray]:
     """Candidates, candidate map and a label map ``[D, H, W]`` uint8 (0 background, candidate ``n`` -> ``n``).
 
     Candidates are numbered 1..N in order of decreasing likelihood (``LesionCandidate.label`` is that number),
-    the numbering of the DICOM SEG's segments.
+    the numbering of the DICOM SEG's segments. ``crop=False`` runs the PI-CAI extraction on the whole volume
+    (the reference the window must equal; see :func:`_active_window`).
     """
     volume = np.asarray(fused_map, dtype=np.float32)
     if volume.ndim == 4 and volume.shape[0] == 1:
         volume = volume[0]
     if volume.ndim != 3:
         raise ValueError(f"fused_map must be [D, H, W], got shape {volume.shape}")
-    _, confidences, indexed = extract_lesion_candidates(
-        volume,  # type: ignore[arg-type]  # float32 is accepted at run time
-        threshold=settings.threshold,
-        min_voxels_detection=settings.min_voxels_detection,
-        num_lesions_to_extract=settings.num_lesions_to_extract,
-        dynamic_threshold_factor=settings.dynamic_threshold_factor,
-    )
-    indexed = np.asarray(indexed)
+    indexed = np.zeros(volume.shape, dtype=int)
+    window = _active_window(volume, settings) if crop else tuple(slice(0, n) for n in volume.shape)
+    confidences: list[tuple[int, float]] = []
+    if window is not None:
+        _, confidences, indexed_window = extract_lesion_candidates(
+            np.ascontiguousarray(volume[window]),  # type: ignore[arg-type]  # float32 is accepted at run time
+            threshold=settings.threshold,
+            min_voxels_detection=settings.min_voxels_detection,
+            num_lesions_to_extract=settings.num_lesions_to_extract,
+            dynamic_threshold_factor=settings.dynamic_threshold_factor,
+        )
+        indexed[window] = np.asarray(indexed_window)
     found: list[tuple[LesionCandidate, np.ndarray]] = []
     grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
     for blob, confidence in confidences:
