@@ -28,8 +28,9 @@ import grpc.aio
 from mpmri_client.v1 import analysis_pb2 as pb
 from mpmri_client.v1 import analysis_pb2_grpc as pb_grpc
 
-#: bytes per streamed message: under gRPC's default 4 MiB message limit with room for framing
-DEFAULT_CHUNK_BYTES = 3 << 20
+#: bytes per streamed message: well under gRPC's default 4 MiB limit; small enough that the service parses
+#: headers while the rest of the study still arrives (measured: 1 MiB beat 3 MiB end to end)
+DEFAULT_CHUNK_BYTES = 1 << 20
 #: status codes worth retrying: the service or its Triton is down or restarting
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 

@@ -51,7 +51,7 @@ class AnalysisServiceServicer:
 
     def Analyze(self, request_iterator, context):
         """Client-streamed study: the first message carries `header`; the DICOM instances follow as chunks, in order,
-        packed into the messages (an instance ends with a chunk whose `end_of_instance` is true; several small
+        packed into the messages of about 1 MiB (an instance ends with a chunk whose `end_of_instance` is true; several small
         instances may share one message, a large one spans several). One response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
