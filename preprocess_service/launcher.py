@@ -107,6 +107,30 @@ class Process:
         return self.popen.returncode
 
 
+def wait_serving_or_exit(
+    process: Process,
+    target: str,
+    timeout_s: float,
+    what: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    server_name: str | None = None,
+) -> None:
+    """Wait until ``target``'s health says SERVING; stop the process and raise with its log tail when it
+    exits or does not get there in ``timeout_s``."""
+    kw = {"server_name": server_name} if server_name else {}
+    try:
+        wait_for(
+            lambda: process.poll() is not None or health_status(target, credentials, **kw) == "SERVING",
+            timeout_s,
+            f"{what} SERVING",
+        )
+    except TimeoutError:
+        process.stop()
+        raise TimeoutError(f"{what} did not become SERVING; log:\n{process.log()[-3000:]}") from None
+    if process.poll() is not None:
+        raise RuntimeError(f"{what} exited with {process.poll()}; log:\n{process.log()[-3000:]}")
+
+
 @dataclass
 class ServiceProcess:
     """``mpmri-service`` against an existing Triton."""
@@ -148,20 +172,7 @@ def start_service(
         metrics_port=metrics_port,
     )
     if wait_serving:
-        kw = {"server_name": server_name} if server_name else {}
-        try:
-            wait_for(
-                lambda: (
-                    service.process.poll() is not None or health_status(service.target, credentials, **kw) == "SERVING"
-                ),
-                timeout_s,
-                "mpmri-service SERVING",
-            )
-        except TimeoutError:
-            service.process.stop()
-            raise TimeoutError(f"service not SERVING; log:\n{service.process.log()[-3000:]}") from None
-        if service.process.poll() is not None:
-            raise RuntimeError(f"mpmri-service exited with {service.process.poll()}:\n{service.process.log()[-3000:]}")
+        wait_serving_or_exit(service.process, service.target, timeout_s, "mpmri-service", credentials, server_name)
     return service
 
 

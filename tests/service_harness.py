@@ -20,6 +20,7 @@ from preprocess_service.launcher import (
     running_service,
     start_service,
     wait_for,
+    wait_serving_or_exit,
 )
 
 __all__ = [
@@ -93,15 +94,5 @@ def start_serve(repository: Path, log_dir: Path, extra: Sequence[str] = (), time
         triton_grpc_port=ports[3],
         triton_metrics_port=ports[4],
     )
-    try:
-        wait_for(
-            lambda: stack.process.poll() is not None or health_status(stack.target) == "SERVING",
-            timeout_s,
-            "mpmri serve SERVING",
-        )
-    except TimeoutError:
-        stack.process.stop()
-        raise TimeoutError(f"mpmri serve did not become SERVING; log:\n{stack.process.log()[-3000:]}") from None
-    if stack.process.poll() is not None:
-        raise RuntimeError(f"mpmri serve exited with {stack.process.poll()}; log:\n{stack.process.log()[-3000:]}")
+    wait_serving_or_exit(stack.process, stack.target, timeout_s, "mpmri serve")
     return stack
