@@ -6,7 +6,7 @@ Torch-free: used by the analysis service, the demo and evaluation alike.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,6 @@ class Findings:
     labels: np.ndarray
     fused_map: np.ndarray
     geometry: GridGeometry
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -47,7 +47,6 @@ class ServedModel:
     name: str
     version: str
     contract: ServedContract
-    contract_json: str
 
 
 def _is_unavailable(err: InferenceServerException) -> bool:
@@ -96,7 +95,7 @@ async def load_served_model(client: Any, model_name: str = ENSEMBLE_MODEL) -> Se
                 f"model {model_name}: input {name} has dims {inputs.get(name)}, its contract's grid needs {want}"
             )
     versions = metadata.get("versions") or ["1"]
-    return ServedModel(name=model_name, version=str(max(versions, key=int)), contract=contract, contract_json=raw)
+    return ServedModel(name=model_name, version=str(max(versions, key=int)), contract=contract)
 
 
 class _ShmSet:

@@ -629,18 +629,14 @@ def test_chart_cpu_variant_pods_start_and_analyze(
         manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         with timed("podman kube play + Triton ready + service SERVING"):
             run(["podman", "kube", "play", "--network", "host", str(manifest)], timeout=300)
-            triton_ctr = next(
-                n for n in run(["podman", "ps", "--format", "{{.Names}}"]).stdout.split() if n.endswith("-tritonserver")
-            )
+            triton_ctr = running_container("-tritonserver")
             wait_for(
                 lambda: http_ok(f"http://127.0.0.1:{ports['http']}/v2/health/ready"),
                 180,
                 "Triton (kube play) ready",
                 functools.partial(container_logs, triton_ctr),
             )
-            analysis_ctr = next(
-                n for n in run(["podman", "ps", "--format", "{{.Names}}"]).stdout.split() if n.endswith("-analysis")
-            )
+            analysis_ctr = running_container("-analysis")
             wait_for(
                 lambda: grpc_serving(f"127.0.0.1:{ports['analysis']}"),
                 120,
@@ -684,3 +680,8 @@ def test_podman_is_configured_for_runc(base_image: str) -> None:
     conf = Path("/etc/containers/containers.conf").read_text()
     for line in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"', '"nofile=1024:1024"'):
         assert line in conf
+
+
+def running_container(suffix: str) -> str:
+    """Name of the running podman container whose name ends with ``suffix``."""
+    return next(n for n in run(["podman", "ps", "--format", "{{.Names}}"]).stdout.split() if n.endswith(suffix))
