@@ -83,13 +83,15 @@ def main() -> None:
         state["maps"] = sessions[LOCALIZATION_MODEL].run(None, {"images": img})[0]
 
     def fus() -> None:
-        state["fused"] = sessions[FUSION_MODEL].run(None, {"sequence_maps": state["maps"], "availability": av})[0]
+        state["fused"] = sessions[FUSION_MODEL].run(
+            None, {"sequence_maps": state["maps"], "availability": av, "images": img}
+        )[0]
 
     def cls() -> None:
-        sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})
+        state["cspca_map"] = sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})[2]
 
     def cand() -> None:
-        extract_candidates(state["fused"][0, 0], geometry)
+        extract_candidates(state["cspca_map"][0, 0], geometry)
 
     def chain() -> None:
         loc()

@@ -24,7 +24,9 @@ import numpy as np
 #: version of the mpmri-serve code (recorded in checkpoints and manifests)
 __version__ = "0.1.0"
 
-CONTRACT_VERSION = "1"
+#: "2": the classification model scores every voxel (``cspca_map``, ``score_map``), candidates come from
+#: ``cspca_map`` and the map fusion reads the images (per-voxel fusion weights); "1" had study-level heads only
+CONTRACT_VERSION = "2"
 
 # --------------------------------------------------------------------------------------------------
 # Sequences
@@ -186,6 +188,18 @@ def normalization_to_dict() -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------
 PIRADS_CATEGORIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 NUM_PIRADS: int = len(PIRADS_CATEGORIES)
+#: Ordinal cut points of the continuous PI-RADS-like score ``s`` (``score_map``): the category of a score is
+#: ``1 + #{c in PIRADS_SCORE_CUTPOINTS : s > c}`` (so 3.7 -> 4), and ``P(category >= k) = sigmoid((s - c_k) / tau)``.
+PIRADS_SCORE_CUTPOINTS: tuple[float, ...] = (1.5, 2.5, 3.5, 4.5)
+#: The category from which a lesion counts as clinically significant (synthetic rule: csPCa <=> PI-RADS >= 4).
+CSPCA_MIN_PIRADS: int = 4
+
+
+def pirads_category(score: float) -> int:
+    """PI-RADS-like category 1-5 of a continuous score (``score_map`` units) by :data:`PIRADS_SCORE_CUTPOINTS`."""
+    return PIRADS_CATEGORIES[0] + sum(1 for c in PIRADS_SCORE_CUTPOINTS if float(score) > c)
+
+
 LABEL_DEFINITIONS: dict[str, str] = {
     "significant": "clinically significant prostate cancer (synthetic ground truth: lesion.significant)",
     "pirads": "PI-RADS-like category 1-5 (synthetic rules, docs/synthetic_studies.md)",
@@ -221,6 +235,8 @@ def tensor_specs(grid: GridSpec = DEFAULT_GRID) -> dict[str, TensorSpec]:
         TensorSpec("fused_map", "float32", (1, d, h, w)),
         TensorSpec("cspca_probability", "float32", (1,)),
         TensorSpec("pirads_distribution", "float32", (NUM_PIRADS,)),
+        TensorSpec("cspca_map", "float32", (1, d, h, w)),
+        TensorSpec("score_map", "float32", (1, d, h, w)),
     ]
     return {t.name: t for t in specs}
 
@@ -232,23 +248,29 @@ CLASSIFICATION_MODEL = "classification"
 ENSEMBLE_MODEL = "mpmri_ensemble"
 MODEL_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     LOCALIZATION_MODEL: (("images",), ("sequence_maps",)),
-    FUSION_MODEL: (("sequence_maps", "availability"), ("fused_map",)),
-    CLASSIFICATION_MODEL: (("images", "fused_map"), ("cspca_probability", "pirads_distribution")),
+    FUSION_MODEL: (("sequence_maps", "availability", "images"), ("fused_map",)),
+    CLASSIFICATION_MODEL: (
+        ("images", "fused_map"),
+        ("cspca_probability", "pirads_distribution", "cspca_map", "score_map"),
+    ),
     ENSEMBLE_MODEL: (
         ("images", "availability"),
-        ("sequence_maps", "fused_map", "cspca_probability", "pirads_distribution"),
+        ("sequence_maps", "fused_map", "cspca_probability", "pirads_distribution", "cspca_map", "score_map"),
     ),
 }
 
 
 # --------------------------------------------------------------------------------------------------
-# Lesion candidates (fused map -> lesions), shared by evaluation, the demo and the service
+# Lesion candidates (csPCa map -> lesions), shared by evaluation, the demo and the service
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CandidateSettings:
-    """How lesion candidates are extracted from the fused map (PI-CAI ``extract_lesion_candidates``).
+    """How lesion candidates are extracted from a likelihood map (PI-CAI ``extract_lesion_candidates``).
 
     Attributes:
+        source_map: the ensemble output the candidates are extracted from (``cspca_map``: the calibrated
+            per-voxel csPCa probability; each candidate's likelihood is its peak there, and its PI-RADS-like
+            category comes from ``score_map`` at the same voxels).
         threshold: ``"dynamic"`` (PI-CAI default), ``"dynamic-fast"`` or a static likelihood threshold.
         min_voxels_detection: blobs with at most this many voxels are dropped (3: the grid is coarse).
         num_lesions_to_extract: maximum number of candidates per study.
@@ -256,6 +278,7 @@ class CandidateSettings:
         min_likelihood: candidates at or below this likelihood are dropped.
     """
 
+    source_map: str = "cspca_map"
     threshold: str | float = "dynamic"
     min_voxels_detection: int = 3
     num_lesions_to_extract: int = 5
@@ -270,13 +293,7 @@ DEFAULT_CANDIDATES = CandidateSettings()
 
 
 def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
-    """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests).
-
-    ``candidates`` (the :data:`DEFAULT_CANDIDATES` settings) was added to the dict after the first
-    checkpoints were recorded, without a version change: a recorded contract that lacks the key was made
-    when the candidate settings were today's defaults, and :func:`recorded_contract_differences` reads it
-    so (see docs/networks.md, "The contract a checkpoint records").
-    """
+    """Everything above as JSON-serializable data (recorded in checkpoints, meta.json and manifests)."""
     return {
         "contract_version": CONTRACT_VERSION,
         "sequences": list(SEQUENCES),
@@ -284,6 +301,8 @@ def contract_dict(grid: GridSpec = DEFAULT_GRID) -> dict[str, Any]:
         "normalization": normalization_to_dict(),
         "missing_channel_fill_value": MISSING_CHANNEL_FILL_VALUE,
         "pirads_categories": list(PIRADS_CATEGORIES),
+        "pirads_score_cutpoints": list(PIRADS_SCORE_CUTPOINTS),
+        "cspca_min_pirads": CSPCA_MIN_PIRADS,
         "labels": LABEL_DEFINITIONS,
         "candidates": DEFAULT_CANDIDATES.to_dict(),
     }
@@ -293,9 +312,9 @@ def contract_json(grid: GridSpec = DEFAULT_GRID) -> str:
     return json.dumps(contract_dict(grid), indent=2, sort_keys=True)
 
 
-#: keys added to :func:`contract_dict` after checkpoints were first recorded, with the value a recorded
-#: contract that lacks them stands for (the code's constants at the time the key was added)
-LEGACY_CONTRACT_DEFAULTS: dict[str, Any] = {"candidates": DEFAULT_CANDIDATES.to_dict()}
+#: keys added to :func:`contract_dict` within the current contract version, with the value a recorded contract
+#: that lacks them stands for (none since version 2, which made ``candidates`` required)
+LEGACY_CONTRACT_DEFAULTS: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,16 +396,24 @@ class ServedContract:
             raise ContractMismatchError(f"normalization: no entry for {missing}")
         normalization = {s: _normalization_from_dict(s, dict(norm_d[s])) for s in SEQUENCES}
         # the service extracts lesion candidates with the code's settings: a model recorded with others is refused
-        # (a contract recorded before the key existed stands for the defaults, see LEGACY_CONTRACT_DEFAULTS)
-        recorded_candidates = d.get("candidates", LEGACY_CONTRACT_DEFAULTS["candidates"])
+        recorded_candidates = d.get("candidates")
         if not isinstance(recorded_candidates, dict):
-            raise ContractMismatchError(f"candidates: malformed {recorded_candidates!r}")
+            raise ContractMismatchError(f"candidates: missing or malformed {recorded_candidates!r}")
         diffs = contract_differences(json.loads(json.dumps(recorded_candidates)), DEFAULT_CANDIDATES.to_dict())
         if diffs:
             raise ContractMismatchError(
                 "candidate settings differ from the ones this code extracts lesions with: "
                 + "; ".join(f"candidates.{line}" for line in diffs)
             )
+        # per-lesion categories are read from score_map with the code's cut points
+        for key, ours in (
+            ("pirads_score_cutpoints", list(PIRADS_SCORE_CUTPOINTS)),
+            ("cspca_min_pirads", CSPCA_MIN_PIRADS),
+        ):
+            if d.get(key) != ours:
+                raise ContractMismatchError(
+                    f"{key}: the model records {d.get(key)!r}, this code scores lesions with {ours!r}"
+                )
         return cls(
             grid=grid,
             normalization=normalization,

@@ -122,6 +122,7 @@ def build_report(truth: dict[str, Any], result: dict[str, Any]) -> dict[str, Any
                 "center_lps_mm": [round(float(v), 1) for v in les["center_lps_mm"]],
                 "volume_mm3": round(float(les["volume_ml"]) * 1000.0, 1),
                 "likelihood": round(float(les["likelihood"]), 3),
+                "pirads": int(les.get("pirads", 0)),
             }
             for les in result["lesions"]
         ],
@@ -154,7 +155,7 @@ def format_report(report: dict[str, Any]) -> str:
         x, y, z = les["center_lps_mm"]
         lines.append(
             f"    {i}. LPS ({x:7.1f}, {y:7.1f}, {z:7.1f}) mm   {les['volume_mm3']:8.1f} mm3   "
-            f"likelihood {les['likelihood']:.2f}"
+            f"csPCa likelihood {les['likelihood']:.2f}   PI-RADS-like {les['pirads']}"
         )
     gt = report["ground_truth"]
     lines.append(f"  ground truth          significant={gt['significant']}  max PI-RADS={gt['max_pirads']}")

@@ -158,11 +158,14 @@ def load_checkpoint(path: Path, check_contract: bool = True) -> tuple[MpmriNetwo
         CheckpointError: missing/unreadable file, or weights that do not fit the recorded profile.
     """
     payload = _read(path)
-    profile = NetworkProfile.from_dict(payload["profile"])
     grid = GridSpec.from_dict(payload["grid"])
     metadata = json.loads(payload["metadata_json"])
-    if check_contract:
+    if check_contract:  # first: a checkpoint of an older contract may not even fit today's network classes
         require_code_contract(metadata, grid, path)
+    try:
+        profile = NetworkProfile.from_dict(payload["profile"])
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} records a network profile this code cannot build: {err}") from err
     nets = build_networks_from_profile(profile, grid)
     try:
         nets.load_state_dict(payload["state_dict"])

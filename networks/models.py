@@ -10,12 +10,14 @@ a missing channel holds :data:`~contract.MISSING_CHANNEL_FILL_VALUE`).
   network which sequence it looks at (``localization_weights="shared"``, the default). The
   alternative, one U-Net per sequence (``"per_sequence"``), is kept for the ablation in
   ``docs/networks.md``.
-* :class:`MapFusion` is a weighted mean of the sequence maps over the *present* sequences only:
-  ``w_s = a_s * exp(theta_s) / sum_t a_t * exp(theta_t)`` (a softmax of learned logits ``theta``
-  renormalized over the available sequences), so a study without ADC/DWI still gets a map in
-  ``[0, 1]`` built from T2W.
-* :class:`Classification` reads the images plus the fused map and returns the study-level csPCa
-  probability ``[B, 1]`` and a PI-RADS-like distribution ``[B, 5]`` (softmax over categories 1-5).
+* :class:`MapFusion` is a per-voxel weighted mean of the sequence maps over the *present* sequences
+  only: a softmax of learned global logits plus a small gating network over the images and maps, renormalized
+  over the available sequences, so a study without ADC/DWI still gets a map in ``[0, 1]`` built from T2W,
+  and the fusion can weigh the sequences differently per zone.
+* :class:`Classification` reads the images plus the fused map and regresses a continuous PI-RADS-like
+  score per voxel (``score_map``), read as an ordinal model; its calibrated csPCa probability per voxel
+  (``cspca_map``) is what lesion candidates are extracted from. The study results are derived from the
+  maps: ``cspca_probability`` = max of ``cspca_map``, ``pirads_distribution`` at the highest score.
 
 The grid is anisotropic (3 mm slices, 1.5 mm in-plane), so the first down-sampling step keeps the
 slice axis (stride ``(1, 2, 2)``).
@@ -28,23 +30,25 @@ at :data:`ONNX_OPSET` with a dynamic batch axis; :func:`export_kwargs` returns t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import UNet
 from torch import nn
 
 from contract import (
     CLASSIFICATION_MODEL,
+    CSPCA_MIN_PIRADS,
     DEFAULT_GRID,
     FUSION_MODEL,
     LOCALIZATION_MODEL,
     MODEL_IO,
-    NUM_PIRADS,
     NUM_SEQUENCES,
+    PIRADS_CATEGORIES,
+    PIRADS_SCORE_CUTPOINTS,
     GridSpec,
     tensor_specs,
 )
@@ -67,10 +71,10 @@ class NetworkProfile:
         localization_strides: down-sampling strides ``(d, h, w)`` between levels (len = levels - 1).
         localization_res_units: residual units per U-Net block (0 = plain convolutions).
         localization_weights: ``"shared"`` (one U-Net + sequence embedding) or ``"per_sequence"``.
-        classification_channels: encoder channels per stage of the classifier.
-        classification_strides: encoder strides per stage (first stage included).
-        classification_hidden: width of the classifier's hidden layer.
-        dropout: dropout before the classifier heads.
+        classification_channels: feature channels per level of the classification (score) U-Net.
+        classification_strides: its down-sampling strides (len = levels - 1).
+        classification_res_units: residual units per block of that U-Net.
+        dropout: dropout inside the classification U-Net.
     """
 
     name: str
@@ -79,8 +83,8 @@ class NetworkProfile:
     localization_res_units: int = 1
     localization_weights: str = "shared"
     classification_channels: tuple[int, ...] = (8, 16, 32, 64)
-    classification_strides: Strides = ((1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
-    classification_hidden: int = 32
+    classification_strides: Strides = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+    classification_res_units: int = 1
     dropout: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +109,7 @@ PROFILES: dict[str, NetworkProfile] = {
         localization_strides=((1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)),
         localization_res_units=2,
         classification_channels=(16, 32, 64, 128),
-        classification_hidden=64,
+        classification_res_units=2,
         dropout=0.2,
     ),
 }
@@ -168,83 +172,126 @@ class Localization(nn.Module):
 
 
 class MapFusion(nn.Module):
-    """Availability-aware weighted mean: ``(sequence_maps [B,S,D,H,W], availability [B,S]) -> fused_map [B,1,D,H,W]``.
+    """Availability-aware, per-voxel weighted mean of the sequence maps.
 
-    Weights are a softmax of learned per-sequence logits restricted to the present sequences
-    (``availability > 0.5``); with all logits 0 (the initial value) this is the plain mean of the
+    ``(sequence_maps [B,S,D,H,W], availability [B,S], images [B,S,D,H,W]) -> fused_map [B,1,D,H,W]``.
+
+    The weight of sequence ``s`` at voxel ``x`` is a softmax over the *present* sequences
+    (``availability > 0.5``) of ``theta_s + g_s(x)``: ``theta`` are 3 learned global logits and ``g`` is a
+    small gating network (two 3x3x3 convolutions) reading the images and the sequence maps, so the fusion
+    can trust T2W in the transition zone and DWI/ADC in the peripheral zone (PI-RADS v2.1). ``g`` starts
+    at 0 (its last convolution is zero-initialised): at initialisation this is the plain mean of the
     available maps. A study with no available sequence at all gets an all-zero map.
     """
 
-    def __init__(self, num_sequences: int = NUM_SEQUENCES) -> None:
+    def __init__(self, num_sequences: int = NUM_SEQUENCES, gate_channels: int = 8) -> None:
         super().__init__()
         self.sequence_logits = nn.Parameter(torch.zeros(num_sequences))
+        self.gate = nn.Sequential(
+            nn.Conv3d(2 * num_sequences, gate_channels, kernel_size=3, padding=1),
+            nn.LeakyReLU(0.1),
+            nn.Conv3d(gate_channels, num_sequences, kernel_size=3, padding=1),
+        )
+        last = self.gate[-1]
+        assert isinstance(last, nn.Conv3d)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
-    def weights(self, availability: torch.Tensor) -> torch.Tensor:
-        """Fusion weights ``[B, S]``, summing to 1 over the present sequences."""
-        present = (availability > 0.5).to(self.sequence_logits.dtype)
-        raw = torch.exp(self.sequence_logits - self.sequence_logits.max()) * present
+    def weights(self, sequence_maps: torch.Tensor, availability: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Fusion weights ``[B, S, D, H, W]``, summing to 1 over the present sequences at every voxel."""
+        present = (availability > 0.5).to(sequence_maps.dtype)[:, :, None, None, None]
+        logits = self.gate(torch.cat([images, sequence_maps], dim=1)) + self.sequence_logits[None, :, None, None, None]
+        # the maximum over the present sequences only (a missing one must not push the others' exp() to 0)
+        logits = logits - (logits - 1e4 * (1.0 - present)).amax(dim=1, keepdim=True)
+        raw = torch.exp(logits.clamp_max(0.0)) * present
         return raw / raw.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
-    def forward(self, sequence_maps: torch.Tensor, availability: torch.Tensor) -> torch.Tensor:
+    def forward(self, sequence_maps: torch.Tensor, availability: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         _check_images(sequence_maps, "sequence_maps")
-        w = self.weights(availability)
-        return (sequence_maps * w[:, :, None, None, None]).sum(dim=1, keepdim=True)
+        w = self.weights(sequence_maps, availability, images)
+        return (sequence_maps * w).sum(dim=1, keepdim=True)
 
 
 class Classification(nn.Module):
-    """Study-level heads: ``(images [B,S,D,H,W], fused_map [B,1,D,H,W]) -> (cspca_probability [B,1], pirads [B,5])``.
+    """Scores every voxel: a regression of the PI-RADS-like score, read as an ordinal model.
 
-    A small residual 3D encoder over ``S + 1`` channels, global average + max pooling, plus two
-    features of the fused map itself (its maximum and mean), then a hidden layer and two heads.
+    ``(images [B,S,D,H,W], fused_map [B,1,D,H,W]) -> (cspca_probability [B,1], pirads_distribution [B,5],
+    cspca_map [B,1,D,H,W], score_map [B,1,D,H,W])``.
+
+    A 3D U-Net over the images and the fused map regresses a continuous PI-RADS-like score ``s`` per voxel
+    (``score_map``; ~1 in normal tissue). The ordinal reading (cumulative-link model, cut points
+    :data:`contract.PIRADS_SCORE_CUTPOINTS` ``c_k``, learned scale ``tau``) is
+    ``P(category >= k | x) = sigmoid((s(x) - c_k) / tau)``.
+
+    * ``cspca_map`` = ``sigmoid(a * (s - c_4) / tau + b)``: the calibrated csPCa probability per voxel;
+      ``(a, b)`` is the Platt calibration fitted on a validation split (:meth:`set_calibration`; identity
+      before). Lesion candidates are extracted from this map, each candidate's likelihood is its peak.
+    * ``cspca_probability`` = the maximum of ``cspca_map``: the study is as suspicious as its most suspicious
+      lesion, so study and lesion results cannot contradict each other.
+    * ``pirads_distribution`` = the ordinal distribution at the study's highest score ``max s``
+      (``P(k) = P(>= k) - P(>= k+1)``); the study category is ``pirads_category(max s)``, the highest
+      lesion category (1-2 without a lesion).
     """
 
     def __init__(self, profile: NetworkProfile, num_sequences: int = NUM_SEQUENCES) -> None:
         super().__init__()
         channels = profile.classification_channels
         strides = profile.classification_strides
-        if len(channels) != len(strides):
-            raise ValueError("classification_channels and classification_strides must have the same length")
-        blocks: list[nn.Module] = []
-        in_ch = num_sequences + 1
-        for out_ch, stride in zip(channels, strides, strict=True):
-            blocks.append(
-                ResidualUnit(
-                    spatial_dims=3, in_channels=in_ch, out_channels=out_ch, strides=stride, subunits=2, norm="instance"
-                )
-            )
-            in_ch = out_ch
-        blocks.append(
-            Convolution(spatial_dims=3, in_channels=in_ch, out_channels=in_ch, kernel_size=1, norm="instance")
+        if len(strides) != len(channels) - 1:
+            raise ValueError("classification_strides needs one entry fewer than classification_channels")
+        self.unet = UNet(
+            spatial_dims=3,
+            in_channels=num_sequences + 1,
+            out_channels=1,
+            channels=channels,
+            strides=strides,  # type: ignore[arg-type]
+            num_res_units=profile.classification_res_units,
+            norm="instance",
+            dropout=profile.dropout,
         )
-        self.encoder = nn.Sequential(*blocks)
-        features = 2 * in_ch + 2
-        self.head = nn.Sequential(
-            nn.Linear(features, profile.classification_hidden),
-            nn.ReLU(),
-            nn.Dropout(profile.dropout),
-        )
-        self.cspca = nn.Linear(profile.classification_hidden, 1)
-        self.pirads = nn.Linear(profile.classification_hidden, NUM_PIRADS)
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.5)))
+        self.register_buffer("cutpoints", torch.tensor(PIRADS_SCORE_CUTPOINTS, dtype=torch.float32))
+        #: Platt calibration (slope a, intercept b) of the csPCa logit; identity until :meth:`set_calibration`
+        self.register_buffer("calibration", torch.tensor([1.0, 0.0], dtype=torch.float32))
 
-    def forward_logits(self, images: torch.Tensor, fused_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cspca_logit [B, 1], pirads_logits [B, 5])`` before sigmoid/softmax (used by the losses)."""
+    @property
+    def cspca_cutpoint(self) -> torch.Tensor:
+        cutpoints: torch.Tensor = self.cutpoints  # type: ignore[assignment]
+        return cutpoints[CSPCA_MIN_PIRADS - PIRADS_CATEGORIES[0] - 1]
+
+    def set_calibration(self, slope: float, intercept: float) -> None:
+        """Store the Platt calibration ``sigmoid(slope * logit + intercept)`` of the csPCa logit."""
+        if not slope > 0:
+            raise ValueError(f"calibration slope must be positive (monotone), got {slope}")
+        self.calibration.copy_(torch.tensor([slope, intercept], dtype=torch.float32))  # type: ignore[operator]
+
+    def score(self, images: torch.Tensor, fused_map: torch.Tensor) -> torch.Tensor:
+        """The continuous PI-RADS-like score ``s`` ``[B, 1, D, H, W]`` (``score_map``)."""
         _check_images(images, "images")
-        x = self.encoder(torch.cat([images, fused_map], dim=1))
-        pooled = torch.cat(
-            [
-                x.mean(dim=(2, 3, 4)),
-                x.amax(dim=(2, 3, 4)),
-                fused_map.amax(dim=(1, 2, 3, 4)).unsqueeze(1),
-                fused_map.mean(dim=(1, 2, 3, 4)).unsqueeze(1),
-            ],
-            dim=1,
-        )
-        hidden = self.head(pooled)
-        return self.cspca(hidden), self.pirads(hidden)
+        return 1.0 + self.unet(torch.cat([images, fused_map], dim=1))
 
-    def forward(self, images: torch.Tensor, fused_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cspca_logit, pirads_logits = self.forward_logits(images, fused_map)
-        return torch.sigmoid(cspca_logit), torch.softmax(pirads_logits, dim=1)
+    def cumulative_logits(self, score: torch.Tensor) -> torch.Tensor:
+        """``(s - c_k) / tau`` for every cut point: ``[..., K]`` with ``K = 4`` (``P(>= 2..5)`` before sigmoid)."""
+        cutpoints: torch.Tensor = self.cutpoints  # type: ignore[assignment]
+        return (score.unsqueeze(-1) - cutpoints) / torch.exp(self.log_tau)
+
+    def cspca_logit(self, score: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated csPCa logit ``(s - c_4) / tau`` (same shape as ``score``)."""
+        return (score - self.cspca_cutpoint) / torch.exp(self.log_tau)
+
+    def forward(
+        self, images: torch.Tensor, fused_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        score = self.score(images, fused_map)
+        calibration: torch.Tensor = self.calibration  # type: ignore[assignment]
+        cspca_map = torch.sigmoid(calibration[0] * self.cspca_logit(score) + calibration[1])
+        cspca_probability = cspca_map.amax(dim=(2, 3, 4))  # [B, 1]
+        cumulative = torch.sigmoid(self.cumulative_logits(score.amax(dim=(2, 3, 4))))[:, 0]  # [B, K]
+        ones = torch.ones_like(cumulative[:, :1])
+        zeros = torch.zeros_like(cumulative[:, :1])
+        at_least = torch.cat([ones, cumulative, zeros], dim=1)  # P(>= 1..6)
+        pirads_distribution = at_least[:, :-1] - at_least[:, 1:]
+        return cspca_probability, pirads_distribution, cspca_map, score
 
 
 @dataclass
@@ -292,13 +339,15 @@ class MpmriNetworks:
     def __call__(self, images: torch.Tensor, availability: torch.Tensor) -> dict[str, torch.Tensor]:
         """The whole chain (what the Triton ensemble computes). Returns tensors keyed by contract tensor name."""
         sequence_maps = self.localization(images)
-        fused_map = self.fusion(sequence_maps, availability)
-        cspca_probability, pirads_distribution = self.classification(images, fused_map)
+        fused_map = self.fusion(sequence_maps, availability, images)
+        cspca_probability, pirads_distribution, cspca_map, score_map = self.classification(images, fused_map)
         return {
             "sequence_maps": sequence_maps,
             "fused_map": fused_map,
             "cspca_probability": cspca_probability,
             "pirads_distribution": pirads_distribution,
+            "cspca_map": cspca_map,
+            "score_map": score_map,
         }
 
 

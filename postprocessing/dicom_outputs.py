@@ -3,7 +3,7 @@
 Both are written with highdicom and reference the source T2W series (the series that defines the model
 grid). The SEG lies on the model grid (passed as an ``hd.Volume`` in the T2W frame of reference); segment
 ``n`` is lesion ``n``. The SR holds one TID 1410 volumetric measurement group per lesion (volume, lesion
-likelihood) that references its SEG segment, plus the study-level csPCa probability and PI-RADS-like score
+likelihood, PI-RADS-like category) that references its SEG segment, plus the study-level csPCa probability and PI-RADS-like score
 (TID 1501). A study without lesions gets no SEG and an SR without lesion groups.
 """
 
@@ -206,6 +206,9 @@ def build_sr(
                     ),
                     hd.sr.Measurement(
                         name=LESION_LIKELIHOOD, value=lesion.likelihood, unit=codes.UCUM.NoUnits, algorithm_id=algorithm
+                    ),
+                    hd.sr.Measurement(
+                        name=PIRADS_LIKE_SCORE, value=lesion.pirads, unit=codes.UCUM.NoUnits, algorithm_id=algorithm
                     ),
                 ],
             )

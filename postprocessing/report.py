@@ -1,6 +1,9 @@
 """Findings of one study from the ensemble outputs: study scores plus lesions in LPS millimetres.
 
-Torch-free: used by the analysis service, the demo and evaluation alike.
+Torch-free: used by the analysis service, the demo and evaluation alike (one path, so they cannot differ).
+Lesion candidates are extracted from ``cspca_map`` (the calibrated csPCa probability per voxel); each lesion
+carries its own csPCa likelihood (the map's peak in the lesion) and its PI-RADS-like category (from the
+highest ``score_map`` value in the lesion, by the contract's cut points).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, CandidateSettings, GridGeometry
+from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, CandidateSettings, GridGeometry, pirads_category
 from postprocessing.candidates import extract_candidate_labels
 
 MM3_PER_ML = 1000.0
@@ -25,13 +28,17 @@ class Lesion:
         id: 1..N by decreasing likelihood; the segment number in the DICOM SEG.
         center_lps_mm: likelihood-weighted centroid, DICOM patient coordinates (LPS) in mm.
         volume_ml: candidate volume in millilitres.
-        likelihood: lesion likelihood in [0, 1] (the fused map's peak in the candidate).
+        likelihood: calibrated csPCa probability of this lesion in [0, 1] (the peak of ``cspca_map`` in it).
+        pirads: PI-RADS-like category 2-5 of this lesion (``pirads_category`` of ``score``; a lesion is at least 2).
+        score: the continuous PI-RADS-like score of this lesion (the highest ``score_map`` value in it).
     """
 
     id: int
     center_lps_mm: tuple[float, float, float]
     volume_ml: float
     likelihood: float
+    pirads: int
+    score: float
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +46,8 @@ class Lesion:
             "center_lps_mm": list(self.center_lps_mm),
             "volume_ml": self.volume_ml,
             "likelihood": self.likelihood,
+            "pirads": self.pirads,
+            "score": self.score,
         }
 
 
@@ -47,12 +56,15 @@ class Findings:
     """Study-level result.
 
     Attributes:
-        cspca_probability: probability of clinically significant cancer in [0, 1].
-        pirads_distribution: probabilities of PI-RADS-like categories 1..5 (sums to 1).
-        pirads_score: the most probable category.
+        cspca_probability: calibrated probability of clinically significant cancer in [0, 1] (the highest
+            lesion evidence: the maximum of ``cspca_map``).
+        pirads_distribution: probabilities of PI-RADS-like categories 1..5 at the study's highest score.
+        pirads_score: the study category: ``pirads_category`` of the highest score (the highest lesion
+            category, 1-2 without a lesion).
         lesions: candidates by decreasing likelihood.
         labels: uint8 ``[D, H, W]`` on the model grid, lesion ``n`` -> ``n`` (0 background).
         fused_map: float32 ``[D, H, W]`` fused localization map on the model grid.
+        cspca_map: float32 ``[D, H, W]`` calibrated csPCa probability per voxel (what candidates come from).
         geometry: the model grid in patient space.
     """
 
@@ -62,6 +74,7 @@ class Findings:
     lesions: list[Lesion]
     labels: np.ndarray
     fused_map: np.ndarray
+    cspca_map: np.ndarray
     geometry: GridGeometry
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +86,19 @@ class Findings:
         }
 
 
+#: the ensemble outputs :func:`build_findings` reads
+FINDINGS_OUTPUTS: tuple[str, ...] = ("fused_map", "cspca_map", "score_map", "cspca_probability", "pirads_distribution")
+
+
+def _volume(outputs: Mapping[str, np.ndarray], name: str, shape_dhw: tuple[int, int, int]) -> np.ndarray:
+    volume = np.asarray(outputs[name], dtype=np.float32)
+    if volume.size != int(np.prod(shape_dhw)):
+        raise ValueError(
+            f"{name} has shape {volume.shape}, expected {int(np.prod(shape_dhw))} voxels ({list(shape_dhw)})"
+        )
+    return volume.reshape(shape_dhw)
+
+
 def build_findings(
     outputs: Mapping[str, np.ndarray],
     geometry: GridGeometry,
@@ -81,42 +107,50 @@ def build_findings(
     """Findings from the ensemble outputs of one unbatched study.
 
     Args:
-        outputs: ``fused_map`` ``[1, D, H, W]`` (or ``[D, H, W]``), ``cspca_probability`` ``[1]``,
-            ``pirads_distribution`` ``[5]``; a leading batch dimension of 1 is accepted.
+        outputs: ``fused_map``, ``cspca_map``, ``score_map`` ``[1, D, H, W]`` (or ``[D, H, W]``),
+            ``cspca_probability`` ``[1]``, ``pirads_distribution`` ``[5]``; a leading batch dimension of 1 is
+            accepted.
         geometry: the model grid of that study.
-        settings: candidate extraction settings.
+        settings: candidate extraction settings (``settings.source_map`` names the map candidates come from).
 
     Raises:
         ValueError: an output is missing or has the wrong size (names it and its shape).
     """
-    for name in ("fused_map", "cspca_probability", "pirads_distribution"):
+    for name in FINDINGS_OUTPUTS:
         if name not in outputs:
             raise ValueError(f"ensemble output {name!r} is missing (got {sorted(outputs)})")
-    d, h, w = geometry.size_ijk[::-1]
-    fused = np.asarray(outputs["fused_map"], dtype=np.float32)
-    if fused.size != d * h * w:
-        raise ValueError(f"fused_map has shape {fused.shape}, expected {d * h * w} voxels ([{d}, {h}, {w}])")
-    fused = fused.reshape(d, h, w)
+    shape = tuple(int(n) for n in geometry.size_ijk[::-1])
+    fused = _volume(outputs, "fused_map", shape)  # type: ignore[arg-type]
+    cspca_map = _volume(outputs, "cspca_map", shape)  # type: ignore[arg-type]
+    score_map = _volume(outputs, "score_map", shape)  # type: ignore[arg-type]
+    source = {"cspca_map": cspca_map, "fused_map": fused}.get(settings.source_map)
+    if source is None:
+        raise ValueError(f"candidate source map {settings.source_map!r} is not an ensemble output map")
     prob = np.asarray(outputs["cspca_probability"], dtype=np.float64).reshape(-1)
     dist = np.asarray(outputs["pirads_distribution"], dtype=np.float64).reshape(-1)
     if prob.size != 1 or dist.size != len(PIRADS_CATEGORIES):
         raise ValueError(f"cspca_probability {prob.shape} / pirads_distribution {dist.shape}: expected [1] / [5]")
-    candidates, _, labels = extract_candidate_labels(fused, geometry, settings)
-    lesions = [
-        Lesion(
-            id=c.label,
-            center_lps_mm=tuple(round(float(v), 3) for v in c.center_lps_mm),  # type: ignore[arg-type]
-            volume_ml=round(c.volume_mm3 / MM3_PER_ML, 5),
-            likelihood=round(float(c.likelihood), 6),
+    candidates, _, labels = extract_candidate_labels(source, geometry, settings)
+    lesions = []
+    for c in candidates:
+        score = float(score_map[labels == c.label].max())
+        lesions.append(
+            Lesion(
+                id=c.label,
+                center_lps_mm=tuple(round(float(v), 3) for v in c.center_lps_mm),  # type: ignore[arg-type]
+                volume_ml=round(c.volume_mm3 / MM3_PER_ML, 5),
+                likelihood=round(float(c.likelihood), 6),
+                pirads=max(PIRADS_CATEGORIES[1], pirads_category(score)),
+                score=round(score, 4),
+            )
         )
-        for c in candidates
-    ]
     return Findings(
         cspca_probability=float(prob[0]),
         pirads_distribution=[float(v) for v in dist],
-        pirads_score=int(PIRADS_CATEGORIES[int(np.argmax(dist))]),
+        pirads_score=pirads_category(float(score_map.max())),
         lesions=lesions,
         labels=labels,
         fused_map=fused,
+        cspca_map=cspca_map,
         geometry=geometry,
     )

@@ -47,6 +47,7 @@ class AnalysisOptions:
     include_fused_map: bool = False
     include_t2w_preview: bool = False
     include_dicom_outputs: bool = False
+    include_cspca_map: bool = False
     study_instance_uid: str = ""
 
 
@@ -101,6 +102,8 @@ def warm_up_dicom_outputs() -> float:
     )
     outputs = {
         "fused_map": labels[None],
+        "cspca_map": labels[None],
+        "score_map": 1.0 + 4.0 * labels[None],
         "cspca_probability": np.array([0.5], np.float32),
         "pirads_distribution": np.full(5, 0.2, np.float32),
     }

@@ -9,6 +9,7 @@ call's task is cancelled and its slot freed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ def _options(message: pb.AnalyzeOptions) -> AnalysisOptions:
         include_t2w_preview=message.include_t2w_preview,
         include_dicom_outputs=message.include_dicom_outputs,
         study_instance_uid=message.study_instance_uid,
+        include_cspca_map=message.include_cspca_map,
     )
 
 
@@ -83,9 +85,13 @@ def build_response(request_id: str, result: AnalysisResult, options: AnalysisOpt
             center_lps_mm=list(lesion.center_lps_mm),
             volume_ml=lesion.volume_ml,
             likelihood=lesion.likelihood,
+            pirads=lesion.pirads,
+            score=lesion.score,
         )
     if options.include_fused_map:
         response.fused_map.CopyFrom(grid_volume(findings.fused_map, findings.geometry))
+    if options.include_cspca_map:
+        response.cspca_map.CopyFrom(grid_volume(findings.cspca_map, findings.geometry))
     if options.include_t2w_preview and result.t2w_channel is not None:
         response.t2w_preview.CopyFrom(grid_volume(result.t2w_channel, findings.geometry))
     for name, dataset in (("seg", result.seg), ("sr", result.sr)):
@@ -321,12 +327,7 @@ class AnalysisServicer(pb_grpc.AnalysisServiceServicer):
                 )
             options = _options(request.options)
             if request.store_results and not options.include_dicom_outputs:
-                options = AnalysisOptions(
-                    include_fused_map=options.include_fused_map,
-                    include_t2w_preview=options.include_t2w_preview,
-                    include_dicom_outputs=True,
-                    study_instance_uid=options.study_instance_uid,
-                )
+                options = dataclasses.replace(options, include_dicom_outputs=True)
             loop = asyncio.get_running_loop()
             t = time.perf_counter()
             datasets = await loop.run_in_executor(

@@ -160,7 +160,7 @@ class EnsembleClient:
             availability: ``[B, S]`` or ``[S]``; 1 = sequence present, 0 = missing.
 
         Returns:
-            ``sequence_maps``, ``fused_map``, ``cspca_probability``, ``pirads_distribution`` as numpy arrays,
+            every ensemble output of ``contract.MODEL_IO`` (``fused_map``, ``cspca_map``, ``score_map``, ...) as numpy arrays,
             with the batch axis when the request had one.
 
         Raises:

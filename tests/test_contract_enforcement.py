@@ -45,7 +45,17 @@ TAMPERINGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     ("sequences", lambda c: c.update(sequences=["t2w", "dwi", "adc"]), "sequences: ['t2w', 'dwi', 'adc'] -> "),
     ("fill", lambda c: c.update(missing_channel_fill_value=-1.0), "missing_channel_fill_value: -1.0 -> 0.0"),
-    ("version", lambda c: c.update(contract_version="0"), "contract_version: '0' -> '1'"),
+    ("version", lambda c: c.update(contract_version="1"), "contract_version: '1' -> '2'"),
+    (
+        "cutpoints",
+        lambda c: c.update(pirads_score_cutpoints=[1.0, 2.0, 3.0, 4.0]),
+        "pirads_score_cutpoints: [1.0, 2.0, 3.0, 4.0] -> [1.5, 2.5, 3.5, 4.5]",
+    ),
+    (
+        "candidate_source",
+        lambda c: c.update(candidates={**DEFAULT_CANDIDATES.to_dict(), "source_map": "fused_map"}),
+        "candidates.source_map: 'fused_map' -> 'cspca_map'",
+    ),
     (
         "candidates",
         lambda c: c.update(candidates={**DEFAULT_CANDIDATES.to_dict(), "min_voxels_detection": 10}),
@@ -130,10 +140,10 @@ def test_a_checkpoint_for_another_grid_carries_that_grid_and_is_accepted(tmp_pat
     assert meta["contract"]["candidates"] == DEFAULT_CANDIDATES.to_dict()
 
 
-def test_a_contract_recorded_without_candidates_stands_for_the_default_candidates() -> None:
+def test_a_contract_recorded_without_candidates_is_refused() -> None:
     legacy = contract_dict()
     del legacy["candidates"]
-    assert recorded_contract_differences(legacy) == []
+    assert recorded_contract_differences(legacy) == [f"candidates: '<absent>' -> {DEFAULT_CANDIDATES.to_dict()!r}"]
     changed = contract_dict()
     changed["candidates"]["num_lesions_to_extract"] = 3
     assert recorded_contract_differences(changed) == ["candidates.num_lesions_to_extract: 3 -> 5"]
@@ -141,7 +151,9 @@ def test_a_contract_recorded_without_candidates_stands_for_the_default_candidate
 
 def test_shipped_checkpoint_satisfies_the_contract_and_exports_it_with_candidates(shipped_repository: Path) -> None:
     nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
-    assert "candidates" not in meta["contract"], "the shipped file predates the key: the legacy reading is exercised"
+    assert meta["contract"]["candidates"] == DEFAULT_CANDIDATES.to_dict()
+    assert meta["calibration"]["slope"] > 0  # calibrated on the validation split, stored with the weights
+    assert float(nets.classification.calibration[0]) == pytest.approx(meta["calibration"]["slope"])
     assert contract_problems(meta, nets.grid) == []
     manifest = json.loads((shipped_repository / "manifest.json").read_text())
     assert manifest["contract"] == json.loads(json.dumps(contract_dict(nets.grid)))
@@ -151,11 +163,16 @@ def test_shipped_checkpoint_satisfies_the_contract_and_exports_it_with_candidate
     assert ServedContract.from_dict(served).grid == nets.grid
 
 
-def test_served_contract_refuses_other_candidate_settings_by_name() -> None:
+def test_served_contract_refuses_other_candidate_settings_and_cut_points_by_name() -> None:
     recorded = contract_dict()
     recorded["candidates"]["dynamic_threshold_factor"] = 4.0
     with pytest.raises(ContractMismatchError, match=r"candidates\.dynamic_threshold_factor: 4\.0 -> 2\.5"):
         ServedContract.from_dict(recorded)
     legacy = contract_dict()
     del legacy["candidates"]
-    assert ServedContract.from_dict(legacy).grid == GridSpec()
+    with pytest.raises(ContractMismatchError, match="candidates: missing"):
+        ServedContract.from_dict(legacy)
+    other = contract_dict()
+    other["pirads_score_cutpoints"] = [1, 2, 3, 4]
+    with pytest.raises(ContractMismatchError, match="pirads_score_cutpoints"):
+        ServedContract.from_dict(other)

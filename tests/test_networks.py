@@ -17,8 +17,10 @@ from contract import (
     LOCALIZATION_MODEL,
     MODEL_IO,
     NUM_SEQUENCES,
+    PIRADS_SCORE_CUTPOINTS,
     GridGeometry,
     contract_dict,
+    pirads_category,
     tensor_specs,
 )
 from networks import (
@@ -52,8 +54,40 @@ def test_chain_outputs_match_contract_shapes_and_ranges(profile: str) -> None:
     for name, tensor in out.items():
         assert tuple(tensor.shape) == (2, *specs[name].shape), name
         assert tensor.dtype == torch.float32
-        assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0, name
+        if name != "score_map":  # the score is a regression in PI-RADS units, not a probability
+            assert float(tensor.min()) >= 0.0 and float(tensor.max()) <= 1.0, name
     assert torch.allclose(out["pirads_distribution"].sum(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_study_outputs_are_derived_from_the_lesion_maps() -> None:
+    """Study probability = the highest voxel of the csPCa map; study distribution = the ordinal model at the
+    highest score; the csPCa map is the calibrated P(category >= 4) of the score (so lesions and study agree)."""
+    torch.manual_seed(1)
+    nets = build_networks("cpu").eval()
+    with torch.no_grad():
+        nets.classification.set_calibration(1.7, -0.4)
+        out = nets(_images(2, seed=3), torch.ones(2, NUM_SEQUENCES))
+        cls = nets.classification
+        score = out["score_map"]
+        expected_map = torch.sigmoid(1.7 * cls.cspca_logit(score) - 0.4)
+        assert torch.allclose(out["cspca_map"], expected_map, atol=1e-6)
+        assert torch.allclose(out["cspca_probability"][:, 0], out["cspca_map"].amax(dim=(1, 2, 3, 4)))
+        s_max = score.amax(dim=(1, 2, 3, 4))
+        at_least = torch.sigmoid((s_max[:, None] - torch.tensor(PIRADS_SCORE_CUTPOINTS)) / torch.exp(cls.log_tau))
+        # P(category = k) = P(>= k) - P(>= k+1): categories 2..4 from consecutive cut points, 5 = P(>= 5)
+        assert torch.allclose(out["pirads_distribution"][:, 1:4], at_least[:, :3] - at_least[:, 1:], atol=1e-6)
+        assert torch.allclose(out["pirads_distribution"][:, 4], at_least[:, 3], atol=1e-6)
+        assert torch.allclose(out["pirads_distribution"][:, 0], 1 - at_least[:, 0], atol=1e-6)
+
+
+def test_calibration_must_be_monotone() -> None:
+    nets = build_networks("cpu")
+    with pytest.raises(ValueError, match="positive"):
+        nets.classification.set_calibration(-1.0, 0.0)
+
+
+def test_pirads_category_follows_the_cut_points() -> None:
+    assert [pirads_category(v) for v in (0.2, 1.49, 1.51, 2.5, 2.51, 3.7, 4.49, 4.51, 9.0)] == [1, 1, 2, 2, 3, 4, 4, 5, 5]
 
 
 def test_per_sequence_localization_variant_has_same_io() -> None:
@@ -65,22 +99,31 @@ def test_per_sequence_localization_variant_has_same_io() -> None:
 
 
 def test_fusion_ignores_missing_sequences_and_renormalizes() -> None:
+    torch.manual_seed(0)
     fusion = MapFusion()
     with torch.no_grad():
         fusion.sequence_logits.copy_(torch.tensor([0.3, -0.2, 0.5]))
-    maps = _images(1, seed=1)
+        for param in fusion.gate.parameters():  # a non-trivial per-voxel gate
+            param.normal_(0.0, 0.3)
+    maps, images = _images(1, seed=1), _images(1, seed=2)
     t2w_only = torch.tensor([[1.0, 0.0, 0.0]])
-    fused = fusion(maps, t2w_only)
-    # only T2W present: the fused map is exactly the T2W map (weights renormalized to 1)
-    assert torch.allclose(fused[:, 0], maps[:, 0], atol=1e-6)
-    # changing the map of a missing sequence does not change the result
+    fused = fusion(maps, t2w_only, images)
+    assert torch.allclose(fused[:, 0], maps[:, 0], atol=1e-6)  # only T2W present: fused = T2W map
     altered = maps.clone()
-    altered[:, 1:] = 1.0 - altered[:, 1:]
-    assert torch.allclose(fusion(altered, t2w_only), fused)
-    # all present: weights sum to one and differ from the T2W-only map
-    weights = fusion.weights(torch.ones(1, NUM_SEQUENCES))
-    assert torch.allclose(weights.sum(dim=1), torch.ones(1))
-    assert not torch.allclose(fusion(maps, torch.ones(1, NUM_SEQUENCES)), fused)
+    altered[:, 1:] = 0.77  # what the missing channels' maps hold does not leak into the fused map
+    assert torch.allclose(fusion(altered, t2w_only, images), fused, atol=1e-6)
+    weights = fusion.weights(maps, torch.ones(1, NUM_SEQUENCES), images)
+    assert weights.shape == maps.shape
+    assert torch.allclose(weights.sum(dim=1), torch.ones(1, *maps.shape[2:]), atol=1e-5)
+    assert float(weights.std(dim=(2, 3, 4)).min()) > 0  # weights vary over the voxels (per zone)
+    assert not torch.allclose(fusion(maps, torch.ones(1, NUM_SEQUENCES), images), fused)
+
+
+def test_fusion_starts_as_the_plain_mean_of_the_present_maps() -> None:
+    fusion = MapFusion()
+    maps, images = _images(1, seed=4), _images(1, seed=5)
+    with torch.no_grad():
+        assert torch.allclose(fusion(maps, torch.ones(1, NUM_SEQUENCES), images), maps.mean(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("model_name", [LOCALIZATION_MODEL, FUSION_MODEL, CLASSIFICATION_MODEL])
@@ -95,7 +138,7 @@ def test_onnx_export_with_dynamic_batch_matches_torch(model_name: str, tmp_path:
     assert [o.name for o in session.get_outputs()] == list(outputs)
     batch = example_inputs(model_name, batch=3)  # a batch size never seen at export
     if model_name == FUSION_MODEL:
-        batch = (batch[0], torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+        batch = (batch[0], torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]), batch[2])
     got = session.run(None, {name: t.numpy() for name, t in zip(inputs, batch, strict=True)})
     with torch.no_grad():
         ref = module(*batch)
@@ -108,8 +151,9 @@ def test_onnx_export_with_dynamic_batch_matches_torch(model_name: str, tmp_path:
 def test_checkpoint_round_trip_keeps_outputs_and_metadata(tmp_path: Path) -> None:
     torch.manual_seed(3)
     nets = build_networks("cpu").eval()
-    with torch.no_grad():  # make fusion weights non-trivial so they must be restored too
+    with torch.no_grad():  # make fusion weights and calibration non-trivial so they must be restored too
         nets.fusion.sequence_logits.copy_(torch.tensor([0.1, 0.7, -0.4]))
+        nets.classification.set_calibration(0.8, 0.3)
     images, availability = _images(2, seed=5), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
     with torch.no_grad():
         before = nets(images, availability)

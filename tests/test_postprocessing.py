@@ -22,30 +22,45 @@ from preprocessing.testing import make_series
 GEOMETRY = GridGeometry((-16.0, -16.0, -12.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (2.0, 2.0, 4.0), (16, 16, 6))
 
 
-def _outputs(fused: np.ndarray) -> dict[str, np.ndarray]:
+def _outputs(cspca: np.ndarray, score: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Ensemble outputs around a csPCa map; the score map defaults to 1 + 4 * map (0.5 -> 3, 0.9 -> 4.6)."""
+    score = 1.0 + 4.0 * cspca if score is None else score
     return {
-        "fused_map": fused[None],
-        "cspca_probability": np.array([0.8], np.float32),
+        "fused_map": (cspca * 0.9)[None],  # another map: candidates must come from cspca_map, not from this
+        "cspca_map": cspca[None],
+        "score_map": score[None].astype(np.float32),
+        "cspca_probability": np.array([float(cspca.max())], np.float32),
         "pirads_distribution": np.array([0.05, 0.05, 0.1, 0.3, 0.5], np.float32),
     }
 
 
 def _two_blobs() -> np.ndarray:
-    fused = np.zeros((6, 16, 16), np.float32)
-    fused[2:4, 3:6, 3:6] = 0.5
-    fused[1:3, 10:13, 9:12] = 0.9
-    return fused
+    cspca = np.zeros((6, 16, 16), np.float32)
+    cspca[2:4, 3:6, 3:6] = 0.5
+    cspca[1:3, 10:13, 9:12] = 0.9
+    return cspca
 
 
-def test_findings_number_lesions_by_likelihood_with_lps_centres_and_ml() -> None:
+def test_findings_number_lesions_by_likelihood_with_lps_centres_ml_and_own_category() -> None:
     findings = build_findings(_outputs(_two_blobs()), GEOMETRY)
     assert [les.id for les in findings.lesions] == [1, 2]
-    assert findings.lesions[0].likelihood == pytest.approx(0.9)
+    assert findings.lesions[0].likelihood == pytest.approx(0.9)  # the csPCa map's peak, not the fused map's
     # blob 1: d 1..2, h 10..12, w 9..11 -> index centre (1.5, 11, 10) -> LPS origin + (10*2, 11*2, 1.5*4)
     assert findings.lesions[0].center_lps_mm == pytest.approx((-16 + 20, -16 + 22, -12 + 6), abs=1e-3)
     assert findings.lesions[0].volume_ml == pytest.approx(2 * 3 * 3 * 16 / 1000)
     assert set(np.unique(findings.labels)) == {0, 1, 2}
+    # each lesion its own category from the score map (4.6 -> 5, 3.0 -> 3); the study: the highest one
+    assert [(les.pirads, les.score) for les in findings.lesions] == [(5, pytest.approx(4.6)), (3, pytest.approx(3.0))]
     assert findings.pirads_score == 5
+
+
+def test_study_category_is_the_highest_score_and_1_without_lesions() -> None:
+    empty = np.zeros((6, 16, 16), np.float32)
+    findings = build_findings(_outputs(empty, score=np.full(empty.shape, 1.1, np.float32)), GEOMETRY)
+    assert findings.lesions == [] and findings.pirads_score == 1
+    mimic = np.full(empty.shape, 1.1, np.float32)
+    mimic[2, 4, 4] = 2.7  # a PI-RADS-3-like mimic that is no csPCa candidate still sets the study category
+    assert build_findings(_outputs(empty, score=mimic), GEOMETRY).pirads_score == 3
 
 
 def test_findings_name_a_missing_or_misshapen_output() -> None:

@@ -60,6 +60,7 @@ def cancer_reference(client: AnalysisClient, service_studies: dict[str, Path]) -
         request_id="reference",
         timeout_s=120,
         include_fused_map=True,
+        include_cspca_map=True,
         include_t2w_preview=True,
         include_dicom_outputs=True,
     )
@@ -87,6 +88,10 @@ def test_analyze_answers_study_findings_series_and_timings(
     assert min(np.linalg.norm(top - c) for c in significant) < 5.0
     assert [les.id for les in r.lesions] == list(range(1, len(r.lesions) + 1))
     assert all(0 < les.volume_ml < 50 and 0 < les.likelihood <= 1 for les in r.lesions)
+    # every lesion carries its own category; the study category is the highest, the probability the highest evidence
+    assert all(2 <= les.pirads <= 5 and les.score > 0 for les in r.lesions)
+    assert r.pirads_score >= max(les.pirads for les in r.lesions)
+    assert r.cspca_probability == pytest.approx(max(les.likelihood for les in r.lesions), abs=1e-5)
 
 
 def test_fused_map_and_preview_come_as_float16_on_the_model_grid(cancer_reference: pb.AnalyzeResponse) -> None:
@@ -95,8 +100,10 @@ def test_fused_map_and_preview_come_as_float16_on_the_model_grid(cancer_referenc
     assert fused.shape == t2w.shape == (16, 64, 64)
     assert list(cancer_reference.fused_map.spacing_mm_ijk) == pytest.approx([1.5, 1.5, 3.0], abs=1e-6)
     assert fused.min() >= 0.0 and fused.max() <= 1.0
-    assert fused.max() >= cancer_reference.lesions[0].likelihood - 1e-2  # float16 rounding
     assert t2w.std() > 0.05
+    cspca = grid_volume_array(cancer_reference.cspca_map)
+    assert cspca.shape == (16, 64, 64) and cspca.min() >= 0.0
+    assert cspca.max() == pytest.approx(cancer_reference.lesions[0].likelihood, abs=1e-2)  # float16 rounding
 
 
 def test_seg_and_sr_reference_the_t2w_series_and_hold_the_lesions(cancer_reference: pb.AnalyzeResponse) -> None:

@@ -205,6 +205,17 @@ def test_evaluate_protocol_outputs_on_the_shipped_checkpoint(
     }
     assert needed <= set(cases[0])
     assert {"case_id", "x_mm", "y_mm", "z_mm", "likelihood", "pirads"} <= set(candidates[0])
+    assert all(2 <= int(c["pirads"]) <= 5 for c in candidates)  # every candidate carries its own category
+    # the study category is at least every lesion's, and the study probability at least every lesion's likelihood
+    for case in cases:
+        mine = [c for c in candidates if c["case_id"] == case["case_id"]]
+        assert int(case["pirads_predicted"]) >= max((int(c["pirads"]) for c in mine), default=1)
+        assert float(case["cspca_probability"]) >= max((float(c["likelihood"]) for c in mine), default=0) - 1e-3
+    assert set(metrics["ablation"]) == {"without_t2w", "without_adc", "without_dwi", "t2w_only", "t2w_adc"}
+    assert metrics["ablation"]["t2w_only"]["sequences"] == ["t2w"]
+    weights = metrics["fusion_weights"]["all_voxels"]
+    assert weights["t2w"] + weights["adc"] + weights["dwi"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["calibration"]["slope"] > 0
     assert len(cases) == len(synthetic_dataset)
     assert len(candidates) == sum(int(c["num_candidates"]) for c in cases)
     # located is over every significant lesion of the truth, each a row of lesions.csv

@@ -63,6 +63,7 @@ def register(subparsers: Any) -> None:
         help="also write the results as the marked evaluation section of this file (e.g. BENCHMARKS.md); "
         "only for validation seeds (docs/networks.md, 'Seeds')",
     )
+    e.add_argument("--no-ablation", action="store_true", help="skip the sequence ablation (5 more network passes)")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)
 
@@ -117,6 +118,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         record_in_checkpoint=args.record,
         resamples=args.resamples,
         bootstrap_seed=args.bootstrap_seed,
+        ablations=not args.no_ablation,
     )
     keys = (
         "auroc",

@@ -76,6 +76,15 @@ def significant_mask(lesion_index: np.ndarray, truth: dict[str, Any]) -> np.ndar
     return np.isin(lesion_index, labels).astype(np.uint8)
 
 
+def pirads_target(lesion_index: np.ndarray, truth: dict[str, Any]) -> np.ndarray:
+    """``[D, H, W]`` uint8 PI-RADS-like category per voxel: the category of the lesion it lies in (mimics
+    included), 1 outside lesions (the target of the score map, see ``training.train.score_loss``)."""
+    lut = np.ones(256, dtype=np.uint8)
+    for i, lesion in enumerate(truth.get("lesions", []), start=1):
+        lut[i] = int(max(1, min(5, int(lesion.get("pirads", 1)))))
+    return lut[lesion_index]
+
+
 def study_labels(truth: dict[str, Any]) -> tuple[int, int]:
     """``(significant, max_pirads)`` of a ground-truth dict (max_pirads = 1 without lesions)."""
     lesions = truth.get("lesions", [])
@@ -238,12 +247,12 @@ def augment_case(
     settings: AugmentSettings,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Augmented copies of ``(images [S,D,H,W], availability [S], target [D,H,W])``."""
+    """Augmented copies of ``(images [S,D,H,W], availability [S], target [..., D,H,W])`` (label maps may be stacked)."""
     images, availability, target = images.copy(), availability.copy(), target.copy()
     if rng.random() < settings.flip_lr_probability:
         axis = lr_array_axis(geometry)
         images = np.flip(images, axis=axis + 1).copy()
-        target = np.flip(target, axis=axis).copy()
+        target = np.flip(target, axis=target.ndim - 3 + axis).copy()
     for s, name in enumerate(SEQUENCES):
         if availability[s] < 0.5:
             continue
@@ -260,8 +269,9 @@ def augment_case(
 class CaseDataset(torch.utils.data.Dataset):
     """In-memory cases as training tensors; call :meth:`set_epoch` before each epoch for fresh augmentation.
 
-    Items: ``images [S,D,H,W]``, ``availability [S]``, ``target [1,D,H,W]`` float32, ``significant`` float32,
-    ``pirads_class`` int64 (0-4 = category 1-5).
+    Items: ``images [S,D,H,W]``, ``availability [S]``, ``target [1,D,H,W]`` float32, ``pirads_target [D,H,W]``
+    int64 (category 1-5 per voxel, :func:`pirads_target`), ``significant`` float32, ``pirads_class`` int64
+    (0-4 = study category 1-5).
     """
 
     def __init__(self, records: Sequence[CaseRecord], augment: AugmentSettings | None = None, seed: int = 0) -> None:
@@ -278,14 +288,16 @@ class CaseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rec = self.records[i]
-        images, availability, target = rec.images, rec.availability, rec.target
+        labels = np.stack([rec.target, pirads_target(rec.lesion_index, rec.truth)])
+        images, availability = rec.images, rec.availability
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            images, availability, target = augment_case(images, availability, target, rec.geometry, self.augment, rng)
+            images, availability, labels = augment_case(images, availability, labels, rec.geometry, self.augment, rng)
         return {
             "images": torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
             "availability": torch.from_numpy(np.ascontiguousarray(availability, dtype=np.float32)),
-            "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
+            "target": torch.from_numpy(np.ascontiguousarray(labels[0], dtype=np.float32))[None],
+            "pirads_target": torch.from_numpy(np.ascontiguousarray(labels[1], dtype=np.int64)),
             "significant": torch.tensor(float(rec.significant)),
             "pirads_class": torch.tensor(rec.max_pirads - 1, dtype=torch.int64),
         }

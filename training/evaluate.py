@@ -2,18 +2,24 @@
 and by the protocol of :mod:`training.scoring` (intervals, located within 5 mm, FROC, calibration, coherence).
 
 For every case folder: :func:`preprocessing.pipeline.preprocess_study` on ``dicom/`` -> networks ->
-:func:`postprocessing.candidates.extract_candidates` on the fused map. Scores (docs/networks.md, "Evaluation"):
+:func:`postprocessing.report.build_findings` (the service's and the demo's code: candidates from the calibrated
+csPCa map, a csPCa likelihood and PI-RADS-like category per lesion). Scores (docs/networks.md, "Evaluation"):
 
 * ``picai_eval.evaluate`` on the candidate maps vs the csPCa lesion masks (``lesions.nii.gz`` resampled
   to the model grid, significant lesions only): ``auroc`` (patient level, case score = the highest
   candidate likelihood), ``ap`` (lesion level), ``score`` = (auroc + ap) / 2;
-* ``classifier_auroc``, ``brier``, ``ece``: the classification network's csPCa probability vs the study truth;
-* PI-RADS-like confusion matrix and quadratic kappa of ``argmax(pirads_distribution)`` vs the study's max PI-RADS;
+* ``classifier_auroc``, ``brier``, ``ece``: the study csPCa probability (calibrated) vs the study truth;
+* PI-RADS-like confusion matrix and quadratic kappa of the study category (``Findings.pirads_score``) vs the
+  study's max PI-RADS;
 * ``located_fraction``: significant truth lesions with a candidate centre within 5 mm, over all of them;
   ``froc_sensitivity_at_{0.5,1}_fp``; ``incoherent_fraction``; the same by zone and by lesion size;
 * the same picai scores for the trivial baseline ``adc_min`` (:mod:`training.baseline`), keys ``baseline_*``,
   and for the stronger ``dwi_max`` heuristic, keys ``baseline_dwi_*``;
-* ``ci95``: case-level bootstrap 95 % intervals of every figure above.
+* ``ci95``: case-level bootstrap 95 % intervals of every figure above;
+* ``fusion_weights``: the mean per-voxel fusion weight of each sequence inside the truth lesions of each zone
+  (and over the whole grid);
+* ``ablation``: AUROC / AP with each sequence removed at inference (availability 0, channel filled), and with
+  T2W only and T2W + ADC (the missing-sequence paths), each with its change from the full model.
 
 Outputs in OUT_DIR: ``metrics.json``, ``cases.csv``, ``candidates.csv``, ``lesions.csv``, ``roc.png``,
 ``pr.png``, ``froc.png``, ``confusion.png``.
@@ -38,11 +44,12 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_curve
 from tqdm import tqdm
 
-from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, GridGeometry
+from contract import DEFAULT_CANDIDATES, MISSING_CHANNEL_FILL_VALUE, PIRADS_CATEGORIES, SEQUENCES, GridGeometry
 from contract.errors import MpmriError
 from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from networks.models import MpmriNetworks
-from postprocessing.candidates import LesionCandidate, extract_candidates
+from postprocessing.candidates import extract_candidates
+from postprocessing.report import MM3_PER_ML, Lesion, build_findings
 from training.baseline import BASELINES, baseline_likelihood_map
 from training.data import CaseRecord, prepare_case_dir
 from training.scoring import (
@@ -81,21 +88,18 @@ class CaseResult:
     max_pirads: int
     cspca_probability: float
     pirads_distribution: list[float]
-    candidates: list[LesionCandidate]
+    candidates: list[Lesion]
     candidate_map: np.ndarray
     target: np.ndarray
     baseline_maps: dict[str, np.ndarray]
     lesions: list[dict[str, Any]]  # the significant truth lesions (ground_truth.json entries)
     match: Match
+    pirads_predicted: int
     data_seed: int | None = None
 
     @property
     def top_likelihood(self) -> float:
         return self.candidates[0].likelihood if self.candidates else 0.0
-
-    @property
-    def pirads_predicted(self) -> int:
-        return int(np.argmax(self.pirads_distribution)) + PIRADS_CATEGORIES[0]
 
 
 def find_cases(data_dir: Path) -> list[Path]:
@@ -118,7 +122,7 @@ def significant_lesions(truth: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def match_case(candidates: list[LesionCandidate], lesions: list[dict[str, Any]]) -> Match:
+def match_case(candidates: list[Lesion], lesions: list[dict[str, Any]]) -> Match:
     """:func:`training.scoring.match_candidates` on one study's candidates and significant lesions."""
     return match_candidates(
         np.asarray([c.center_lps_mm for c in candidates], dtype=np.float64).reshape(-1, 3),
@@ -128,28 +132,112 @@ def match_case(candidates: list[LesionCandidate], lesions: list[dict[str, Any]])
 
 
 @torch.no_grad()
-def predict_record(nets: MpmriNetworks, record: CaseRecord) -> CaseResult:
-    images = torch.from_numpy(record.images[None])
-    availability = torch.from_numpy(record.availability[None])
-    out = nets(images, availability)
-    fused = out["fused_map"][0, 0].numpy()
-    candidates, candidate_map = extract_candidates(fused, record.geometry)
+def network_outputs(nets: MpmriNetworks, images: np.ndarray, availability: np.ndarray) -> dict[str, np.ndarray]:
+    """The ensemble's outputs for one study (``images [S, D, H, W]``, ``availability [S]``), without batch axis."""
+    out = nets(torch.from_numpy(np.ascontiguousarray(images[None])), torch.from_numpy(availability[None]))
+    return {name: value[0].numpy() for name, value in out.items()}
+
+
+def predict_record(
+    nets: MpmriNetworks, record: CaseRecord, availability: np.ndarray | None = None, baselines: bool = True
+) -> CaseResult:
+    """The full chain on one case: networks -> :func:`postprocessing.report.build_findings` -> matching.
+
+    ``availability`` overrides the record's (a sequence set to 0 gets the contract's missing-channel value),
+    for the sequence ablation.
+    """
+    images, avail = record.images, record.availability
+    if availability is not None:
+        avail = np.minimum(avail, np.asarray(availability, dtype=np.float32))
+        images = np.where(avail[:, None, None, None] > 0.5, images, np.float32(MISSING_CHANNEL_FILL_VALUE))
+    out = network_outputs(nets, images.astype(np.float32), avail.astype(np.float32))
+    findings = build_findings(out, record.geometry)
+    candidate_map = np.zeros(findings.labels.shape, dtype=np.float32)
+    for lesion in findings.lesions:
+        candidate_map[findings.labels == lesion.id] = lesion.likelihood
     lesions = significant_lesions(record.truth)
     seed = record.truth.get("seed")
     return CaseResult(
         case_id=record.case_id,
         significant=record.significant,
         max_pirads=record.max_pirads,
-        cspca_probability=float(out["cspca_probability"][0, 0]),
-        pirads_distribution=[float(v) for v in out["pirads_distribution"][0]],
-        candidates=candidates,
+        cspca_probability=findings.cspca_probability,
+        pirads_distribution=findings.pirads_distribution,
+        candidates=findings.lesions,
         candidate_map=candidate_map,
         target=record.target,
-        baseline_maps={rule: baseline_likelihood_map(record.images, record.availability, rule) for rule in BASELINES},
+        baseline_maps=(
+            {rule: baseline_likelihood_map(record.images, record.availability, rule) for rule in BASELINES}
+            if baselines
+            else {}
+        ),
         lesions=lesions,
-        match=match_case(candidates, lesions),
+        match=match_case(findings.lesions, lesions),
+        pirads_predicted=findings.pirads_score,
         data_seed=None if seed is None else int(seed),
     )
+
+
+@torch.no_grad()
+def fusion_weights_by_zone(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[str, dict[str, Any]]:
+    """Mean per-voxel fusion weight of each sequence inside the truth lesions of each zone, and over all voxels.
+
+    Only studies with every sequence present count (a missing sequence has weight 0 by construction).
+    """
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for record in records:
+        if float(record.availability.min()) < 0.5:
+            continue
+        images = torch.from_numpy(np.ascontiguousarray(record.images[None]))
+        availability = torch.from_numpy(record.availability[None])
+        maps = nets.localization(images)
+        weights = nets.fusion.weights(maps, availability, images)[0].numpy()  # [S, D, H, W]
+        groups = {"all_voxels": np.ones(record.lesion_index.shape, dtype=bool)}
+        for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
+            kind = "cancer" if lesion.get("significant") else "mimic"
+            key = f"{lesion.get('zone', 'unknown')}_{kind}"
+            mask = record.lesion_index == i
+            groups[key] = groups[key] | mask if key in groups else mask
+        for key, mask in groups.items():
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            sums[key] = sums.get(key, np.zeros(len(SEQUENCES))) + weights[:, mask].sum(axis=1)
+            counts[key] = counts.get(key, 0) + n
+    return {
+        key: {"voxels": counts[key], **{seq: float(v) for seq, v in zip(SEQUENCES, sums[key] / counts[key])}}
+        for key in sorted(sums)
+    }
+
+
+#: the sequence sets of the ablation: name -> availability mask (1 = kept)
+ABLATIONS: dict[str, tuple[float, ...]] = {
+    "without_t2w": (0.0, 1.0, 1.0),
+    "without_adc": (1.0, 0.0, 1.0),
+    "without_dwi": (1.0, 1.0, 0.0),
+    "t2w_only": (1.0, 0.0, 0.0),
+    "t2w_adc": (1.0, 1.0, 0.0),
+}
+
+
+def sequence_ablation(
+    nets: MpmriNetworks, records: list[CaseRecord], full: Any, subjects: list[str]
+) -> dict[str, dict[str, Any]]:
+    """AUROC / AP with sequences removed at inference, and their change from the full model ``full``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mask in ABLATIONS.items():
+        results = [predict_record(nets, r, np.asarray(mask, np.float32), baselines=False) for r in records]
+        metrics = _picai([r.candidate_map for r in results], [r.target for r in results], subjects)
+        auroc, ap = _finite(metrics.auroc), _finite(metrics.AP)
+        out[name] = {
+            "sequences": [seq for seq, keep in zip(SEQUENCES, mask) if keep],
+            "auroc": auroc,
+            "ap": ap,
+            "auroc_change": None if auroc is None or _finite(full.auroc) is None else auroc - float(full.auroc),
+            "ap_change": None if ap is None or _finite(full.AP) is None else ap - float(full.AP),
+        }
+    return out
 
 
 def _picai(y_det: list[np.ndarray], y_true: list[np.ndarray], subjects: list[str]) -> Any:
@@ -290,15 +378,20 @@ def evaluate(
     record_in_checkpoint: bool = False,
     resamples: int = BOOTSTRAP_RESAMPLES,
     bootstrap_seed: int = BOOTSTRAP_SEED,
+    ablations: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on every case of ``data_dir``; writes the report to ``out_dir``; returns metrics."""
+    """Evaluate ``checkpoint`` on every case of ``data_dir``; writes the report to ``out_dir``; returns metrics.
+
+    ``ablations=False`` skips the sequence ablation (5 more passes of the networks over the studies).
+    """
     torch.set_num_threads(threads)
     t0 = time.monotonic()
     nets, meta = load_checkpoint(checkpoint)  # first: a checkpoint under another contract is refused by name
     cases = find_cases(data_dir)
-    results: list[CaseResult] = []
-    for case_dir in tqdm(cases, desc="evaluate", disable=not progress, mininterval=5):
-        results.append(predict_record(nets, prepare_case_dir(case_dir)))
+    records = [
+        prepare_case_dir(case_dir) for case_dir in tqdm(cases, desc="preprocess", disable=not progress, mininterval=5)
+    ]
+    results = [predict_record(nets, r) for r in tqdm(records, desc="evaluate", disable=not progress, mininterval=5)]
 
     subjects = [r.case_id for r in results]
     y_true = [r.target for r in results]
@@ -312,6 +405,8 @@ def evaluate(
         for rule in BASELINES
     }
     base = baselines["adc_min"]
+    ablation = sequence_ablation(nets, records, model, subjects) if ablations else {}
+    fusion = fusion_weights_by_zone(nets, records)
 
     proto = _Protocol(results)
     all_idx = np.arange(len(results))
@@ -371,6 +466,9 @@ def evaluate(
         "ci95": {name: intervals[name] for name in figures},
         "by_zone": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("zone=")},
         "by_size": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("size=")},
+        "fusion_weights": fusion,
+        "ablation": ablation,
+        "calibration": meta.get("calibration"),
         "bootstrap": {
             "resamples": resamples,
             "seed": bootstrap_seed,
@@ -457,7 +555,7 @@ def _write_cases_csv(path: Path, results: list[CaseResult], proto: _Protocol) ->
 
 
 def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
-    """One row per candidate; ``pirads`` stays empty until the networks score each lesion (issue 10, item 1)."""
+    """One row per candidate (a lesion of the findings): LPS centre, csPCa likelihood, PI-RADS-like category."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -468,6 +566,7 @@ def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
                 "z_mm",
                 "likelihood",
                 "pirads",
+                "score",
                 "rank",
                 "volume_mm3",
                 "located_lesion_label",
@@ -484,9 +583,10 @@ def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
                         f"{y:.2f}",
                         f"{z:.2f}",
                         f"{c.likelihood:.4f}",
-                        "",
-                        c.label,
-                        f"{c.volume_mm3:.1f}",
+                        c.pirads,
+                        f"{c.score:.3f}",
+                        c.id,
+                        f"{c.volume_ml * MM3_PER_ML:.1f}",
                         r.lesions[lesion]["label"] if lesion >= 0 else "",
                         f"{dist:.2f}" if math.isfinite(dist) else "",
                     ]

@@ -19,7 +19,7 @@ TRAINING_END = "<!-- training:end -->"
 #: (metrics key, row label, goal of issue 10 or "")
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("auroc", "patient AUROC (picai_eval, case score = top candidate)", ">= 0.95"),
-    ("classifier_auroc", "patient AUROC of the csPCa head (`cspca_probability`)", ""),
+    ("classifier_auroc", "patient AUROC of the study probability (`cspca_probability`)", ""),
     ("ap", "lesion AP (picai_eval, IoU >= 0.1)", ">= 0.85"),
     ("baseline_dwi_auroc", "heuristic `dwi_max` patient AUROC", "network >= heuristic + 0.05"),
     ("baseline_auroc", "heuristic `adc_min` patient AUROC", ""),
@@ -100,6 +100,36 @@ def render_section(metrics: dict[str, Any], command: str) -> str:
             if key == "by_zone":
                 row += f" {_fmt(g.get('auroc'))} {_ci(g.get('auroc_ci95'))} |"
             lines.append(row)
+        lines.append("")
+    fusion = metrics.get("fusion_weights") or {}
+    if fusion:
+        lines += [
+            "Fusion weights (mean per-voxel weight of each sequence in the fused map; studies with every sequence;"
+            " synthetic studies):",
+            "",
+            "| region | voxels | T2W | ADC | DWI |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, w in fusion.items():
+            lines.append(
+                f"| {name} | {w.get('voxels')} | {_fmt(w.get('t2w'))} | {_fmt(w.get('adc'))} | {_fmt(w.get('dwi'))} |"
+            )
+        lines.append("")
+    ablation = metrics.get("ablation") or {}
+    if ablation:
+        lines += [
+            "Sequence ablation at inference (a removed sequence gets availability 0 and the missing-channel value;"
+            " synthetic studies):",
+            "",
+            "| sequences used | patient AUROC | change | lesion AP | change |",
+            "|---|---:|---:|---:|---:|",
+            f"| all (t2w, adc, dwi) | {_fmt(metrics.get('auroc'))} | – | {_fmt(metrics.get('ap'))} | – |",
+        ]
+        for a in ablation.values():
+            lines.append(
+                f"| {', '.join(a.get('sequences', []))} | {_fmt(a.get('auroc'))} | {_fmt(a.get('auroc_change'))} "
+                f"| {_fmt(a.get('ap'))} | {_fmt(a.get('ap_change'))} |"
+            )
         lines.append("")
     lines.append(END)
     return "\n".join(lines)

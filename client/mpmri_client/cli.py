@@ -61,7 +61,7 @@ def run_analyze(args: argparse.Namespace) -> int:
                 request_id=args.request_id,
                 timeout_s=args.deadline_s,
                 include_dicom_outputs=not args.no_dicom,
-                include_fused_map=not args.no_overlay,
+                include_cspca_map=not args.no_overlay,
                 include_t2w_preview=not args.no_overlay,
                 study_instance_uid=args.study_uid,
             )
@@ -74,7 +74,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     written = write_outputs(response, args.out)
     lesions = ", ".join(
         f"#{les.id} LPS ({', '.join(f'{v:.1f}' for v in les.center_lps_mm)}) mm, {les.volume_ml:.2f} ml, "
-        f"p={les.likelihood:.2f}"
+        f"p={les.likelihood:.2f}, PI-RADS-like {les.pirads}"
         for les in response.lesions
     )
     print(

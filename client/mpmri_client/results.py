@@ -36,6 +36,8 @@ def response_to_dict(response: pb.AnalyzeResponse) -> dict[str, Any]:
                 "center_lps_mm": list(lesion.center_lps_mm),
                 "volume_ml": lesion.volume_ml,
                 "likelihood": lesion.likelihood,
+                "pirads": lesion.pirads,
+                "score": lesion.score,
             }
             for lesion in response.lesions
         ],
@@ -105,7 +107,8 @@ def write_outputs(response: pb.AnalyzeResponse, out_dir: Path) -> dict[str, Path
     if response.sr.data:
         written["sr"] = out_dir / "sr.dcm"
         written["sr"].write_bytes(response.sr.data)
-    if response.fused_map.float16_dhw and response.t2w_preview.float16_dhw:
-        rgb = overlay_rgb(grid_volume_array(response.t2w_preview), grid_volume_array(response.fused_map))
+    heat = response.cspca_map if response.cspca_map.float16_dhw else response.fused_map
+    if heat.float16_dhw and response.t2w_preview.float16_dhw:
+        rgb = overlay_rgb(grid_volume_array(response.t2w_preview), grid_volume_array(heat))
         written["overlay"] = write_png(out_dir / "overlay.png", rgb)
     return written

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1empmri_client/v1/analysis.proto\x12\x08mpmri.v1\"\x83\x01\n\x0e\x41nalyzeOptions\x12\x19\n\x11include_fused_map\x18\x01 \x01(\x08\x12\x1b\n\x13include_t2w_preview\x18\x02 \x01(\x08\x12\x1d\n\x15include_dicom_outputs\x18\x03 \x01(\x08\x12\x1a\n\x12study_instance_uid\x18\x04 \x01(\t\"N\n\rAnalyzeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.mpmri.v1.AnalyzeOptions\"6\n\rInstanceChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65nd_of_instance\x18\x02 \x01(\x08\"b\n\x0e\x41nalyzeRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.mpmri.v1.AnalyzeHeader\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.mpmri.v1.InstanceChunk\"\xa1\x01\n\x17\x41nalyzeReferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64icomweb_url\x18\x02 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.mpmri.v1.AnalyzeOptions\x12\x15\n\rstore_results\x18\x05 \x01(\x08\"\x84\x01\n\x0cSeriesChoice\x12\x10\n\x08sequence\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x1a\n\x12series_description\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11\x62_value_s_per_mm2\x18\x05 \x01(\x01\"R\n\x06Lesion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x15\n\rcenter_lps_mm\x18\x02 \x03(\x01\x12\x11\n\tvolume_ml\x18\x03 \x01(\x01\x12\x12\n\nlikelihood\x18\x04 \x01(\x01\"u\n\nGridVolume\x12\x15\n\rorigin_lps_mm\x18\x01 \x03(\x01\x12\x11\n\tdirection\x18\x02 \x03(\x01\x12\x16\n\x0espacing_mm_ijk\x18\x03 \x03(\x01\x12\x10\n\x08size_ijk\x18\x04 \x03(\r\x12\x13\n\x0b\x66loat16_dhw\x18\x05 \x01(\x0c\"i\n\x0b\x44icomObject\x12\x15\n\rsop_class_uid\x18\x01 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xc6\x05\n\x0f\x41nalyzeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12&\n\x06series\x18\x03 \x03(\x0b\x32\x16.mpmri.v1.SeriesChoice\x12\x41\n\x0c\x61vailability\x18\x04 \x03(\x0b\x32+.mpmri.v1.AnalyzeResponse.AvailabilityEntry\x12\x19\n\x11\x63spca_probability\x18\x05 \x01(\x01\x12\x14\n\x0cpirads_score\x18\x06 \x01(\r\x12\x1b\n\x13pirads_distribution\x18\x07 \x03(\x01\x12!\n\x07lesions\x18\x08 \x03(\x0b\x32\x10.mpmri.v1.Lesion\x12\x10\n\x08warnings\x18\t \x03(\t\x12\x12\n\nmodel_name\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12:\n\ttimings_s\x18\x0c \x03(\x0b\x32\'.mpmri.v1.AnalyzeResponse.TimingsSEntry\x12\'\n\tfused_map\x18\r \x01(\x0b\x32\x14.mpmri.v1.GridVolume\x12)\n\x0bt2w_preview\x18\x0e \x01(\x0b\x32\x14.mpmri.v1.GridVolume\x12\"\n\x03seg\x18\x0f \x01(\x0b\x32\x15.mpmri.v1.DicomObject\x12!\n\x02sr\x18\x10 \x01(\x0b\x32\x15.mpmri.v1.DicomObject\x12\x15\n\rnum_instances\x18\x11 \x01(\r\x12\x16\n\x0eresults_stored\x18\x12 \x01(\x08\x1a\x33\n\x11\x41vailabilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a/\n\rTimingsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa5\x01\n\x0f\x41nalysisService\x12@\n\x07\x41nalyze\x12\x18.mpmri.v1.AnalyzeRequest\x1a\x19.mpmri.v1.AnalyzeResponse(\x01\x12P\n\x10\x41nalyzeReference\x12!.mpmri.v1.AnalyzeReferenceRequest\x1a\x19.mpmri.v1.AnalyzeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1empmri_client/v1/analysis.proto\x12\x08mpmri.v1\"\x9e\x01\n\x0e\x41nalyzeOptions\x12\x19\n\x11include_fused_map\x18\x01 \x01(\x08\x12\x1b\n\x13include_t2w_preview\x18\x02 \x01(\x08\x12\x1d\n\x15include_dicom_outputs\x18\x03 \x01(\x08\x12\x1a\n\x12study_instance_uid\x18\x04 \x01(\t\x12\x19\n\x11include_cspca_map\x18\x05 \x01(\x08\"N\n\rAnalyzeHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.mpmri.v1.AnalyzeOptions\"6\n\rInstanceChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x17\n\x0f\x65nd_of_instance\x18\x02 \x01(\x08\"b\n\x0e\x41nalyzeRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.mpmri.v1.AnalyzeHeader\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.mpmri.v1.InstanceChunk\"\xa1\x01\n\x17\x41nalyzeReferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64icomweb_url\x18\x02 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.mpmri.v1.AnalyzeOptions\x12\x15\n\rstore_results\x18\x05 \x01(\x08\"\x84\x01\n\x0cSeriesChoice\x12\x10\n\x08sequence\x18\x01 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x02 \x01(\t\x12\x1a\n\x12series_description\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x19\n\x11\x62_value_s_per_mm2\x18\x05 \x01(\x01\"q\n\x06Lesion\x12\n\n\x02id\x18\x01 \x01(\r\x12\x15\n\rcenter_lps_mm\x18\x02 \x03(\x01\x12\x11\n\tvolume_ml\x18\x03 \x01(\x01\x12\x12\n\nlikelihood\x18\x04 \x01(\x01\x12\x0e\n\x06pirads\x18\x05 \x01(\r\x12\r\n\x05score\x18\x06 \x01(\x01\"u\n\nGridVolume\x12\x15\n\rorigin_lps_mm\x18\x01 \x03(\x01\x12\x11\n\tdirection\x18\x02 \x03(\x01\x12\x16\n\x0espacing_mm_ijk\x18\x03 \x03(\x01\x12\x10\n\x08size_ijk\x18\x04 \x03(\r\x12\x13\n\x0b\x66loat16_dhw\x18\x05 \x01(\x0c\"i\n\x0b\x44icomObject\x12\x15\n\rsop_class_uid\x18\x01 \x01(\t\x12\x18\n\x10sop_instance_uid\x18\x02 \x01(\t\x12\x1b\n\x13series_instance_uid\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xef\x05\n\x0f\x41nalyzeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12study_instance_uid\x18\x02 \x01(\t\x12&\n\x06series\x18\x03 \x03(\x0b\x32\x16.mpmri.v1.SeriesChoice\x12\x41\n\x0c\x61vailability\x18\x04 \x03(\x0b\x32+.mpmri.v1.AnalyzeResponse.AvailabilityEntry\x12\x19\n\x11\x63spca_probability\x18\x05 \x01(\x01\x12\x14\n\x0cpirads_score\x18\x06 \x01(\r\x12\x1b\n\x13pirads_distribution\x18\x07 \x03(\x01\x12!\n\x07lesions\x18\x08 \x03(\x0b\x32\x10.mpmri.v1.Lesion\x12\x10\n\x08warnings\x18\t \x03(\t\x12\x12\n\nmodel_name\x18\n \x01(\t\x12\x15\n\rmodel_version\x18\x0b \x01(\t\x12:\n\ttimings_s\x18\x0c \x03(\x0b\x32\'.mpmri.v1.AnalyzeResponse.TimingsSEntry\x12\'\n\tfused_map\x18\r \x01(\x0b\x32\x14.mpmri.v1.GridVolume\x12)\n\x0bt2w_preview\x18\x0e \x01(\x0b\x32\x14.mpmri.v1.GridVolume\x12\"\n\x03seg\x18\x0f \x01(\x0b\x32\x15.mpmri.v1.DicomObject\x12!\n\x02sr\x18\x10 \x01(\x0b\x32\x15.mpmri.v1.DicomObject\x12\x15\n\rnum_instances\x18\x11 \x01(\r\x12\x16\n\x0eresults_stored\x18\x12 \x01(\x08\x12\'\n\tcspca_map\x18\x13 \x01(\x0b\x32\x14.mpmri.v1.GridVolume\x1a\x33\n\x11\x41vailabilityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\x1a/\n\rTimingsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xa5\x01\n\x0f\x41nalysisService\x12@\n\x07\x41nalyze\x12\x18.mpmri.v1.AnalyzeRequest\x1a\x19.mpmri.v1.AnalyzeResponse(\x01\x12P\n\x10\x41nalyzeReference\x12!.mpmri.v1.AnalyzeReferenceRequest\x1a\x19.mpmri.v1.AnalyzeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._loaded_options = None
   _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._serialized_options = b'8\001'
   _globals['_ANALYZEOPTIONS']._serialized_start=45
-  _globals['_ANALYZEOPTIONS']._serialized_end=176
-  _globals['_ANALYZEHEADER']._serialized_start=178
-  _globals['_ANALYZEHEADER']._serialized_end=256
-  _globals['_INSTANCECHUNK']._serialized_start=258
-  _globals['_INSTANCECHUNK']._serialized_end=312
-  _globals['_ANALYZEREQUEST']._serialized_start=314
-  _globals['_ANALYZEREQUEST']._serialized_end=412
-  _globals['_ANALYZEREFERENCEREQUEST']._serialized_start=415
-  _globals['_ANALYZEREFERENCEREQUEST']._serialized_end=576
-  _globals['_SERIESCHOICE']._serialized_start=579
-  _globals['_SERIESCHOICE']._serialized_end=711
-  _globals['_LESION']._serialized_start=713
-  _globals['_LESION']._serialized_end=795
-  _globals['_GRIDVOLUME']._serialized_start=797
-  _globals['_GRIDVOLUME']._serialized_end=914
-  _globals['_DICOMOBJECT']._serialized_start=916
-  _globals['_DICOMOBJECT']._serialized_end=1021
-  _globals['_ANALYZERESPONSE']._serialized_start=1024
-  _globals['_ANALYZERESPONSE']._serialized_end=1734
-  _globals['_ANALYZERESPONSE_AVAILABILITYENTRY']._serialized_start=1634
-  _globals['_ANALYZERESPONSE_AVAILABILITYENTRY']._serialized_end=1685
-  _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._serialized_start=1687
-  _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._serialized_end=1734
-  _globals['_ANALYSISSERVICE']._serialized_start=1737
-  _globals['_ANALYSISSERVICE']._serialized_end=1902
+  _globals['_ANALYZEOPTIONS']._serialized_end=203
+  _globals['_ANALYZEHEADER']._serialized_start=205
+  _globals['_ANALYZEHEADER']._serialized_end=283
+  _globals['_INSTANCECHUNK']._serialized_start=285
+  _globals['_INSTANCECHUNK']._serialized_end=339
+  _globals['_ANALYZEREQUEST']._serialized_start=341
+  _globals['_ANALYZEREQUEST']._serialized_end=439
+  _globals['_ANALYZEREFERENCEREQUEST']._serialized_start=442
+  _globals['_ANALYZEREFERENCEREQUEST']._serialized_end=603
+  _globals['_SERIESCHOICE']._serialized_start=606
+  _globals['_SERIESCHOICE']._serialized_end=738
+  _globals['_LESION']._serialized_start=740
+  _globals['_LESION']._serialized_end=853
+  _globals['_GRIDVOLUME']._serialized_start=855
+  _globals['_GRIDVOLUME']._serialized_end=972
+  _globals['_DICOMOBJECT']._serialized_start=974
+  _globals['_DICOMOBJECT']._serialized_end=1079
+  _globals['_ANALYZERESPONSE']._serialized_start=1082
+  _globals['_ANALYZERESPONSE']._serialized_end=1833
+  _globals['_ANALYZERESPONSE_AVAILABILITYENTRY']._serialized_start=1733
+  _globals['_ANALYZERESPONSE_AVAILABILITYENTRY']._serialized_end=1784
+  _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._serialized_start=1786
+  _globals['_ANALYZERESPONSE_TIMINGSSENTRY']._serialized_end=1833
+  _globals['_ANALYSISSERVICE']._serialized_start=1836
+  _globals['_ANALYSISSERVICE']._serialized_end=2001
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnalyzeOptions(_message.Message):
-    __slots__ = ("include_fused_map", "include_t2w_preview", "include_dicom_outputs", "study_instance_uid")
+    __slots__ = ("include_fused_map", "include_t2w_preview", "include_dicom_outputs", "study_instance_uid", "include_cspca_map")
     INCLUDE_FUSED_MAP_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_T2W_PREVIEW_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DICOM_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     STUDY_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CSPCA_MAP_FIELD_NUMBER: _ClassVar[int]
     include_fused_map: bool
     include_t2w_preview: bool
     include_dicom_outputs: bool
     study_instance_uid: str
-    def __init__(self, include_fused_map: _Optional[bool] = ..., include_t2w_preview: _Optional[bool] = ..., include_dicom_outputs: _Optional[bool] = ..., study_instance_uid: _Optional[str] = ...) -> None: ...
+    include_cspca_map: bool
+    def __init__(self, include_fused_map: _Optional[bool] = ..., include_t2w_preview: _Optional[bool] = ..., include_dicom_outputs: _Optional[bool] = ..., study_instance_uid: _Optional[str] = ..., include_cspca_map: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeHeader(_message.Message):
     __slots__ = ("request_id", "options")
@@ -71,16 +73,20 @@ class SeriesChoice(_message.Message):
     def __init__(self, sequence: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., series_description: _Optional[str] = ..., reason: _Optional[str] = ..., b_value_s_per_mm2: _Optional[float] = ...) -> None: ...
 
 class Lesion(_message.Message):
-    __slots__ = ("id", "center_lps_mm", "volume_ml", "likelihood")
+    __slots__ = ("id", "center_lps_mm", "volume_ml", "likelihood", "pirads", "score")
     ID_FIELD_NUMBER: _ClassVar[int]
     CENTER_LPS_MM_FIELD_NUMBER: _ClassVar[int]
     VOLUME_ML_FIELD_NUMBER: _ClassVar[int]
     LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    PIRADS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     id: int
     center_lps_mm: _containers.RepeatedScalarFieldContainer[float]
     volume_ml: float
     likelihood: float
-    def __init__(self, id: _Optional[int] = ..., center_lps_mm: _Optional[_Iterable[float]] = ..., volume_ml: _Optional[float] = ..., likelihood: _Optional[float] = ...) -> None: ...
+    pirads: int
+    score: float
+    def __init__(self, id: _Optional[int] = ..., center_lps_mm: _Optional[_Iterable[float]] = ..., volume_ml: _Optional[float] = ..., likelihood: _Optional[float] = ..., pirads: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class GridVolume(_message.Message):
     __slots__ = ("origin_lps_mm", "direction", "spacing_mm_ijk", "size_ijk", "float16_dhw")
@@ -109,7 +115,7 @@ class DicomObject(_message.Message):
     def __init__(self, sop_class_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ..., series_instance_uid: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("request_id", "study_instance_uid", "series", "availability", "cspca_probability", "pirads_score", "pirads_distribution", "lesions", "warnings", "model_name", "model_version", "timings_s", "fused_map", "t2w_preview", "seg", "sr", "num_instances", "results_stored")
+    __slots__ = ("request_id", "study_instance_uid", "series", "availability", "cspca_probability", "pirads_score", "pirads_distribution", "lesions", "warnings", "model_name", "model_version", "timings_s", "fused_map", "t2w_preview", "seg", "sr", "num_instances", "results_stored", "cspca_map")
     class AvailabilityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +148,7 @@ class AnalyzeResponse(_message.Message):
     SR_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     RESULTS_STORED_FIELD_NUMBER: _ClassVar[int]
+    CSPCA_MAP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     study_instance_uid: str
     series: _containers.RepeatedCompositeFieldContainer[SeriesChoice]
@@ -160,4 +167,5 @@ class AnalyzeResponse(_message.Message):
     sr: DicomObject
     num_instances: int
     results_stored: bool
-    def __init__(self, request_id: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., series: _Optional[_Iterable[_Union[SeriesChoice, _Mapping]]] = ..., availability: _Optional[_Mapping[str, bool]] = ..., cspca_probability: _Optional[float] = ..., pirads_score: _Optional[int] = ..., pirads_distribution: _Optional[_Iterable[float]] = ..., lesions: _Optional[_Iterable[_Union[Lesion, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., fused_map: _Optional[_Union[GridVolume, _Mapping]] = ..., t2w_preview: _Optional[_Union[GridVolume, _Mapping]] = ..., seg: _Optional[_Union[DicomObject, _Mapping]] = ..., sr: _Optional[_Union[DicomObject, _Mapping]] = ..., num_instances: _Optional[int] = ..., results_stored: _Optional[bool] = ...) -> None: ...
+    cspca_map: GridVolume
+    def __init__(self, request_id: _Optional[str] = ..., study_instance_uid: _Optional[str] = ..., series: _Optional[_Iterable[_Union[SeriesChoice, _Mapping]]] = ..., availability: _Optional[_Mapping[str, bool]] = ..., cspca_probability: _Optional[float] = ..., pirads_score: _Optional[int] = ..., pirads_distribution: _Optional[_Iterable[float]] = ..., lesions: _Optional[_Iterable[_Union[Lesion, _Mapping]]] = ..., warnings: _Optional[_Iterable[str]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., fused_map: _Optional[_Union[GridVolume, _Mapping]] = ..., t2w_preview: _Optional[_Union[GridVolume, _Mapping]] = ..., seg: _Optional[_Union[DicomObject, _Mapping]] = ..., sr: _Optional[_Union[DicomObject, _Mapping]] = ..., num_instances: _Optional[int] = ..., results_stored: _Optional[bool] = ..., cspca_map: _Optional[_Union[GridVolume, _Mapping]] = ...) -> None: ...
