@@ -31,7 +31,18 @@ F32 = np.float32
 ZONE_OUTSIDE, ZONE_PZ, ZONE_TZ, ZONE_AFMS = 0, 1, 2, 3
 ZONE_NAMES = {ZONE_PZ: "pz", ZONE_TZ: "tz", ZONE_AFMS: "afms"}
 
-LESION_KINDS = ("cancer", "bph_nodule", "inflammation")
+#: lesion kinds; ``bph_nodule`` is a glandular BPH nodule (the name predates the stromal type)
+LESION_KINDS = ("cancer", "bph_nodule", "bph_stromal", "inflammation", "haemorrhage")
+#: benign mimics (every kind but ``cancer``)
+MIMIC_KINDS = LESION_KINDS[1:]
+#: zones each kind is placed in (PI-RADS v2.1: BPH in the TZ, prostatitis and post-biopsy blood in the PZ)
+LESION_ZONES: dict[str, tuple[str, ...]] = {
+    "cancer": ("pz", "tz"),
+    "bph_nodule": ("tz",),
+    "bph_stromal": ("tz",),
+    "inflammation": ("pz",),
+    "haemorrhage": ("pz",),
+}
 #: b-value (s/mm^2) at which the "DWI marked" rule of :func:`pirads_category` is evaluated
 PIRADS_DWI_B_VALUE = 1400.0
 #: lesion/background high-b signal ratio from which DWI is "marked" (:func:`pirads_category`)
@@ -81,7 +92,7 @@ class Lesion:
     zone: str  # "pz" | "tz"
     shape: Shape
     tissue: Tissue  # core properties
-    rim_t2: float | None  # T2 of a bright rim (BPH nodules), None for no rim
+    rim_t2: float | None  # T2 of the dark capsule (BPH nodules), None for no rim
     edge_mm: float  # soft-edge width: small = well defined, large = ill-defined
     bumps: tuple[float, ...]  # shape-irregularity coefficients (see _lesion_weight)
     texture_t2: float  # relative T2 heterogeneity inside the lesion
@@ -134,8 +145,10 @@ def pirads_category(kind: str, diameter_mm: float, adc_um2_per_s: float, dwi_con
     """PI-RADS-like category (2-5) of one lesion from explicit synthetic rules.
 
     * csPCa (``kind == "cancer"``): 5 if ``diameter_mm >= 15`` else 4.
-    * benign mimics (BPH nodule, inflammation): 3 if ``adc_um2_per_s < 1100`` and DWI is marked
-      (noise-free b=1400 lesion/background signal ratio ``dwi_contrast >= 2.0``), else 2.
+    * benign mimics (glandular or stromal BPH nodule, inflammation, haemorrhage): 3 if
+      ``adc_um2_per_s < 1100`` and DWI is marked (noise-free b=1400 lesion/background signal ratio
+      ``dwi_contrast >= 2.0``), else 2. Stromal BPH (low ADC, marked DWI) is often 3; haemorrhage
+      (low ADC but DWI not brighter than its background) is always 2.
 
     Category 1 is the study-level category when there is no lesion.
     """
@@ -150,6 +163,14 @@ def pirads_category(kind: str, diameter_mm: float, adc_um2_per_s: float, dwi_con
 def high_b_signal(tissue: Tissue, b_value: float = PIRADS_DWI_B_VALUE) -> float:
     """Noise-free DWI signal ``S0 * exp(-b * ADC)`` of ``tissue`` (ADC in 1e-6 mm^2/s)."""
     return tissue.s0 * math.exp(-b_value * tissue.adc * 1e-6)
+
+
+def s0_for_dwi_contrast(
+    adc_um2_per_s: float, background: Tissue, dwi_contrast: float, b_value: float = PIRADS_DWI_B_VALUE
+) -> float:
+    """The S0 (a.u.) that gives a tissue of ADC ``adc_um2_per_s`` (1e-6 mm^2/s) the noise-free high-b
+    signal ratio ``dwi_contrast`` against ``background`` at ``b_value`` (s/mm^2)."""
+    return dwi_contrast * high_b_signal(background, b_value) / math.exp(-b_value * adc_um2_per_s * 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,7 +197,17 @@ def _texture(rng: np.random.Generator, n: int, wavelength_mm: Sequence[float]) -
 
 @dataclasses.dataclass(frozen=True)
 class AnatomyRanges:
-    """Sampling ranges of the anatomy (mm; ADC in 1e-6 mm^2/s). See docs/synthetic_studies.md."""
+    """Sampling ranges of the anatomy and lesions. See docs/synthetic_studies.md ("Lesions").
+
+    Lengths in mm, ADC in 1e-6 mm^2/s, ``*_t2_fraction`` = lesion T2 / its zone's T2 (before texture),
+    ``*_dwi_contrast`` = noise-free b=1400 signal ratio lesion / zone tissue (the lesion's S0 is derived
+    from it), probabilities are fractions.
+
+    Lesion frequencies: ``p_no_lesion`` of the studies have none, ``p_cancer`` have 1-2 cancers
+    (75 % / 25 %) plus a mimic with probability ``p_mimic_with_cancer``, the rest have 1-2 mimics
+    (50 % / 50 %). A cancer lies in the TZ with probability ``p_cancer_in_tz``; a mimic's kind is drawn
+    with ``mimic_weights`` (normalized) and lies in its kind's zone (:data:`LESION_ZONES`).
+    """
 
     gland_lr_mm: tuple[float, float] = (35.0, 50.0)
     gland_ap_mm: tuple[float, float] = (28.0, 40.0)
@@ -184,13 +215,39 @@ class AnatomyRanges:
     gland_tilt_deg: tuple[float, float] = (-10.0, 10.0)
     pz_adc: tuple[float, float] = (1600.0, 2000.0)
     tz_adc: tuple[float, float] = (1200.0, 1500.0)
+    #: PZ cancer ADC
     cancer_adc: tuple[float, float] = (600.0, 1000.0)
-    bph_adc: tuple[float, float] = (900.0, 1300.0)
+    #: TZ cancer ADC (overlaps stromal BPH: DWI/ADC are ambiguous in the TZ)
+    tz_cancer_adc: tuple[float, float] = (650.0, 1050.0)
+    #: PZ cancer T2 from clearly dark to nearly iso: T2 alone does not decide in the PZ
+    pz_cancer_t2_fraction: tuple[float, float] = (0.35, 0.9)
+    #: TZ cancer: homogeneous, moderately dark ("erased charcoal")
+    tz_cancer_t2_fraction: tuple[float, float] = (0.55, 0.8)
+    bph_glandular_adc: tuple[float, float] = (1150.0, 1600.0)
+    bph_glandular_t2_fraction: tuple[float, float] = (1.15, 1.6)
+    #: stromal BPH: the same T2 core darkness and overlapping ADC/DWI as a TZ cancer; rim, edge, texture differ
+    bph_stromal_adc: tuple[float, float] = (750.0, 1100.0)
+    bph_stromal_t2_fraction: tuple[float, float] = (0.55, 0.8)
+    #: dark capsule of both BPH types, as a fraction of the TZ T2
+    bph_rim_t2_fraction: tuple[float, float] = (0.3, 0.45)
     inflammation_adc: tuple[float, float] = (1000.0, 1400.0)
+    inflammation_t2_fraction: tuple[float, float] = (0.55, 0.8)
+    inflammation_dwi_contrast: tuple[float, float] = (1.2, 1.9)
+    #: haemorrhage: ADC in the cancer range, very dark T2, high-b DWI at or below the background
+    haemorrhage_adc: tuple[float, float] = (700.0, 1100.0)
+    haemorrhage_t2_fraction: tuple[float, float] = (0.15, 0.3)
+    haemorrhage_dwi_contrast: tuple[float, float] = (0.7, 1.0)
     lesion_diameter_mm: tuple[float, float] = (5.0, 25.0)
     p_no_lesion: float = 0.35
     p_cancer: float = 0.40
     p_cancer_in_tz: float = 0.3
+    p_mimic_with_cancer: float = 0.5
+    mimic_weights: tuple[tuple[str, float], ...] = (
+        ("bph_nodule", 0.3),
+        ("bph_stromal", 0.25),
+        ("inflammation", 0.25),
+        ("haemorrhage", 0.2),
+    )
     max_lesions: int = 3
 
 
@@ -272,12 +329,21 @@ def _sample_lesions(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyR
     u = rng.random()
     if u < ranges.p_no_lesion:
         return ()
+    names = [name for name, _ in ranges.mimic_weights]
+    if not set(names) <= set(MIMIC_KINDS):
+        raise ValueError(f"mimic_weights names {names} must be among {MIMIC_KINDS}")
+    weights = np.array([w for _, w in ranges.mimic_weights], dtype=np.float64)
+    weights /= weights.sum()
+
+    def mimics(n: int) -> list[str]:
+        return [names[int(rng.choice(len(names), p=weights))] for _ in range(n)]
+
     kinds: list[str]
     if u < ranges.p_no_lesion + ranges.p_cancer:
         kinds = ["cancer"] * int(rng.choice([1, 1, 1, 2]))
-        kinds += [str(rng.choice(["bph_nodule", "inflammation"])) for _ in range(int(rng.choice([0, 0, 1])))]
+        kinds += mimics(int(rng.random() < ranges.p_mimic_with_cancer))
     else:
-        kinds = [str(rng.choice(["bph_nodule", "inflammation"])) for _ in range(int(rng.choice([1, 1, 2])))]
+        kinds = mimics(int(rng.choice([1, 2])))
     kinds = kinds[: ranges.max_lesions]
     lesions: list[Lesion] = []
     for kind in kinds:
@@ -297,11 +363,13 @@ def _separated(a: Lesion, b: Lesion, gap_mm: float = 2.0) -> bool:
 
 
 def _sample_lesion(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyRanges, kind: str) -> Lesion | None:
+    """One lesion of ``kind`` with the PI-RADS v2.1 appearance of its zone (docs/synthetic_studies.md)."""
+    if kind not in LESION_KINDS:
+        raise ValueError(f"unknown lesion kind {kind!r}")
     gl = anatomy.gland
-    if kind == "cancer":
-        zone = "tz" if rng.random() < ranges.p_cancer_in_tz else "pz"
-    else:
-        zone = "tz" if kind == "bph_nodule" else "pz"
+    zone = LESION_ZONES[kind][0]  # "pz" for cancer
+    if kind == "cancer" and rng.random() < ranges.p_cancer_in_tz:
+        zone = "tz"
     zone_code = ZONE_TZ if zone == "tz" else ZONE_PZ
     # centre: uniform in the inner gland, accepted in the requested zone
     for _ in range(100):
@@ -317,28 +385,55 @@ def _sample_lesion(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyRa
     lo = ranges.lesion_diameter_mm[0]
     # small lesions are more frequent than large ones
     diameter = lo + (d_max - lo) * float(rng.beta(1.3, 2.0))
-    t = anatomy.tissues
-    background = t[zone]
-    if kind == "cancer":
+    background = anatomy.tissues[zone]
+    random_rot = rotation_matrix(rng.normal(size=3), rng.uniform(0, np.pi))
+    rim: float | None = None
+    if kind == "cancer" and zone == "pz":
+        # judged on DWI/ADC: low ADC, marked DWI; T2 from clearly dark to nearly iso
         ratios = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0)])
         rng.shuffle(ratios)
-        semi = diameter / 2 * ratios
-        rot = rotation_matrix(rng.normal(size=3), rng.uniform(0, np.pi))
-        tissue = Tissue(_u(rng, (240, 380)), _u(rng, (450, 650)), _u(rng, ranges.cancer_adc))
-        rim, edge, bumps, tex = None, _u(rng, (0.5, 1.0)), tuple(rng.uniform(-0.15, 0.15, size=4)), 0.05
-    elif kind == "bph_nodule":
+        semi, rot = diameter / 2 * ratios, random_rot
+        t2 = background.t2 * _u(rng, ranges.pz_cancer_t2_fraction)
+        tissue = Tissue(t2, _u(rng, (450, 650)), _u(rng, ranges.cancer_adc))
+        edge, bumps, tex = _u(rng, (0.5, 1.0)), tuple(rng.uniform(-0.15, 0.15, size=4)), 0.05
+    elif kind == "cancer":
+        # TZ, judged on T2W: homogeneous moderately dark, lenticular, ill-defined ("erased charcoal"), no capsule
+        ratios = np.array([1.0, rng.uniform(0.7, 1.0), rng.uniform(0.4, 0.6)])
+        semi, rot = diameter / 2 * ratios, random_rot
+        t2 = background.t2 * _u(rng, ranges.tz_cancer_t2_fraction)
+        tissue = Tissue(t2, _u(rng, (450, 650)), _u(rng, ranges.tz_cancer_adc))
+        edge = max(0.8, min(_u(rng, (1.2, 2.2)), 0.35 * float(np.mean(semi))))
+        bumps, tex = tuple(rng.uniform(-0.15, 0.15, size=4)), 0.03
+    elif kind in ("bph_nodule", "bph_stromal"):
+        # round, encapsulated (dark rim), sharp edge, heterogeneous; glandular bright, stromal dark
         semi = diameter / 2 * np.array([1.0, rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0)])
-        rot = rotation_matrix(rng.normal(size=3), rng.uniform(0, np.pi))
-        tissue = Tissue(_u(rng, (380, 520)), _u(rng, (450, 600)), _u(rng, ranges.bph_adc))
-        rim, edge, bumps, tex = _u(rng, (650, 850)), 0.4, tuple(rng.uniform(-0.05, 0.05, size=4)), 0.2
-    else:  # inflammation: band-like along the PZ crescent, ill-defined
+        rot = random_rot
+        if kind == "bph_nodule":
+            t2_fraction, adc, s0 = ranges.bph_glandular_t2_fraction, ranges.bph_glandular_adc, (500.0, 700.0)
+        else:
+            t2_fraction, adc, s0 = ranges.bph_stromal_t2_fraction, ranges.bph_stromal_adc, (500.0, 700.0)
+        tissue = Tissue(background.t2 * _u(rng, t2_fraction), _u(rng, s0), _u(rng, adc))
+        rim = background.t2 * _u(rng, ranges.bph_rim_t2_fraction)
+        edge, bumps, tex = 0.4, tuple(rng.uniform(-0.05, 0.05, size=4)), 0.22
+    elif kind == "inflammation":
+        # band-like along the PZ crescent, ill-defined; ADC mildly reduced, DWI only mildly bright
         semi = diameter / 2 * np.array([1.0, rng.uniform(0.3, 0.5), rng.uniform(0.6, 0.9)])
         semi = np.maximum(semi, 2.5)
         local = (center - gl.center_lps_mm) @ gl.rotation
         angle = -0.8 * math.atan2(local[0], max(local[1], 1.0) + gl.semi_axes_mm[1])
         rot = gl.rotation @ rotation_matrix((0, 0, 1), angle)
-        tissue = Tissue(_u(rng, (480, 640)), _u(rng, (550, 720)), _u(rng, ranges.inflammation_adc))
-        rim, edge, bumps, tex = None, _u(rng, (1.8, 3.0)), tuple(rng.uniform(-0.2, 0.2, size=4)), 0.1
+        adc_value = _u(rng, ranges.inflammation_adc)
+        s0_value = s0_for_dwi_contrast(adc_value, background, _u(rng, ranges.inflammation_dwi_contrast))
+        tissue = Tissue(background.t2 * _u(rng, ranges.inflammation_t2_fraction), s0_value, adc_value)
+        edge, bumps, tex = _u(rng, (1.8, 3.0)), tuple(rng.uniform(-0.2, 0.2, size=4)), 0.1
+    else:  # haemorrhage: very dark T2, low ADC, but low S0 (susceptibility): high-b DWI not bright
+        ratios = np.array([1.0, rng.uniform(0.6, 1.0), rng.uniform(0.5, 0.9)])
+        rng.shuffle(ratios)
+        semi, rot = diameter / 2 * ratios, random_rot
+        adc_value = _u(rng, ranges.haemorrhage_adc)
+        s0_value = s0_for_dwi_contrast(adc_value, background, _u(rng, ranges.haemorrhage_dwi_contrast))
+        tissue = Tissue(background.t2 * _u(rng, ranges.haemorrhage_t2_fraction), s0_value, adc_value)
+        edge, bumps, tex = _u(rng, (0.8, 1.5)), tuple(rng.uniform(-0.2, 0.2, size=4)), 0.1
     contrast = high_b_signal(tissue) / high_b_signal(background)
     significant = kind == "cancer"
     shape = Shape(center, np.asarray(semi, dtype=np.float64), rot)

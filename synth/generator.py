@@ -33,7 +33,9 @@ from synth.protocol import Protocol, ProtocolOptions, SeriesPlan, adc_fit_b_valu
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+#: bump whenever the same (seed, index) yields different studies; training caches are keyed on it
+#: ("2": PI-RADS v2.1 zone logic: stromal BPH, haemorrhage, variable PZ cancer T2, ill-defined TZ cancer)
+GENERATOR_VERSION = "2"
 GROUND_TRUTH_FILE = "ground_truth.json"
 LABEL_FILE = "lesions.nii.gz"
 DICOM_DIR = "dicom"
@@ -345,6 +347,9 @@ def _truth(
                 "zone": lesion.zone,
                 "adc_um2_per_s": round(float(lesion.tissue.adc), 1),
                 "dwi_contrast": round(float(lesion.dwi_contrast), 3),
+                "t2_contrast": round(float(lesion.tissue.t2 / anatomy.tissues[lesion.zone].t2), 3),
+                "rim": lesion.rim_t2 is not None,
+                "edge_mm": round(float(lesion.edge_mm), 3),
             }
         )
     gl = anatomy.gland

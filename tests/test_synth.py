@@ -261,7 +261,9 @@ def test_adc_and_dwi_inside_cancer_differ_from_surrounding_pz() -> None:
             assert np.median(dwi[in_lesion]) > 1.5 * np.median(dwi[pz])
             t2_in = t2_lesions == entry["label"]
             t2_pz = (t2_zones == anat.ZONE_PZ) & (t2_lesions == 0)
-            assert np.mean(t2[t2_in]) < 0.8 * np.mean(t2[t2_pz])
+            # PZ cancer T2 is variable (clearly dark to nearly iso): darker, but T2 alone does not decide
+            assert entry["t2_contrast"] <= 0.9
+            assert np.mean(t2[t2_in]) < np.mean(t2[t2_pz])
 
 
 def test_oblique_studies_have_non_axis_aligned_orientation() -> None:
@@ -301,6 +303,8 @@ def test_pirads_rules() -> None:
     assert anat.pirads_category("bph_nodule", 12.0, 1050, 2.5) == 3
     assert anat.pirads_category("bph_nodule", 12.0, 1050, 1.5) == 2
     assert anat.pirads_category("inflammation", 12.0, 1150, 3.0) == 2
+    assert anat.pirads_category("bph_stromal", 12.0, 950, 2.2) == 3
+    assert anat.pirads_category("haemorrhage", 12.0, 800, 0.9) == 2
     with pytest.raises(ValueError):
         anat.pirads_category("cyst", 5.0, 2500, 0.5)
 

@@ -18,11 +18,14 @@ from training.baseline import BASELINES, baseline_likelihood_map, central_ellips
 from training.data import (
     AugmentSettings,
     CaseRecord,
+    TrainingDataError,
     augment_case,
     build_cache,
+    case_cache_path,
     load_case,
     lr_array_axis,
     prepare_synthetic_case,
+    save_case,
 )
 from training.train import TrainConfig, train
 
@@ -42,7 +45,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def records(cache_dir: Path) -> list[CaseRecord]:
-    return [load_case(p) for p in sorted((cache_dir / f"seed{DATA_SEED}").glob("*.npz"))]
+    return [load_case(case_cache_path(cache_dir, DATA_SEED, i)) for i in range(6)]
 
 
 def _config(cache_dir: Path, run_dir: Path, **kw: object) -> TrainConfig:
@@ -73,6 +76,23 @@ def test_cached_case_has_contract_shapes_and_significant_only_target(records: li
         assert rec.significant == int(bool(significant_labels))
         assert rec.max_pirads == max([1] + [les["pirads"] for les in rec.truth["lesions"]])
     assert any(rec.significant for rec in records), "seed 1234 should contain at least one csPCa case"
+
+
+def test_cache_of_another_generator_version_is_not_reused_and_is_refused(
+    records: list[CaseRecord], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.data
+
+    current = case_cache_path(tmp_path, DATA_SEED, 0)
+    monkeypatch.setattr(training.data, "GENERATOR_VERSION", "0")
+    old = case_cache_path(tmp_path, DATA_SEED, 0)
+    save_case(old, records[0])
+    monkeypatch.undo()
+    assert old != current and not current.exists()  # build_cache would synthesize it again
+    with pytest.raises(TrainingDataError, match="generator version '0'.*delete the cache"):
+        load_case(old)
+    save_case(current, records[0])
+    assert load_case(current).case_id == records[0].case_id
 
 
 def test_prepare_is_deterministic(records: list[CaseRecord]) -> None:

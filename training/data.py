@@ -11,7 +11,8 @@ Targets (PI-CAI convention):
 * ``lesion_index`` ``[D, H, W]`` uint8: all lesions, value ``i`` = ``ground_truth["lesions"][i-1]``.
 * ``significant`` (study has a csPCa lesion) and ``max_pirads`` (1 when there is no lesion).
 
-Cache layout: ``<cache_dir>/seed<seed>/case_<index:04d>.npz`` (one file per case, see :func:`save_case`).
+Cache layout: ``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz`` (one file per case, see
+:func:`save_case`): a new generator version never reuses cases synthesized by another one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from contract import (
     GridGeometry,
 )
 from contract.errors import MpmriError
+from synth.generator import GENERATOR_VERSION
 
 CACHE_FORMAT_VERSION = 1
 
@@ -166,6 +168,7 @@ def save_case(path: Path, record: CaseRecord) -> None:
                     "truth": record.truth,
                     "contract_version": CONTRACT_VERSION,
                     "cache_format_version": CACHE_FORMAT_VERSION,
+                    "generator_version": GENERATOR_VERSION,
                     "sequences": list(SEQUENCES),
                 }
             )
@@ -181,6 +184,11 @@ def load_case(path: Path) -> CaseRecord:
             meta = json.loads(str(data["meta"]))
             if meta.get("contract_version") != CONTRACT_VERSION or meta.get("sequences") != list(SEQUENCES):
                 raise TrainingDataError(f"cached case {path} was built for another contract; delete the cache")
+            if meta.get("generator_version") != GENERATOR_VERSION:
+                raise TrainingDataError(
+                    f"cached case {path} was synthesized by generator version {meta.get('generator_version')!r},"
+                    f" not {GENERATOR_VERSION!r}; delete the cache"
+                )
             return CaseRecord(
                 case_id=meta["case_id"],
                 images=data["images"].astype(np.float32),
@@ -197,13 +205,15 @@ def load_case(path: Path) -> CaseRecord:
 
 
 def case_cache_path(cache_dir: Path, seed: int, index: int) -> Path:
-    return Path(cache_dir) / f"seed{seed}" / f"case_{index:04d}.npz"
+    """``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz``."""
+    return Path(cache_dir) / f"gen{GENERATOR_VERSION}" / f"seed{seed}" / f"case_{index:04d}.npz"
 
 
 def build_cache(cache_dir: Path, seed: int, indices: Sequence[int], progress: bool = True) -> list[Path]:
     """Make sure every case ``index`` of ``seed`` is cached under ``cache_dir``; returns the npz paths.
 
-    Existing files are reused (the cache key is seed + index + contract version).
+    Existing files are reused (the cache key is generator version + seed + index; :func:`load_case` refuses a
+    case of another contract or generator version).
     """
     paths = [case_cache_path(cache_dir, seed, i) for i in indices]
     missing = [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
