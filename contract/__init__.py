@@ -76,6 +76,8 @@ DEFAULT_GRID = GridSpec()
 #: The grid of deployed GPU models: about 3.0 x 0.5 x 0.5 mm over 24 x 256 x 256 voxels (PI-CAI baselines).
 #: A model trained on it records it in its contract (``contract_dict(REALISTIC_GRID)``).
 REALISTIC_GRID = GridSpec(size_dhw=(24, 256, 256), spacing_mm_dhw=(3.0, 0.5, 0.5))
+#: the grids training can be asked for by name (``mpmri train --grid``)
+NAMED_GRIDS: dict[str, GridSpec] = {"default": DEFAULT_GRID, "realistic": REALISTIC_GRID}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,3 +259,38 @@ def test_evaluate_cli_reports_missing_data_folder_in_one_line(
     assert rc != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "absent" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_gpu_profile_recipe_trains_at_the_realistic_grid_and_the_grid_travels_to_the_model_repository(
+    tmp_path: Path,
+) -> None:
+    """The GPU profile's recipe at tiny scale on the CPU: preprocessing onto REALISTIC_GRID, three phases, a
+    checkpoint recording that grid, and the repository configs made for it, whose served contract carries it
+    (the ONNX export itself is the same code for every grid: tests/test_service_contract.py serves another grid)."""
+    from contract import REALISTIC_GRID, ServedContract, tensor_specs
+    from export.repository import CONTRACT_PARAMETER, parse_config, write_configs
+
+    config = _config(
+        tmp_path / "cache",
+        tmp_path / "run",
+        profile="gpu",
+        grid="realistic",
+        cases=2,
+        val_cases=1,
+        batch_size=1,
+        max_steps_per_epoch=1,
+        epochs={"localization": 1, "classification": 1, "joint": 1},
+    )
+    final = train(config, progress=False)
+    nets, meta = load_checkpoint(final)
+    assert nets.grid == REALISTIC_GRID and nets.profile.name == "gpu"
+    assert meta["contract"]["grid"] == REALISTIC_GRID.to_dict()
+    assert "skipped" in meta["calibration"]  # one validation case: the calibration stays the identity, said so
+    cached = load_case(next((tmp_path / "cache").rglob("case_0000.npz")))
+    assert cached.images.shape[1:] == REALISTIC_GRID.size_dhw
+    repository = tmp_path / "model_repository"  # the configs `mpmri export` writes for this checkpoint's grid
+    write_configs(repository, nets.grid)
+    served = parse_config(repository / "mpmri_ensemble" / "config.pbtxt").parameters[CONTRACT_PARAMETER]
+    assert ServedContract.from_json(served.string_value).grid == REALISTIC_GRID
+    assert tensor_specs(REALISTIC_GRID)["cspca_map"].shape == (1, *REALISTIC_GRID.size_dhw)

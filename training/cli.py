@@ -19,6 +19,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--profile", default=defaults.profile, help="network profile: cpu (default) or gpu")
     p.add_argument(
+        "--grid",
+        default=defaults.grid,
+        choices=["default", "realistic"],
+        help="model grid: default (16x64x64 @ 3x1.5x1.5 mm) or realistic (24x256x256 @ 3x0.5x0.5 mm, GPU profile)",
+    )
+    p.add_argument(
         "--localization-weights",
         choices=("shared", "per_sequence"),
         default=None,
@@ -79,6 +85,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         profile=args.profile,
+        grid=args.grid,
         localization_weights=args.localization_weights,
         data_seed=args.data_seed,
         cases=args.cases,

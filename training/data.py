@@ -33,7 +33,9 @@ from contract import (
     NUM_SEQUENCES,
     REQUIRED_SEQUENCES,
     SEQUENCES,
+    DEFAULT_GRID,
     GridGeometry,
+    GridSpec,
 )
 from contract.errors import MpmriError
 from synth.generator import GENERATOR_VERSION
@@ -122,13 +124,14 @@ def record_from_preprocessed(case_id: str, study: Any, label_image: Any, truth: 
     )
 
 
-def prepare_synthetic_case(seed: int, index: int) -> CaseRecord:
-    """Synthesize study ``index`` of ``seed`` (DICOM datasets in memory) and run the serving preprocessing on it."""
-    from preprocessing.pipeline import preprocess_study
+def prepare_synthetic_case(seed: int, index: int, grid: GridSpec = DEFAULT_GRID) -> CaseRecord:
+    """Synthesize study ``index`` of ``seed`` (DICOM datasets in memory) and run the serving preprocessing on it
+    (onto ``grid``: the model grid of the networks being trained)."""
+    from preprocessing.pipeline import PreprocessSettings, preprocess_study
     from synth.generator import synthesize_study
 
     study = synthesize_study(seed, index)
-    pre = preprocess_study(study.series)
+    pre = preprocess_study(study.series, PreprocessSettings(grid=grid))
     return record_from_preprocessed(f"seed{seed}_{index:04d}", pre, study.label_image, study.truth)
 
 
@@ -204,21 +207,29 @@ def load_case(path: Path) -> CaseRecord:
         raise TrainingDataError(f"cannot read cached case {path}: {err}") from err
 
 
-def case_cache_path(cache_dir: Path, seed: int, index: int) -> Path:
-    """``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz``."""
-    return Path(cache_dir) / f"gen{GENERATOR_VERSION}" / f"seed{seed}" / f"case_{index:04d}.npz"
+def case_cache_path(cache_dir: Path, seed: int, index: int, grid: GridSpec = DEFAULT_GRID) -> Path:
+    """``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz`` (another grid than the default:
+    ``.../gen<v>/grid<D>x<H>x<W>_<d>x<h>x<w>mm/seed<seed>/...``)."""
+    root = Path(cache_dir) / f"gen{GENERATOR_VERSION}"
+    if grid != DEFAULT_GRID:
+        size = "x".join(str(n) for n in grid.size_dhw)
+        spacing = "x".join(f"{v:g}" for v in grid.spacing_mm_dhw)
+        root = root / f"grid{size}_{spacing}mm"
+    return root / f"seed{seed}" / f"case_{index:04d}.npz"
 
 
-def build_cache(cache_dir: Path, seed: int, indices: Sequence[int], progress: bool = True) -> list[Path]:
+def build_cache(
+    cache_dir: Path, seed: int, indices: Sequence[int], progress: bool = True, grid: GridSpec = DEFAULT_GRID
+) -> list[Path]:
     """Make sure every case ``index`` of ``seed`` is cached under ``cache_dir``; returns the npz paths.
 
     Existing files are reused (the cache key is generator version + seed + index; :func:`load_case` refuses a
     case of another contract or generator version).
     """
-    paths = [case_cache_path(cache_dir, seed, i) for i in indices]
+    paths = [case_cache_path(cache_dir, seed, i, grid) for i in indices]
     missing = [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
     for index, path in tqdm(missing, desc=f"cache seed {seed}", disable=not progress or not missing, mininterval=5):
-        save_case(path, prepare_synthetic_case(seed, index))
+        save_case(path, prepare_synthetic_case(seed, index, grid))
     return paths
 
 

@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from contract import pirads_category
+from contract import NAMED_GRIDS, pirads_category
 from contract.errors import MpmriError
 from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from networks.models import PROFILES, Classification, MpmriNetworks, build_networks_from_profile
@@ -73,6 +73,8 @@ class TrainConfig:
 
     Attributes:
         profile: network profile (``networks.models.PROFILES``).
+        grid: model grid by name (``contract.NAMED_GRIDS``: ``default`` 16x64x64 at 3x1.5x1.5 mm, ``realistic``
+            24x256x256 at 3x0.5x0.5 mm); the data are preprocessed onto it and the checkpoint records it.
         localization_weights: override of the profile's ``localization_weights`` (``"shared"`` or
             ``"per_sequence"``; for the ablation in docs/networks.md). The checkpoint records the result.
         data_seed: synthetic data seed; cases ``0..cases-1`` of this seed are used.
@@ -95,6 +97,7 @@ class TrainConfig:
     """
 
     profile: str = "cpu"
+    grid: str = "default"
     localization_weights: str | None = None
     data_seed: int = 1
     cases: int = 200
@@ -327,10 +330,12 @@ def build_networks_for(config: TrainConfig) -> MpmriNetworks:
     """Fresh networks of ``config.profile`` (with the ``localization_weights`` override applied)."""
     if config.profile not in PROFILES:
         raise TrainingError(f"unknown network profile {config.profile!r}; choose from {sorted(PROFILES)}")
+    if config.grid not in NAMED_GRIDS:
+        raise TrainingError(f"unknown grid {config.grid!r}; choose from {sorted(NAMED_GRIDS)}")
     profile = PROFILES[config.profile]
     if config.localization_weights is not None:
         profile = dataclasses.replace(profile, localization_weights=config.localization_weights)
-    return build_networks_from_profile(profile)
+    return build_networks_from_profile(profile, NAMED_GRIDS[config.grid])
 
 
 def _schedule(config: TrainConfig) -> list[tuple[str, int]]:
@@ -348,7 +353,8 @@ def load_records(config: TrainConfig, progress: bool = True) -> tuple[list[CaseR
     """Cached training and validation records of ``config`` (building the cache where needed)."""
     if config.cases <= config.val_cases:
         raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
-    paths = build_cache(config.cache_dir, config.data_seed, range(config.cases), progress=progress)
+    grid = NAMED_GRIDS[config.grid]
+    paths = build_cache(config.cache_dir, config.data_seed, range(config.cases), progress=progress, grid=grid)
     records = [load_case(p) for p in paths]
     split = config.cases - config.val_cases
     return records[:split], records[split:]
