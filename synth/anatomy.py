@@ -31,8 +31,9 @@ F32 = np.float32
 ZONE_OUTSIDE, ZONE_PZ, ZONE_TZ, ZONE_AFMS = 0, 1, 2, 3
 ZONE_NAMES = {ZONE_PZ: "pz", ZONE_TZ: "tz", ZONE_AFMS: "afms"}
 
-#: lesion kinds; ``bph_nodule`` is a glandular BPH nodule (the name predates the stromal type)
-LESION_KINDS = ("cancer", "bph_nodule", "bph_stromal", "inflammation", "haemorrhage")
+#: lesion kinds; ``bph_nodule`` is a glandular BPH nodule (the name predates the stromal type); ``cyst``
+#: (retention cyst / cystic BPH, T2 shine-through on DWI) is an incidental extra, see :func:`add_incidental_cyst`
+LESION_KINDS = ("cancer", "bph_nodule", "bph_stromal", "inflammation", "haemorrhage", "cyst")
 #: benign mimics (every kind but ``cancer``)
 MIMIC_KINDS = LESION_KINDS[1:]
 #: zones each kind is placed in (PI-RADS v2.1: BPH in the TZ, prostatitis and post-biopsy blood in the PZ)
@@ -42,6 +43,7 @@ LESION_ZONES: dict[str, tuple[str, ...]] = {
     "bph_stromal": ("tz",),
     "inflammation": ("pz",),
     "haemorrhage": ("pz",),
+    "cyst": ("pz", "tz"),
 }
 #: b-value (s/mm^2) at which the "DWI marked" rule of :func:`pirads_category` is evaluated
 PIRADS_DWI_B_VALUE = 1400.0
@@ -145,10 +147,11 @@ def pirads_category(kind: str, diameter_mm: float, adc_um2_per_s: float, dwi_con
     """PI-RADS-like category (2-5) of one lesion from explicit synthetic rules.
 
     * csPCa (``kind == "cancer"``): 5 if ``diameter_mm >= 15`` else 4.
-    * benign mimics (glandular or stromal BPH nodule, inflammation, haemorrhage): 3 if
+    * benign mimics (glandular or stromal BPH nodule, inflammation, haemorrhage, cyst): 3 if
       ``adc_um2_per_s < 1100`` and DWI is marked (noise-free b=1400 lesion/background signal ratio
       ``dwi_contrast >= 2.0``), else 2. Stromal BPH (low ADC, marked DWI) is often 3; haemorrhage
-      (low ADC but DWI not brighter than its background) is always 2.
+      (low ADC but DWI not brighter than its background) is always 2, and so is a cyst (DWI bright by T2
+      shine-through, but ADC high).
 
     Category 1 is the study-level category when there is no lesion.
     """
@@ -237,6 +240,14 @@ class AnatomyRanges:
     haemorrhage_adc: tuple[float, float] = (700.0, 1100.0)
     haemorrhage_t2_fraction: tuple[float, float] = (0.15, 0.3)
     haemorrhage_dwi_contrast: tuple[float, float] = (0.7, 1.0)
+    #: cyst (version 3): fluid T2 (a.u., PZ 750-950, TZ ~460), high ADC, high-b DWI bright by T2 shine-through
+    cyst_t2: tuple[float, float] = (1300.0, 1800.0)
+    cyst_adc: tuple[float, float] = (1700.0, 2200.0)
+    cyst_dwi_contrast: tuple[float, float] = (1.4, 2.6)
+    cyst_diameter_mm: tuple[float, float] = (5.0, 12.0)
+    #: probability of one incidental cyst in a study that has lesions (:func:`add_incidental_cyst`)
+    p_cyst: float = 0.2
+    p_cyst_in_tz: float = 0.5
     lesion_diameter_mm: tuple[float, float] = (5.0, 25.0)
     p_no_lesion: float = 0.35
     p_cancer: float = 0.40
@@ -357,6 +368,23 @@ def _sample_lesions(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyR
     return tuple(lesions)
 
 
+def add_incidental_cyst(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyRanges) -> Anatomy:
+    """``anatomy`` plus, with probability ``p_cyst`` when it has lesions, one cyst (T2 shine-through mimic).
+
+    Only studies that already have lesions get one, so the study-level split (no lesion / cancer / mimics
+    only) and the other kinds' frequencies stay those of :func:`sample_anatomy`; ``max_lesions`` does not
+    count it. Drawn from its own ``rng`` so the rest of the study does not depend on it.
+    """
+    draw = rng.random()
+    if not anatomy.lesions or draw >= ranges.p_cyst:
+        return anatomy
+    for _attempt in range(50):
+        cyst = _sample_lesion(rng, anatomy, ranges, "cyst")
+        if cyst is not None and all(_separated(cyst, other) for other in anatomy.lesions):
+            return dataclasses.replace(anatomy, lesions=(*anatomy.lesions, cyst))
+    return anatomy
+
+
 def _separated(a: Lesion, b: Lesion, gap_mm: float = 2.0) -> bool:
     d = float(np.linalg.norm(a.shape.center_lps_mm - b.shape.center_lps_mm))
     return d > 1.15 * (a.diameter_mm + b.diameter_mm) / 2 + gap_mm
@@ -369,6 +397,8 @@ def _sample_lesion(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyRa
     gl = anatomy.gland
     zone = LESION_ZONES[kind][0]  # "pz" for cancer
     if kind == "cancer" and rng.random() < ranges.p_cancer_in_tz:
+        zone = "tz"
+    if kind == "cyst" and rng.random() < ranges.p_cyst_in_tz:
         zone = "tz"
     zone_code = ZONE_TZ if zone == "tz" else ZONE_PZ
     # centre: uniform in the inner gland, accepted in the requested zone
@@ -404,6 +434,15 @@ def _sample_lesion(rng: np.random.Generator, anatomy: Anatomy, ranges: AnatomyRa
         tissue = Tissue(t2, _u(rng, (450, 650)), _u(rng, ranges.tz_cancer_adc))
         edge = max(0.8, min(_u(rng, (1.2, 2.2)), 0.35 * float(np.mean(semi))))
         bumps, tex = tuple(rng.uniform(-0.15, 0.15, size=4)), 0.03
+    elif kind == "cyst":
+        # retention cyst / cystic BPH: round, sharp, homogeneous fluid; bright on high-b by T2 shine-through
+        diameter = _u(rng, (ranges.cyst_diameter_mm[0], min(ranges.cyst_diameter_mm[1], d_max)))
+        semi = diameter / 2 * np.array([1.0, rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0)])
+        rot = random_rot
+        adc_value = _u(rng, ranges.cyst_adc)
+        s0_value = s0_for_dwi_contrast(adc_value, background, _u(rng, ranges.cyst_dwi_contrast))
+        tissue = Tissue(_u(rng, ranges.cyst_t2), s0_value, adc_value)
+        edge, bumps, tex = 0.3, tuple(rng.uniform(-0.03, 0.03, size=4)), 0.02
     elif kind in ("bph_nodule", "bph_stromal"):
         # round, encapsulated (dark rim), sharp edge, heterogeneous; glandular bright, stromal dark
         semi = diameter / 2 * np.array([1.0, rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.0)])

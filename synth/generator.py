@@ -28,14 +28,16 @@ from scipy import ndimage
 from contract import GridGeometry
 from contract.errors import MpmriError
 from synth import anatomy as anat
+from synth import artifacts
 from synth.dicom_writer import Instance, StudyTags, build_series, slice_geometries, study_uid, write_datasets
 from synth.protocol import Protocol, ProtocolOptions, SeriesPlan, adc_fit_b_values, sample_protocol
 
 log = logging.getLogger(__name__)
 
 #: bump whenever the same (seed, index) yields different studies; training caches are keyed on it
-#: ("2": PI-RADS v2.1 zone logic: stromal BPH, haemorrhage, variable PZ cancer T2, ill-defined TZ cancer)
-GENERATOR_VERSION = "2"
+#: ("2": PI-RADS v2.1 zone logic: stromal BPH, haemorrhage, variable PZ cancer T2, ill-defined TZ cancer;
+#: "3": rectal-gas susceptibility artifact on the EPI DWI, incidental cysts with T2 shine-through)
+GENERATOR_VERSION = "3"
 GROUND_TRUTH_FILE = "ground_truth.json"
 LABEL_FILE = "lesions.nii.gz"
 DICOM_DIR = "dicom"
@@ -53,6 +55,8 @@ class SynthConfig:
     Attributes:
         anatomy: gland/zone/lesion ranges and lesion frequencies (:class:`synth.anatomy.AnatomyRanges`).
         protocol: optional series, obliquity, DWI layout (:class:`synth.protocol.ProtocolOptions`).
+        dwi_artifact: rectal-gas susceptibility artifact of the DWI (:class:`synth.artifacts.DwiArtifactRanges`);
+            drawn from its own random stream, so the rest of a study does not depend on it.
         intensity_scale_range: per-study global factor on T2W and (independently) DWI signal.
         bias_field_strength: amplitude of the smooth multiplicative bias field (log scale).
         t2w_noise_range: T2W Gaussian (-> Rician) noise sigma as a fraction of the PZ signal.
@@ -71,6 +75,7 @@ class SynthConfig:
 
     anatomy: anat.AnatomyRanges = anat.AnatomyRanges()
     protocol: ProtocolOptions = ProtocolOptions()
+    dwi_artifact: artifacts.DwiArtifactRanges = artifacts.DwiArtifactRanges()
     intensity_scale_range: tuple[float, float] = (0.4, 2.5)
     bias_field_strength: float = 0.15
     t2w_noise_range: tuple[float, float] = (0.015, 0.035)
@@ -94,6 +99,7 @@ class SyntheticStudy:
         truth: exactly what ``ground_truth.json`` holds.
         label_image: uint8 lesion labels on the axial T2W grid: 0 background, ``i`` = ``truth["lesions"][i-1]``.
         anatomy: the sampled anatomy (for tests and analysis; not written to disk).
+        dwi_artifact: the DWI susceptibility artifact, None when absent (for tests and analysis).
     """
 
     case_id: str
@@ -101,6 +107,7 @@ class SyntheticStudy:
     truth: dict[str, Any]
     label_image: sitk.Image
     anatomy: anat.Anatomy | None = None
+    dwi_artifact: artifacts.DwiArtifact | None = None
 
 
 def case_id_for(seed: int, index: int) -> str:
@@ -123,6 +130,7 @@ def synthesize_study(seed: int, index: int = 0, config: SynthConfig = SynthConfi
     rng = np.random.default_rng([int(seed), int(index), 0x5EED])
     center = np.array([rng.uniform(lo, hi) for lo, hi in config.gland_center_range_mm])
     anatomy = anat.sample_anatomy(rng, center, config.anatomy)
+    anatomy = anat.add_incidental_cyst(np.random.default_rng([int(seed), int(index), 0xC757]), anatomy, config.anatomy)
     half = np.array([anatomy.gland.half_extent_mm(e) for e in np.eye(3)])
     protocol = sample_protocol(rng, center, half, config.protocol)
     tags = _study_tags(rng, seed, index)
@@ -134,6 +142,8 @@ def synthesize_study(seed: int, index: int = 0, config: SynthConfig = SynthConfi
     t2_bias = _bias_params(rng, config.bias_field_strength)
     dwi_bias = _bias_params(rng, config.bias_field_strength)
     noise_rng = np.random.default_rng([int(seed), int(index), 0x0153])
+    artifact_rng = np.random.default_rng([int(seed), int(index), 0xA27F])
+    dwi_artifact = artifacts.sample_dwi_artifact(artifact_rng, anatomy, config.dwi_artifact)
 
     series: dict[str, list[pydicom.Dataset]] = {}
     truth_series: list[dict[str, Any]] = []
@@ -153,7 +163,9 @@ def synthesize_study(seed: int, index: int = 0, config: SynthConfig = SynthConfi
                 instances.append(Instance(g, img[0]))
         elif plan.sequence == "dwi" or plan.sequence == "adc":
             if dwi_images is None:
-                dwi_images = _render_dwi(anatomy, protocol, config, dwi_scale, dwi_sigma, dwi_bias, center, noise_rng)
+                dwi_images = _render_dwi(
+                    anatomy, protocol, config, dwi_scale, dwi_sigma, dwi_bias, center, noise_rng, dwi_artifact
+                )
             slices = slice_geometries(plan.geometry)
             if plan.sequence == "dwi":
                 instances = [Instance(g, dwi_images[b][k], b) for b in plan.b_values for k, g in enumerate(slices)]
@@ -174,7 +186,8 @@ def synthesize_study(seed: int, index: int = 0, config: SynthConfig = SynthConfi
     label = anat.lesion_label_map(anatomy, t2_geom)
     label_image = _to_sitk(label, t2_geom)
     truth = _truth(seed, index, tags, protocol, anatomy, truth_series)
-    return SyntheticStudy(case_id_for(seed, index), series, truth, label_image, anatomy)
+    truth.update(artifacts.artifact_truth(dwi_artifact))
+    return SyntheticStudy(case_id_for(seed, index), series, truth, label_image, anatomy, dwi_artifact)
 
 
 def _log_uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
@@ -260,11 +273,17 @@ def _render_dwi(
     bias: tuple[np.ndarray, float],
     center: np.ndarray,
     rng: np.random.Generator,
+    artifact: artifacts.DwiArtifact | None = None,
 ) -> dict[float, np.ndarray]:
-    """Noisy DWI volumes on the DWI grid for every stored and ADC-fit b-value: ``S0 exp(-b ADC)``."""
+    """Noisy DWI volumes on the DWI grid for every stored and ADC-fit b-value: ``S0 exp(-b ADC)``.
+
+    ``artifact`` (if any) distorts the noise-free S0/ADC maps first; its gain scales every b-value alike.
+    """
     geom = next(p.geometry for p in protocol.series if p.sequence == "adc")
     maps = anat.render(anatomy, geom, fields=("s0", "adc"))
     assert maps.s0 is not None and maps.adc is not None
+    if artifact is not None:
+        artifacts.apply_dwi_artifact(artifact, geom, maps.s0, maps.adc)
     b_values = sorted({b for p in protocol.series for b in p.b_values} | set(adc_fit_b_values(protocol)))
     gain = _bias(geom, bias, center) * F32(scale)
     out: dict[float, np.ndarray] = {}

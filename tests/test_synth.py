@@ -305,8 +305,9 @@ def test_pirads_rules() -> None:
     assert anat.pirads_category("inflammation", 12.0, 1150, 3.0) == 2
     assert anat.pirads_category("bph_stromal", 12.0, 950, 2.2) == 3
     assert anat.pirads_category("haemorrhage", 12.0, 800, 0.9) == 2
+    assert anat.pirads_category("cyst", 8.0, 1900, 2.5) == 2  # T2 shine-through: DWI marked, ADC high
     with pytest.raises(ValueError):
-        anat.pirads_category("cyst", 5.0, 2500, 0.5)
+        anat.pirads_category("calcification", 5.0, 2500, 0.5)
 
 
 def test_lesion_frequencies_follow_the_config() -> None:
