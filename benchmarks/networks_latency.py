@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--study-seed", type=int, default=9001, help="synthetic study used as input")
     parser.add_argument("--study-index", type=int, default=0)
+    parser.add_argument("--write", type=Path, default=None, help="also write the marked section of this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     nets = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build_networks(args.profile).eval()
@@ -119,8 +120,60 @@ def main() -> None:
         "onnxruntime_version": ort.__version__,
         "torch_version": torch.__version__,
     }
-    result["candidates_found"] = len(extract_candidates(state["fused"][0, 0], geometry)[0])
+    result["candidates_found"] = len(extract_candidates(state["cspca_map"][0, 0], geometry)[0])
     print(json.dumps(result, indent=2))
+    if args.write is not None:
+        _write_section(args.write, result, args)
+
+
+MARK_BEGIN, MARK_END = "<!-- networks:latency:begin -->", "<!-- networks:latency:end -->"
+
+
+def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None:  # type: ignore[type-arg]
+    """Replace (or append) the marked latency section of ``path`` with this run's figures."""
+    import datetime as dt
+    import os
+    import platform
+
+    one, five, _ = os.getloadavg()
+    cmd = (
+        f"benchmarks/networks_latency.py --checkpoint {args.checkpoint} --profile {args.profile} "
+        f"--threads {args.threads} --repeats {args.repeats} --write {path}"
+    )
+    ort_rows = result["onnxruntime"]
+    lines = [
+        MARK_BEGIN,
+        "## Network chain latency — `benchmarks/networks_latency.py` (generated)",
+        "",
+        f"One preprocessed synthetic study ({result['study']}), batch 1, onnxruntime {result['onnxruntime_version']}"
+        f" CPU, {args.threads} intra-op threads, {args.repeats} repeats after a warm-up; profile"
+        f" {result['profile']} ({result['parameters']:,} parameters). Machine: {platform.machine()},"
+        f" {os.cpu_count()} logical CPUs, load average {one:.2f} / {five:.2f} at the end;"
+        f" {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}. Command: `{cmd}`.",
+        "",
+        "| step | min ms | median ms | p90 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    labels = {
+        "localization": "localization (3 sequences)",
+        "map_fusion": "map fusion (per-voxel gate)",
+        "classification": "classification (score U-Net)",
+        "candidates": "candidate extraction + per-lesion scores' source map",
+        "chain_with_candidates": "whole chain incl. candidates",
+    }
+    for key, label in labels.items():
+        row = ort_rows[key]
+        lines.append(f"| {label} | {row['min_ms']} | {row['median_ms']} | {row['p90_ms']} |")
+    eager = result["torch_eager_chain"]
+    lines += ["", f"torch eager, whole chain without candidates: median {eager['median_ms']} ms.", MARK_END]
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "\n".join(lines)
+    if MARK_BEGIN in text and MARK_END in text:
+        begin, end = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
+        text = text[:begin] + section + text[end:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
 
 
 if __name__ == "__main__":

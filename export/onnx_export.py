@@ -65,11 +65,16 @@ def max_abs_diffs(
     (weight 0) and carries no meaning; instance normalization of a constant input amplifies rounding
     differences between torch and onnxruntime there (observed up to ~1e-4). That channel's diff is
     returned under ``"sequence_maps[missing]"`` for information and is not held to the tolerance.
+
+    ``score_map`` is a regression in PI-RADS units (values up to ~5, not a probability): its difference is
+    taken relative to ``max(1, |expected|)`` so that it is held to the same number of significant digits.
     """
     diffs: dict[str, float] = {}
     present = np.asarray(availability) > 0.5  # [B, S]
     for name in names:
         diff = np.abs(np.asarray(actual[name], dtype=np.float64) - np.asarray(expected[name], dtype=np.float64))
+        if name == "score_map":
+            diff = diff / np.maximum(1.0, np.abs(np.asarray(expected[name], dtype=np.float64)))
         if name == "sequence_maps" and diff.ndim == 5:
             diffs[name] = float(diff[present].max()) if present.any() else 0.0
             if (~present).any():

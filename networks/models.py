@@ -193,14 +193,16 @@ class MapFusion(nn.Module):
             nn.Conv3d(gate_channels, num_sequences, kernel_size=3, padding=1),
         )
         last = self.gate[-1]
-        assert isinstance(last, nn.Conv3d)
+        assert isinstance(last, nn.Conv3d) and last.bias is not None
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
     def weights(self, sequence_maps: torch.Tensor, availability: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Fusion weights ``[B, S, D, H, W]``, summing to 1 over the present sequences at every voxel."""
         present = (availability > 0.5).to(sequence_maps.dtype)[:, :, None, None, None]
-        logits = self.gate(torch.cat([images, sequence_maps], dim=1)) + self.sequence_logits[None, :, None, None, None]
+        # the gate sees only the present sequences' maps (a missing one's map carries no meaning)
+        gate_input = torch.cat([images, sequence_maps * present], dim=1)
+        logits = self.gate(gate_input) + self.sequence_logits[None, :, None, None, None]
         # the maximum over the present sequences only (a missing one must not push the others' exp() to 0)
         logits = logits - (logits - 1e4 * (1.0 - present)).amax(dim=1, keepdim=True)
         raw = torch.exp(logits.clamp_max(0.0)) * present

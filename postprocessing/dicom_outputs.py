@@ -3,8 +3,8 @@
 Both are written with highdicom and reference the source T2W series (the series that defines the model
 grid). The SEG lies on the model grid (passed as an ``hd.Volume`` in the T2W frame of reference); segment
 ``n`` is lesion ``n``. The SR holds one TID 1410 volumetric measurement group per lesion (volume, lesion
-likelihood, PI-RADS-like category) that references its SEG segment, plus the study-level csPCa probability and PI-RADS-like score
-(TID 1501). A study without lesions gets no SEG and an SR without lesion groups.
+likelihood, PI-RADS-like category) that references its SEG segment, plus the study-level csPCa probability
+and PI-RADS-like score (TID 1501). A study without lesions gets no SEG and an SR without lesion groups.
 """
 
 from __future__ import annotations

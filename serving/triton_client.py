@@ -160,8 +160,8 @@ class EnsembleClient:
             availability: ``[B, S]`` or ``[S]``; 1 = sequence present, 0 = missing.
 
         Returns:
-            every ensemble output of ``contract.MODEL_IO`` (``fused_map``, ``cspca_map``, ``score_map``, ...) as numpy arrays,
-            with the batch axis when the request had one.
+            every ensemble output of ``contract.MODEL_IO`` (``fused_map``, ``cspca_map``, ``score_map``, ...) as
+            numpy arrays, with the batch axis when the request had one.
 
         Raises:
             TritonClientError: wrong shapes, or the server rejected / failed the request.

@@ -43,7 +43,10 @@ def test_onnx_chain_matches_torch_at_batch_sizes_1_and_5(exported_repository: Pa
         got = ort_chain(sessions, inputs)
         for name in MODEL_IO[ENSEMBLE_MODEL][1]:
             assert got[name].shape == expected[name].shape
-            np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
+            if name == "score_map":  # PI-RADS units, not a probability: same significant digits (export/onnx_export)
+                np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=1e-4, err_msg=name)
+            else:
+                np.testing.assert_allclose(got[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
 
 
 def test_failed_parity_leaves_existing_repository_untouched(

@@ -70,6 +70,13 @@ def register(subparsers: Any) -> None:
         "only for validation seeds (docs/networks.md, 'Seeds')",
     )
     e.add_argument("--no-ablation", action="store_true", help="skip the sequence ablation (5 more network passes)")
+    e.add_argument(
+        "--role",
+        choices=["validation", "test"],
+        default="validation",
+        help="which BENCHMARKS.md section --benchmarks-md writes: validation (default) or test (the released "
+        "checkpoint's one run on its test seed)",
+    )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)
 
@@ -149,7 +156,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         command = (
             f"mpmri evaluate --data {args.data} --out {args.out} --checkpoint {args.checkpoint} "
             f"--resamples {args.resamples} --bootstrap-seed {args.bootstrap_seed} --benchmarks-md {args.benchmarks_md}"
+            f" --role {args.role}"
         )
-        write_benchmarks_section(args.benchmarks_md, metrics, command)
+        write_benchmarks_section(args.benchmarks_md, metrics, command, role=args.role)
         print(f"benchmarks: {args.benchmarks_md} (section <!-- evaluation:begin/end -->)")
     return 0

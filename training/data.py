@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from contract import (
     CONTRACT_VERSION,
+    DEFAULT_GRID,
     MISSING_CHANNEL_FILL_VALUE,
     NUM_SEQUENCES,
     REQUIRED_SEQUENCES,
     SEQUENCES,
-    DEFAULT_GRID,
     GridGeometry,
     GridSpec,
 )

@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -266,7 +267,9 @@ def fit_calibration(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_si
     model = LogisticRegression(C=100.0).fit(x[:, None], y)
     slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
     if slope <= 0:
-        return {"skipped": f"fitted slope {slope:.3f} is not positive: the network does not rank the validation studies"}
+        return {
+            "skipped": f"fitted slope {slope:.3f} is not positive: the network does not rank the validation studies"
+        }
     before = 1 / (1 + np.exp(-x))
     after = 1 / (1 + np.exp(-(slope * x + intercept)))
     nets.classification.set_calibration(slope, intercept)
@@ -374,6 +377,7 @@ def _batches(dataset: CaseDataset, config: TrainConfig, global_epoch: int) -> It
 def train(config: TrainConfig, resume: Path | None = None, progress: bool = True) -> Path:
     """Run (or resume) training; returns the final checkpoint ``run_dir/final.pt`` (``last.pt`` when stopped early)."""
     torch.set_num_threads(config.threads)
+    started, load_start = time.monotonic(), os.getloadavg()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -489,6 +493,14 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         "data": f"validation split: seed {config.data_seed} cases {len(train_records)}-{config.cases - 1}",
     }
     log.info("calibration: %s", meta["calibration"])
+    meta["training"]["invocation"] = {
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "resumed": resume is not None,
+        "load_average_1_5_15_start": [round(v, 2) for v in load_start],
+        "load_average_1_5_15_end": [round(v, 2) for v in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "threads": config.threads,
+    }
     save_checkpoint(final, nets, meta)
     if config.checkpoint_out is not None:
         save_checkpoint(Path(config.checkpoint_out), nets, meta)
