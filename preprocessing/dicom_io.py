@@ -674,17 +674,27 @@ def _decode_compressed(ds: Dataset, tsyntax: str) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
 
-def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarray:
+def decode_frames(
+    ingested: Ingested, frames: Sequence[FrameHeader], needed: tuple[int, int] | None = None
+) -> np.ndarray:
     """Decode ``frames`` and apply each frame's RescaleSlope/Intercept. Returns float32 ``[N, rows, cols]``.
 
-    Every object is decoded once, even when several of its frames are requested.
+    Every object is decoded once, even when several of its frames are requested. ``needed``: only frames
+    ``[start, stop)`` are decoded (e.g. the slices a resampling reads,
+    :func:`preprocessing.grid.source_slices_needed`); the others are left 0 and their objects are not
+    decoded at all. ``None``: every frame.
     """
     if not frames:
         raise ValueError("no frames to decode")
     rows, cols = frames[0].rows, frames[0].columns
-    out = np.empty((len(frames), rows, cols), dtype=np.float32)
+    start, stop = (0, len(frames)) if needed is None else needed
+    if start > 0 or stop < len(frames):
+        out = np.zeros((len(frames), rows, cols), dtype=np.float32)
+    else:
+        out = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
-    for n, fr in enumerate(frames):
+    for n in range(start, stop):
+        fr = frames[n]
         stored = cache.get(fr.instance)
         if stored is None:
             label = ingested.labels[fr.instance]
@@ -694,9 +704,13 @@ def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarr
                     raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
             cache[fr.instance] = stored
         out[n] = stored[fr.frame_index or 0]
-    slopes = np.asarray([f.rescale_slope for f in frames], dtype=np.float32)
-    intercepts = np.asarray([f.rescale_intercept for f in frames], dtype=np.float32)
+    if stop <= start:
+        return out
+    part = frames[start:stop]
+    slopes = np.asarray([f.rescale_slope for f in part], dtype=np.float32)
+    intercepts = np.asarray([f.rescale_intercept for f in part], dtype=np.float32)
     if np.any(slopes != 1.0) or np.any(intercepts != 0.0):
-        out *= slopes[:, None, None]
-        out += intercepts[:, None, None]
+        view = out[start:stop]
+        view *= slopes[:, None, None]
+        view += intercepts[:, None, None]
     return out

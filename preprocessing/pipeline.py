@@ -187,9 +187,18 @@ def _choose_study(series: list[SeriesInfo], settings: PreprocessSettings, skippe
 
 
 def _build(
-    ingested: Ingested, choice: Choice, settings: PreprocessSettings, timer: _Timer, warnings: list[str]
+    ingested: Ingested,
+    choice: Choice,
+    settings: PreprocessSettings,
+    timer: _Timer,
+    warnings: list[str],
+    grid: GridGeometry | None,
 ) -> tuple[Choice, Volume]:
-    """Volume of one chosen series; the returned choice holds the frames actually stacked."""
+    """Volume of one chosen series; the returned choice holds the frames actually stacked.
+
+    Only the slices that resampling onto ``grid`` reads are decoded (the others stay 0 and are never read);
+    ``grid=None``: the grid is placed on this series (T2W), from its geometry before decoding.
+    """
     label = f"series '{choice.series.description or uid_hash(choice.series.series_uid)}' ({choice.sequence})"
     t = time.perf_counter()
     frames, replaced = resolve_reacquired_slices(ingested, choice.frames, label, settings.tolerance)
@@ -200,7 +209,13 @@ def _build(
         warnings.extend(replaced)
         choice = dataclasses.replace(choice, frames=frames)
     t = time.perf_counter()
-    array = decode_frames(ingested, [frames[i] for i in geometry.order])
+    g = geometry
+    if grid is None:
+        grid = grid_mod.grid_geometry_of(g.origin_lps_mm, g.direction, g.spacing_mm_ijk, g.size_ijk, settings.grid)
+    needed = grid_mod.source_slices_needed(g.origin_lps_mm, g.direction, g.spacing_mm_ijk, g.size_ijk, grid)
+    timer.add("assemble", t)
+    t = time.perf_counter()
+    array = decode_frames(ingested, [frames[i] for i in geometry.order], needed)
     timer.add("decode", t)
     t = time.perf_counter()
     image = image_from_array(array, geometry)
@@ -209,7 +224,13 @@ def _build(
 
 
 def _build_with_fallback(
-    ingested: Ingested, selection: Selection, seq: str, settings: PreprocessSettings, timer: _Timer, warnings: list[str]
+    ingested: Ingested,
+    selection: Selection,
+    seq: str,
+    settings: PreprocessSettings,
+    timer: _Timer,
+    warnings: list[str],
+    grid: GridGeometry | None,
 ) -> tuple[Choice, Volume] | None:
     """Build the chosen series of ``seq``; for ADC/DWI fall back to the next candidate on a geometry error."""
     choice = selection.choices.get(seq)
@@ -219,7 +240,7 @@ def _build_with_fallback(
     first_error: PreprocessError | None = None
     for cand in candidates:
         try:
-            return _build(ingested, cand, settings, timer, warnings)
+            return _build(ingested, cand, settings, timer, warnings, grid)
         except PreprocessError as err:
             if first_error is None:
                 first_error = err
@@ -294,14 +315,17 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
                 f"series ({sum(len(t.frames) for t in twins)} frame(s)); a damaged SeriesInstanceUID may have split it"
             )
     built: dict[str, tuple[Choice, Volume]] = {}
-    for seq in SEQUENCES:
-        result = _build_with_fallback(ingested, selection, seq, settings, timer, warnings)
-        if result is not None:
-            built[seq] = result
-
+    t2w = _build_with_fallback(ingested, selection, "t2w", settings, timer, warnings, None)
+    assert t2w is not None  # "t2w" is among the choices
+    built["t2w"] = t2w
     t = time.perf_counter()
-    geometry = grid_mod.grid_geometry_for(built["t2w"][1].image, settings.grid)
+    geometry = grid_mod.grid_geometry_for(t2w[1].image, settings.grid)
     timer.add("resample", t)
+    for seq in SEQUENCES:
+        if seq != "t2w":
+            result = _build_with_fallback(ingested, selection, seq, settings, timer, warnings, geometry)
+            if result is not None:
+                built[seq] = result
 
     normalization = settings.normalization or NORMALIZATION
     d, h, w = settings.grid.size_dhw
