@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def _image(rng: np.random.Generator, direction: np.ndarray, size_ijk: tuple[int,
     return image
 
 
-def _geometry_of(image: sitk.Image) -> tuple[tuple[float, ...], ...]:
+def _geometry_of(image: sitk.Image) -> tuple[Any, Any, Any, Any]:
     return image.GetOrigin(), image.GetDirection(), image.GetSpacing(), image.GetSize()
 
 
