@@ -674,15 +674,27 @@ def _decode_compressed(ds: Dataset, tsyntax: str) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
 
+def decode_instance_checked(ds: Dataset, label: str, cache: HeaderValueCache | None = None) -> np.ndarray:
+    """Stored pixel values of one object as ``[frames, rows, columns]``; a damaged header raises
+    :class:`CorruptDicomError` naming ``label`` (module-level: worker processes run it too)."""
+    with header_errors(label):
+        return _decode_instance(ds, label, cache)
+
+
 def decode_frames(
-    ingested: Ingested, frames: Sequence[FrameHeader], needed: tuple[int, int] | None = None
+    ingested: Ingested,
+    frames: Sequence[FrameHeader],
+    needed: tuple[int, int] | None = None,
+    workers: int = 0,
 ) -> np.ndarray:
     """Decode ``frames`` and apply each frame's RescaleSlope/Intercept. Returns float32 ``[N, rows, cols]``.
 
     Every object is decoded once, even when several of its frames are requested. ``needed``: only frames
     ``[start, stop)`` are decoded (e.g. the slices a resampling reads,
     :func:`preprocessing.grid.source_slices_needed`); the others are left 0 and their objects are not
-    decoded at all. ``None``: every frame.
+    decoded at all. ``None``: every frame. ``workers``: when every object to decode is compressed (and there
+    are at least :data:`preprocessing.parallel_decode.MIN_OBJECTS`), they are decoded in up to this many
+    worker processes (:mod:`preprocessing.parallel_decode`); same values, same first error.
     """
     if not frames:
         raise ValueError("no frames to decode")
@@ -693,16 +705,28 @@ def decode_frames(
     else:
         out = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
+    if workers >= 2:
+        instances = list(dict.fromkeys(frames[n].instance for n in range(start, stop)))  # in first-use order
+        if not any(_is_uncompressed(ingested.datasets[i]) for i in instances):
+            from preprocessing.parallel_decode import decode_objects
+
+            arrays = decode_objects(
+                decode_instance_checked,
+                [ingested.datasets[i] for i in instances],
+                [ingested.labels[i] for i in instances],
+                workers,
+            )
+            cache.update(zip(instances, arrays))
     for n in range(start, stop):
         fr = frames[n]
         stored = cache.get(fr.instance)
         if stored is None:
             label = ingested.labels[fr.instance]
-            with header_errors(label):
-                stored = _decode_instance(ingested.datasets[fr.instance], label, ingested.values)
-                if stored.shape[1:] != (rows, cols):
-                    raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
+            stored = decode_instance_checked(ingested.datasets[fr.instance], label, ingested.values)
             cache[fr.instance] = stored
+        if stored.shape[1:] != (rows, cols):
+            label = ingested.labels[fr.instance]
+            raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
         out[n] = stored[fr.frame_index or 0]
     if stop <= start:
         return out

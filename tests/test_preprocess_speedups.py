@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from contract import DEFAULT_GRID, REALISTIC_GRID, GridGeometry, GridSpec
 from preprocessing import grid as grid_mod
+from preprocessing.errors import PreprocessError
 from preprocessing.pipeline import PreprocessSettings, preprocess_study
 
 
@@ -116,3 +117,36 @@ def test_pipeline_decoding_needed_slices_equals_decoding_all(
     for (tensor, norm), (ref_tensor, ref_norm) in zip(fast, reference, strict=True):
         np.testing.assert_array_equal(bits(tensor), bits(ref_tensor))
         assert norm == ref_norm
+
+
+def test_decoding_in_worker_processes_equals_decoding_in_process(tmp_path: Path) -> None:
+    from preprocessing import parallel_decode
+    from preprocessing.testing import encode
+    from synth.generator import synthesize_study, write_study
+
+    dicom = write_study(synthesize_study(7, 0), tmp_path / "plain") / "dicom"
+    encoded = tmp_path / "j2k"
+    for path in sorted(p for p in dicom.rglob("*") if p.is_file()):
+        target = encoded / path.relative_to(dicom)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(encode(path.read_bytes(), "jpeg2000"))
+    reference = preprocess_study(encoded, PreprocessSettings(decode_workers=0))
+    in_workers = preprocess_study(encoded, PreprocessSettings(decode_workers=2))
+    assert parallel_decode._pool is not None and not parallel_decode._broken  # the pool was really used
+    np.testing.assert_array_equal(bits(in_workers.tensor), bits(reference.tensor))
+    assert in_workers.meta["normalization"] == reference.meta["normalization"]
+    np.testing.assert_array_equal(bits(preprocess_study(dicom).tensor), bits(reference.tensor))
+
+    # damaged frames: the same typed error, naming the same (first) file, from the workers as in process
+    t2w = max((d for d in encoded.iterdir() if d.is_dir()), key=lambda d: sum(f.stat().st_size for f in d.iterdir()))
+    for victim in t2w.iterdir():
+        data = bytearray(victim.read_bytes())
+        soc = data.index(b"\xff\x4f\xff\x51")  # the codestream's SOC + SIZ markers
+        data[soc : soc + 4] = bytes(4)  # no longer a JPEG 2000 codestream: the decoder fails
+        victim.write_bytes(bytes(data))
+    messages = []
+    for workers in (0, 2):
+        with pytest.raises(PreprocessError) as err:
+            preprocess_study(encoded, PreprocessSettings(decode_workers=workers))
+        messages.append((type(err.value), str(err.value)))
+    assert messages[0] == messages[1] and "cannot decode pixel data" in messages[0][1]
