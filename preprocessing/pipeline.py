@@ -2,10 +2,12 @@
 
 Stages (each timed in ``meta["timings_s"]``): read (headers + raw bytes, once) -> select (group by
 study/series, ignore non-images/localizers, identify T2W/ADC/high-b DWI by the rules file) -> assemble
-(sort along the slice normal, geometry checks) -> decode (pixels of chosen series only, rescale) ->
-resample (linear, physical space, onto the grid from T2W) -> normalize (contract.NORMALIZATION).
+(sort along the slice normal, geometry checks) -> decode (pixels of chosen series only, and of those only
+the slices the resampling reads; rescale) -> resample (linear, physical space, onto the grid from T2W) ->
+normalize (contract.NORMALIZATION).
 
-No global state: safe to call concurrently from several threads.
+No global state (only the optional decode process pool, created once and shared: ``decode_workers``): safe
+to call concurrently from several threads.
 """
 
 from __future__ import annotations
