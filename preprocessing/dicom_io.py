@@ -69,6 +69,7 @@ DECODING_PLUGINS: dict[str, str] = {
     "1.2.840.10008.1.2.4.50": "gdcm",  # JPEG Baseline
     "1.2.840.10008.1.2.4.51": "gdcm",  # JPEG Extended
 }
+_PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 _GE_BVALUE = Tag(0x0043, 0x1039)
 _SIEMENS_BVALUE = Tag(0x0019, 0x100C)
 #: VRs whose pydicom conversion depends only on the raw bytes (not on the dataset's character set)
@@ -173,6 +174,7 @@ _CACHED_KEYWORDS = (
     "ImageOrientationPatient",
     "PixelSpacing",
     "DiffusionBValue",
+    "TransferSyntaxUID",
 )
 _KEYWORD_TAGS: dict[str, BaseTag] = {kw: Tag(tag_for_keyword(kw) or 0) for kw in _CACHED_KEYWORDS}  # read-only
 
@@ -312,16 +314,27 @@ def _check_complete(ds: Dataset, label: str, cache: HeaderValueCache | None = No
         sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
     if sop_class in _IMAGE_SOP_CLASSES and "PixelData" not in ds:
         raise TruncatedDicomError(f"{label}: truncated DICOM file ({UID(sop_class).name} without Pixel Data)")
-    if "PixelData" in ds and _is_uncompressed(ds):
+    if "PixelData" in ds and _is_uncompressed(ds, cache):
         expected = _expected_pixel_bytes(ds, cache)
-        actual = len(ds.PixelData)
+        raw = ds._dict.get(_PIXEL_DATA_TAG)
+        # an OB/OW value converts to the same bytes: take the length without converting the element
+        actual = len(raw.value) if isinstance(raw, RawDataElement) and raw.value is not None else len(ds.PixelData)
         if expected is not None and actual < expected:
             raise TruncatedDicomError(f"{label}: truncated DICOM file (Pixel Data has {actual} of {expected} bytes)")
 
 
-def _is_uncompressed(ds: Dataset) -> bool:
+def transfer_syntax(ds: Dataset, cache: HeaderValueCache | None = None) -> str:
+    """The file meta's TransferSyntaxUID as a string (``""`` without file meta or without the element)."""
     meta = getattr(ds, "file_meta", None)
-    tsyntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
+    if meta is None:
+        return ""
+    if cache is None or not isinstance(meta, Dataset):
+        return str(getattr(meta, "TransferSyntaxUID", ""))
+    return str(cache.value(meta, "TransferSyntaxUID", str, ""))
+
+
+def _is_uncompressed(ds: Dataset, cache: HeaderValueCache | None = None) -> bool:
+    tsyntax = transfer_syntax(ds, cache)
     return tsyntax in _UNCOMPRESSED_SYNTAXES or tsyntax == "1.2.840.10008.1.2.2" or tsyntax == ""
 
 
@@ -632,8 +645,7 @@ def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = N
     bits_alloc = _required_int(ds, "BitsAllocated", cache, label)
     bits_stored = int(cache.value(ds, "BitsStored", int, bits_alloc))
     signed = cache.value(ds, "PixelRepresentation", int, 0) == 1
-    meta = getattr(ds, "file_meta", None)
-    tsyntax = str(getattr(meta, "TransferSyntaxUID", "")) if meta is not None else ""
+    tsyntax = transfer_syntax(ds, cache)
     little = tsyntax in _UNCOMPRESSED_SYNTAXES or (tsyntax == "" and getattr(ds, "is_little_endian", True) is not False)
     # Fast path: uncompressed little-endian 8/16-bit data straight from the bytes.
     if little and bits_alloc in (8, 16) and (bits_stored == bits_alloc or not signed):
@@ -674,29 +686,67 @@ def _decode_compressed(ds: Dataset, tsyntax: str) -> np.ndarray:
     return np.asarray(ds.pixel_array)
 
 
-def decode_frames(ingested: Ingested, frames: Sequence[FrameHeader]) -> np.ndarray:
+def decode_instance_checked(ds: Dataset, label: str, cache: HeaderValueCache | None = None) -> np.ndarray:
+    """Stored pixel values of one object as ``[frames, rows, columns]``; a damaged header raises
+    :class:`CorruptDicomError` naming ``label`` (module-level: worker processes run it too)."""
+    with header_errors(label):
+        return _decode_instance(ds, label, cache)
+
+
+def decode_frames(
+    ingested: Ingested,
+    frames: Sequence[FrameHeader],
+    needed: tuple[int, int] | None = None,
+    workers: int = 0,
+) -> np.ndarray:
     """Decode ``frames`` and apply each frame's RescaleSlope/Intercept. Returns float32 ``[N, rows, cols]``.
 
-    Every object is decoded once, even when several of its frames are requested.
+    Every object is decoded once, even when several of its frames are requested. ``needed``: only frames
+    ``[start, stop)`` are decoded (e.g. the slices a resampling reads,
+    :func:`preprocessing.grid.source_slices_needed`); the others are left 0 and their objects are not
+    decoded at all. ``None``: every frame. ``workers``: when every object to decode is compressed (and there
+    are at least :data:`preprocessing.parallel_decode.MIN_OBJECTS`), they are decoded in up to this many
+    worker processes (:mod:`preprocessing.parallel_decode`); same values, same first error.
     """
     if not frames:
         raise ValueError("no frames to decode")
     rows, cols = frames[0].rows, frames[0].columns
-    out = np.empty((len(frames), rows, cols), dtype=np.float32)
+    start, stop = (0, len(frames)) if needed is None else needed
+    if start > 0 or stop < len(frames):
+        out = np.zeros((len(frames), rows, cols), dtype=np.float32)
+    else:
+        out = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
-    for n, fr in enumerate(frames):
+    if workers >= 2:
+        instances = list(dict.fromkeys(frames[n].instance for n in range(start, stop)))  # in first-use order
+        if not any(_is_uncompressed(ingested.datasets[i], ingested.values) for i in instances):
+            from preprocessing.parallel_decode import decode_objects
+
+            arrays = decode_objects(
+                decode_instance_checked,
+                [ingested.datasets[i] for i in instances],
+                [ingested.labels[i] for i in instances],
+                workers,
+            )
+            cache.update(zip(instances, arrays))
+    for n in range(start, stop):
+        fr = frames[n]
         stored = cache.get(fr.instance)
         if stored is None:
             label = ingested.labels[fr.instance]
-            with header_errors(label):
-                stored = _decode_instance(ingested.datasets[fr.instance], label, ingested.values)
-                if stored.shape[1:] != (rows, cols):
-                    raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
+            stored = decode_instance_checked(ingested.datasets[fr.instance], label, ingested.values)
             cache[fr.instance] = stored
+        if stored.shape[1:] != (rows, cols):
+            label = ingested.labels[fr.instance]
+            raise CorruptDicomError(f"{label}: pixel data is {stored.shape[1:]}, the series is {(rows, cols)}")
         out[n] = stored[fr.frame_index or 0]
-    slopes = np.asarray([f.rescale_slope for f in frames], dtype=np.float32)
-    intercepts = np.asarray([f.rescale_intercept for f in frames], dtype=np.float32)
+    if stop <= start:
+        return out
+    part = frames[start:stop]
+    slopes = np.asarray([f.rescale_slope for f in part], dtype=np.float32)
+    intercepts = np.asarray([f.rescale_intercept for f in part], dtype=np.float32)
     if np.any(slopes != 1.0) or np.any(intercepts != 0.0):
-        out *= slopes[:, None, None]
-        out += intercepts[:, None, None]
+        view = out[start:stop]
+        view *= slopes[:, None, None]
+        view += intercepts[:, None, None]
     return out

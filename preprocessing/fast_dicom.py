@@ -1,4 +1,5 @@
-"""Fast reader for the common DICOM encoding (Part 10 file, Explicit VR Little Endian).
+"""Fast reader for the common DICOM encodings (Part 10 file, Explicit VR Little Endian, also with
+encapsulated -- compressed -- Pixel Data).
 
 :func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the same
 :class:`pydicom.dataset.FileDataset` that :func:`pydicom.dcmread` builds (raw, not yet converted data
@@ -6,14 +7,16 @@ elements, same file meta, same encodings), skipping pydicom's general-purpose el
 are still converted by pydicom on access, so every later result is the same as with ``dcmread``.
 
 It only accepts files it fully understands: a 128-byte preamble and ``DICM``, group 0002 meta
-information, Transfer Syntax Explicit VR Little Endian, then only elements with a known VR and a
+information, Transfer Syntax Explicit VR Little Endian or one of :data:`ENCAPSULATED_SYNTAXES` (RLE, JPEG,
+JPEG-LS, JPEG 2000, HTJ2K: the same body encoding), then only elements with a known VR and a
 complete value, ending exactly at the end of the bytes, no command set (group 0000) and no top-level
 item/delimiter tags. Sequences (scanner headers: Referenced Image, Request Attributes, code sequences,
 private sequences) are read as pydicom reads them: a defined-length SQ is kept raw (skipped by its
 length, converted on access), an undefined-length SQ is parsed by pydicom's ``read_sequence`` at that
 offset (only parsing finds the delimiter that closes it when items nest). Large private OB blocks (a
-Siemens CSA header) are skipped by their length. For anything else (implicit VR, big endian, compressed or
-deflated syntaxes, enhanced multi-frame objects with sequences, truncated or odd files) it returns
+Siemens CSA header) are skipped by their length. Encapsulated Pixel Data (undefined-length OB) is walked
+item by item to its Sequence Delimitation Item, as pydicom walks it. For anything else (implicit VR, big
+endian, deflated syntaxes, enhanced multi-frame objects with sequences, truncated or odd files) it returns
 ``None`` and the caller reads the object with pydicom as before, so errors and edge cases are
 unchanged.
 """
@@ -46,6 +49,54 @@ _TRANSFER_SYNTAX_TAG = BaseTag(0x00020010)
 #: raw (0002,0010) values that mean Explicit VR Little Endian (even length: NUL padded)
 _EXPLICIT_LE_RAW = frozenset({ExplicitVRLittleEndian.encode("ascii") + b"\x00"})
 _META_START = _PREAMBLE_LEN + 4
+#: Explicit VR Little Endian with encapsulated (compressed) Pixel Data: the body is read like Explicit VR LE
+#: (``pydicom.dcmread`` treats every syntax it does not name otherwise so); deflated ones are not among them
+ENCAPSULATED_SYNTAXES: frozenset[str] = frozenset(
+    {
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+#: raw (0002,0010) values of the syntaxes read here (UIDs of odd length are NUL padded)
+_ACCEPTED_SYNTAX_RAW = _EXPLICIT_LE_RAW | frozenset(
+    uid.encode("ascii") + (b"\x00" if len(uid) % 2 else b"") for uid in ENCAPSULATED_SYNTAXES
+)
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
+
+
+def _encapsulated_end(data: bytes, pos: int) -> tuple[int, int] | None:
+    """End of an undefined-length value read as encapsulated pixel data, as pydicom reads it.
+
+    pydicom (``fileutil._try_read_encapsulated_pixel_data``) walks the items (``FFFE,E000`` + 4-byte length)
+    up to the Sequence Delimitation Item (``FFFE,E0DD``); the value is everything before that tag, and reading
+    goes on 8 bytes after it. Returns ``(value end, next element position)``, or ``None`` wherever pydicom
+    would fall back to its byte-by-byte scan (an unknown tag, an item running past the end, no delimiter).
+    """
+    end = len(data)
+    unpack_ul = _UL.unpack_from
+    while True:
+        if end - pos < 4:
+            return None
+        tag_bytes = data[pos : pos + 4]
+        if tag_bytes == _SEQUENCE_DELIMITER:
+            break
+        if tag_bytes != _ITEM or end - pos < 8:
+            return None
+        pos += 8 + unpack_ul(data, pos + 4)[0]
+    if pos + 8 > end:  # pydicom would go on reading at the end of the data: leave such a file to it
+        return None
+    return pos, pos + 8
 
 
 def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
@@ -85,7 +136,17 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
             length = unpack_ul(data, pos + 8)[0]
             value_pos = pos + 12
         if length == 0xFFFFFFFF:
-            if vr != "SQ":  # undefined-length OB/UN/...: left to pydicom
+            if vr in ("OB", "OW") and not meta_only:  # encapsulated (compressed) Pixel Data
+                found = _encapsulated_end(data, value_pos)
+                if found is None:
+                    return None
+                value_end, pos = found
+                tag = new_tag(base_tag, group << 16 | elem)
+                elements[tag] = new_raw(  # type: ignore[arg-type]
+                    raw_cls, (tag, vr, length, data[value_pos:value_end], value_pos, False, True, True, False)
+                )
+                continue
+            if vr != "SQ":  # undefined-length UN/...: left to pydicom
                 return None
             # As pydicom does: parse the undefined-length sequence now (items and nested sequences may be
             # of undefined length too, so only parsing finds the delimiter that closes this one).
@@ -123,7 +184,7 @@ def fast_dcmread(data: bytes) -> FileDataset | None:
         return None
     meta_elements, pos = meta_walk
     syntax = meta_elements.get(_TRANSFER_SYNTAX_TAG)
-    if not isinstance(syntax, RawDataElement) or syntax.VR != "UI" or syntax.value not in _EXPLICIT_LE_RAW:
+    if not isinstance(syntax, RawDataElement) or syntax.VR != "UI" or syntax.value not in _ACCEPTED_SYNTAX_RAW:
         return None  # other syntaxes, and unusual spellings of this one, are left to pydicom
     body = _walk(data, pos, meta_only=False)
     if body is None or not body[0]:

@@ -7,6 +7,7 @@ physical (LPS) space with SimpleITK, so oblique and differently spaced series ar
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,19 +18,68 @@ from contract import DEFAULT_GRID, GridGeometry, GridSpec
 
 def grid_geometry_for(reference: sitk.Image, spec: GridSpec = DEFAULT_GRID) -> GridGeometry:
     """Model grid aligned with ``reference`` (T2W) and centred on the centre of its voxel box."""
-    direction = np.asarray(reference.GetDirection(), dtype=np.float64).reshape(3, 3)
-    ref_size = np.asarray(reference.GetSize(), dtype=np.float64)
-    ref_spacing = np.asarray(reference.GetSpacing(), dtype=np.float64)
-    centre = np.asarray(reference.GetOrigin()) + direction @ (ref_spacing * (ref_size - 1) / 2.0)
-    size_ijk = tuple(int(v) for v in spec.size_dhw[::-1])
+    return grid_geometry_of(
+        reference.GetOrigin(), reference.GetDirection(), reference.GetSpacing(), reference.GetSize(), spec
+    )
+
+
+def grid_geometry_of(
+    origin_lps_mm: Sequence[float],
+    direction: Sequence[float],
+    spacing_mm_ijk: Sequence[float],
+    size_ijk: Sequence[int],
+    spec: GridSpec = DEFAULT_GRID,
+) -> GridGeometry:
+    """:func:`grid_geometry_for` from the reference's geometry alone (origin, 9 direction values row-major,
+    spacing and size in ``(i, j, k)`` order), e.g. a :class:`~preprocessing.volume.StackGeometry` before its
+    pixels are decoded. The same floats give the same grid."""
+    direction_m = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    ref_size = np.asarray(size_ijk, dtype=np.float64)
+    ref_spacing = np.asarray(spacing_mm_ijk, dtype=np.float64)
+    centre = np.asarray(origin_lps_mm) + direction_m @ (ref_spacing * (ref_size - 1) / 2.0)
+    grid_size = tuple(int(v) for v in spec.size_dhw[::-1])
     spacing_ijk = np.asarray(spec.spacing_mm_dhw[::-1], dtype=np.float64)
-    origin: np.ndarray = centre - direction @ (spacing_ijk * (np.asarray(size_ijk, dtype=np.float64) - 1) / 2.0)
+    origin: np.ndarray = centre - direction_m @ (spacing_ijk * (np.asarray(grid_size, dtype=np.float64) - 1) / 2.0)
     return GridGeometry(
         origin_lps_mm=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in direction.reshape(-1)),
+        direction=tuple(float(v) for v in direction_m.reshape(-1)),
         spacing_mm_ijk=tuple(float(v) for v in spacing_ijk),  # type: ignore[arg-type]
-        size_ijk=size_ijk,  # type: ignore[arg-type]
+        size_ijk=grid_size,  # type: ignore[arg-type]
     )
+
+
+def source_slices_needed(
+    origin_lps_mm: Sequence[float],
+    direction: Sequence[float],
+    spacing_mm_ijk: Sequence[float],
+    size_ijk: Sequence[int],
+    geometry: GridGeometry,
+    tolerance: float = 1e-3,
+) -> tuple[int, int]:
+    """Slices ``[start, stop)`` of a source volume that linear resampling onto ``geometry`` can read.
+
+    The source's continuous slice index is affine in the grid index, so over the grid it lies between its
+    values at the 8 corners. The linear interpolator reads slices ``floor(k)`` and ``floor(k) + 1`` of a
+    source index ``k`` (clamped to the volume). The range is widened by ``tolerance`` (in slices) on each
+    side, far more than any rounding difference between this float64 computation and the resampler's
+    (~1e-12 slices), so slices outside it are never read and need not be decoded. ``(0, 0)`` when the grid
+    lies wholly before or behind the volume.
+    """
+    src_dir = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    src_spacing = np.asarray(spacing_mm_ijk, dtype=np.float64)
+    offset = (
+        (np.asarray(geometry.origin_lps_mm) - np.asarray(origin_lps_mm, dtype=np.float64)) @ src_dir
+    ) / src_spacing
+    steps = ((geometry.direction_matrix * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing
+    last = np.asarray(geometry.size_ijk, dtype=np.float64) - 1
+    corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float64) * last
+    k = offset[2] + corners @ steps[:, 2]
+    n = int(size_ijk[2])
+    if not np.all(np.isfinite(k)):
+        return 0, n
+    start = max(int(np.floor(k.min() - tolerance)), 0)
+    stop = min(int(np.floor(k.max() + tolerance)) + 2, n)
+    return (start, stop) if start < stop else (0, 0)
 
 
 def grid_image(geometry: GridGeometry, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:

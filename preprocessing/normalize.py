@@ -36,10 +36,15 @@ def normalize_channel(
     are avoided, and the percentiles/median come from :func:`percentiles_linear` / :func:`median`, which
     equal ``np.percentile`` / ``np.median`` bit for bit.
     """
-    inside = values_dhw[inside_fov]
+    n_inside = np.count_nonzero(inside_fov)
+    all_inside = n_inside == inside_fov.size
+    # all inside (e.g. T2W on its own grid): the same values in the same (C) order, by a plain copy
+    inside = (
+        np.array(values_dhw, dtype=values_dhw.dtype, order="C").reshape(-1) if all_inside else values_dhw[inside_fov]
+    )
     params: dict[str, Any] = {
         "kind": spec.kind,
-        "inside_fov_fraction": round(np.count_nonzero(inside_fov) / inside_fov.size, 6),
+        "inside_fov_fraction": round(n_inside / inside_fov.size, 6),
     }
     if out is None:
         out = np.empty(values_dhw.shape, dtype=np.float32)
@@ -75,7 +80,8 @@ def normalize_channel(
     else:  # pragma: no cover - the contract defines only the two kinds
         raise TypeError(f"unknown normalization {spec!r}")
     np.clip(out, spec.clip_min, spec.clip_max, out=out)
-    np.copyto(out, np.float32(OUTSIDE_FOV_VALUE), where=~inside_fov)
+    if not all_inside:
+        np.copyto(out, np.float32(OUTSIDE_FOV_VALUE), where=~inside_fov)
     params.update({"clip_min": spec.clip_min, "clip_max": spec.clip_max, "outside_fov_value": OUTSIDE_FOV_VALUE})
     return out, params
 
