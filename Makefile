@@ -29,7 +29,7 @@ test: $(STAMP) system-packages
 # synthetic seed 1, 3 phases, Platt calibration on the validation split; about 25 min on 2 cores.
 checkpoint: $(STAMP)
 	$(BIN)/mpmri train --profile cpu --grid default --cases 400 --val-cases 64 --data-seed 1 \
-	  --epochs-localization 8 --epochs-classification 4 --epochs-joint 3 --seed 0 --threads 2 \
+	  --epochs-localization 8 --epochs-classification 10 --epochs-joint 4 --seed 0 --threads 2 \
 	  --cache .cache/train --out build/runs/cpu_default --checkpoint-out checkpoints/cpu_default.pt --no-progress
 
 lint: $(STAMP)

@@ -278,6 +278,10 @@ class CandidateSettings:
         num_lesions_to_extract: maximum number of candidates per study.
         dynamic_threshold_factor: a blob extends down to ``peak / factor``.
         min_likelihood: candidates at or below this likelihood are dropped.
+        floor_likelihood: voxels below this value are set to 0 before the extraction, so no candidate peaks or
+            extends below it. The calibrated csPCa map is a few per cent in normal tissue (not 0): without a floor
+            the dynamic extraction grows background blobs of tens of millilitres there (and runs on the whole
+            volume). A study without a voxel above the floor has no candidate and a study probability below it.
     """
 
     source_map: str = "cspca_map"
@@ -286,6 +290,7 @@ class CandidateSettings:
     num_lesions_to_extract: int = 5
     dynamic_threshold_factor: float = 2.5
     min_likelihood: float = 0.0
+    floor_likelihood: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

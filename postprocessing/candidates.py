@@ -100,9 +100,9 @@ def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[sli
     fused map is zero almost everywhere (about 0.1 % of the voxels of a study lie above the floor).
     """
     if settings.threshold == "dynamic":
-        floor = _DYNAMIC_STOP_LIKELIHOOD / settings.dynamic_threshold_factor
+        floor = max(_DYNAMIC_STOP_LIKELIHOOD / settings.dynamic_threshold_factor, settings.floor_likelihood)
     elif isinstance(settings.threshold, int | float):
-        floor = float(settings.threshold)
+        floor = max(float(settings.threshold), settings.floor_likelihood)
     else:  # "dynamic-fast" and others: no floor known, the whole volume
         return tuple(slice(0, n) for n in volume.shape)
     points = np.nonzero(volume >= floor)
@@ -130,6 +130,8 @@ def extract_candidate_labels(
         volume = volume[0]
     if volume.ndim != 3:
         raise ValueError(f"fused_map must be [D, H, W], got shape {volume.shape}")
+    if settings.floor_likelihood > 0:  # voxels below the floor join no candidate (see CandidateSettings)
+        volume = np.where(volume >= settings.floor_likelihood, volume, np.float32(0.0))
     indexed = np.zeros(volume.shape, dtype=int)
     window = _active_window(volume, settings) if crop else tuple(slice(0, n) for n in volume.shape)
     confidences: list[tuple[int, float]] = []
