@@ -159,5 +159,5 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             f" --role {args.role}"
         )
         write_benchmarks_section(args.benchmarks_md, metrics, command, role=args.role)
-        print(f"benchmarks: {args.benchmarks_md} (section <!-- evaluation:begin/end -->)")
+        print(f"benchmarks: {args.benchmarks_md} ({args.role} section)")
     return 0
