@@ -158,7 +158,7 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         "localization": "localization (3 sequences)",
         "map_fusion": "map fusion (per-voxel gate)",
         "classification": "classification (score U-Net)",
-        "candidates": "candidate extraction + per-lesion scores' source map",
+        "candidates": "candidate extraction (from cspca_map)",
         "chain_with_candidates": "whole chain incl. candidates",
     }
     for key, label in labels.items():
