@@ -49,7 +49,7 @@ def synthetic_blobs() -> dict[str, list[bytes]]:
     from synth.generator import synthesize_study
 
     blobs: dict[str, list[bytes]] = {}
-    for seed, index in ((7, 0), (7, 1), (7, 2), (7, 3), (1234, 0)):
+    for seed, index in ((7, 0), (7, 1), (7, 2), (7, 3), (7, 5), (1234, 0)):  # 7/5 has a localizer (generator 3)
         study = synthesize_study(seed, index)
         for name, datasets in study.series.items():
             blobs[f"{seed}/{index}/{name}"] = [to_bytes(ds) for ds in datasets]
