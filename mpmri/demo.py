@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
     print("mpmri demo (synthetic study; no patient data)", flush=True)
 
     study = synthesize_study(args.seed, args.index)
-    # a fresh case folder: files of an earlier demo (another generator version) must not mix into this study
-    shutil.rmtree(out / study.case_id, ignore_errors=True)
     case_dir = write_study(study, out / study.case_id)
     t = _stage(f"synthetic study {study.case_id} written to {case_dir}", t)
 

@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -406,9 +407,14 @@ def _to_sitk(label: np.ndarray, geom: GridGeometry) -> sitk.Image:
 # Writing
 # --------------------------------------------------------------------------------------------------
 def write_study(study: SyntheticStudy, case_dir: Path) -> Path:
-    """Write ``case_dir/dicom/<series number>/<instance number>.dcm``, ground_truth.json and lesions.nii.gz."""
+    """Write ``case_dir/dicom/<series number>/<instance number>.dcm``, ground_truth.json and lesions.nii.gz.
+
+    An existing ``case_dir/dicom`` is replaced: files of an earlier study (e.g. another generator version, same
+    UIDs, other pixels) must not mix into this one.
+    """
     case_dir = Path(case_dir)
     try:
+        shutil.rmtree(case_dir / DICOM_DIR, ignore_errors=True)
         case_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SynthError(f"cannot create {case_dir}: {err.strerror}") from err

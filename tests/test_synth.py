@@ -338,3 +338,16 @@ def test_cli_writes_one_folder_per_case(tmp_path: Path, capsys: pytest.CaptureFi
             s["num_instances"] for s in json.loads((case / GROUND_TRUTH_FILE).read_text())["series"]
         )
     assert main(["synth", "--out", str(tmp_path), "--cases", "0"]) == 2
+
+
+def test_write_study_replaces_an_earlier_studys_dicom_files(tmp_path: Path) -> None:
+    """Rewriting a case folder (e.g. after a generator change) leaves no file of the earlier study behind."""
+    from synth.generator import synthesize_study, write_study
+
+    case = write_study(synthesize_study(7, 1), tmp_path / "case")
+    stale = case / "dicom" / "999" / "1.dcm"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier study's instance")
+    write_study(synthesize_study(7, 1), tmp_path / "case")
+    assert not stale.exists() and not stale.parent.exists()
+    assert any((case / "dicom").rglob("*.dcm"))
