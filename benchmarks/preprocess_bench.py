@@ -15,8 +15,9 @@ at two grids: ``contract.DEFAULT_GRID`` (16 x 64 x 64, 3.0 x 1.5 x 1.5 mm) and `
 
 * ``mpmri`` -- ``preprocessing.preprocess_study`` on the study folder (series selection included), default
   settings (channels resampled/normalized in threads);
-* ``monai`` -- a MONAI dictionary transform chain on the three series folders our selection chose (it has no
-  series selection of its own, so it does strictly less work): ``LoadImaged(PydicomReader)`` ->
+* ``monai`` -- a MONAI dictionary transform chain on three folders holding the instances our selection chose
+  (the chosen series; of a multi-b DWI series only the chosen b-value): it has no series or b-value selection
+  of its own, so it does strictly less work: ``LoadImaged(PydicomReader)`` ->
   ``EnsureChannelFirstd`` -> ``Spacingd`` -> ``ResizeWithPadOrCropd`` -> ``ResampleToMatchd`` ->
   ``ScaleIntensityRangePercentilesd`` / ``ScaleIntensityRanged`` -> ``ConcatItemsd``.
 
@@ -131,23 +132,35 @@ class Variant:
     megabytes: float
 
 
-def _write_variant(name: str, blobs: dict[Path, bytes], root: Path, chosen: dict[str, str]) -> Variant:
-    """Write ``blobs`` (relative path -> bytes) under ``root/name/dicom``; the chosen series' folders by UID."""
+def _write_variant(
+    name: str, blobs: dict[Path, bytes], root: Path, chosen: dict[str, str], b_values: dict[str, float | None]
+) -> Variant:
+    """Write ``blobs`` (relative path -> bytes) under ``root/name/dicom``, and for MONAI one folder per sequence
+    (``root/name/monai/<seq>``) with the instances our selection chose: the chosen series, and of a multi-b
+    DWI series only the chosen b-value (MONAI has no series or b-value selection of its own)."""
     import pydicom
 
     dicom_dir = root / name / "dicom"
-    uid_to_dir: dict[str, Path] = {}
+    monai_dir = root / name / "monai"
     for rel, data in blobs.items():
         path = dicom_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    for series_dir in sorted(p for p in dicom_dir.iterdir() if p.is_dir()):
-        first = next(p for p in sorted(series_dir.iterdir()) if p.is_file())
-        uid_to_dir[str(pydicom.dcmread(first, stop_before_pixels=True).SeriesInstanceUID)] = series_dir
+    for seq in contract.SEQUENCES:
+        (monai_dir / seq).mkdir(parents=True, exist_ok=True)
+    for rel, data in blobs.items():
+        ds = pydicom.dcmread(dicom_dir / rel, stop_before_pixels=True)
+        for seq in contract.SEQUENCES:
+            if str(ds.SeriesInstanceUID) != chosen[seq]:
+                continue
+            b_value = ds.get("DiffusionBValue")
+            if b_values[seq] is not None and b_value is not None and float(b_value) != b_values[seq]:
+                continue
+            (monai_dir / seq / rel.name).write_bytes(data)
     return Variant(
         name=name,
         dicom_dir=dicom_dir,
-        series_dirs={s: uid_to_dir[chosen[s]] for s in contract.SEQUENCES},
+        series_dirs={s: monai_dir / s for s in contract.SEQUENCES},
         files=len(blobs),
         megabytes=sum(len(b) for b in blobs.values()) / 1e6,
     )
@@ -167,8 +180,9 @@ def prepare_variants(root: Path, seed: int, index: int) -> tuple[list[Variant], 
     plain = study_blobs(0, "plain")
     ref = preprocess_study(list(plain.values()))
     chosen = {s: str(ref.meta["series"][s]["series_uid"]) for s in contract.SEQUENCES}
-    variants = [_write_variant("plain", plain, root, chosen)]
-    variants.append(_write_variant("scanner", study_blobs(1, "scanner"), root, chosen))
+    b_values = {s: ref.meta["series"][s].get("b_value") if s == "dwi" else None for s in contract.SEQUENCES}
+    variants = [_write_variant("plain", plain, root, chosen, b_values)]
+    variants.append(_write_variant("scanner", study_blobs(1, "scanner"), root, chosen, b_values))
     notes: list[str] = []
     for syntax in ("rle", "jpeg-ls", "jpeg2000", "jpeg-sv1", "htj2k"):
         if syntax == "jpeg-sv1" and shutil.which("dcmcjpeg") is None:
@@ -179,7 +193,7 @@ def prepare_variants(root: Path, seed: int, index: int) -> tuple[list[Variant], 
             continue
         encoded = {rel: encode(data, syntax) for rel, data in plain.items()}
         assert all(LOSSLESS_SYNTAXES[syntax].encode() in e[:400] for e in encoded.values())
-        variants.append(_write_variant(syntax, encoded, root, chosen))
+        variants.append(_write_variant(syntax, encoded, root, chosen, b_values))
     return variants, notes
 
 
@@ -295,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Method: one warm-up per cell, then {args.rounds} rounds; each round runs every variant at both grids "
         "with both methods (variant order rotated, method order alternating). Ratio = MONAI wall / mpmri wall of "
         "the same round; median [q1, q3] (min–max) over rounds. mpmri reads the whole study folder (series "
-        "selection included); MONAI reads the three series folders mpmri chose.",
+        "selection included); MONAI reads three folders with the instances mpmri chose (the chosen series; of the "
+        "multi-b DWI series only the chosen b-value).",
     ]
     if args.note:
         lines.append(f"- Note: {args.note}")

@@ -84,14 +84,19 @@ def _source_datasets(datasets: Sequence[pydicom.Dataset], series_uid: str) -> li
 
 
 def warm_up_dicom_outputs() -> float:
-    """Build a SEG and SR once for a tiny synthetic series (highdicom's first call costs about a second).
+    """Load the compiled preprocessing kernels (numba: compiled on a machine's first start, then read from
+    its cache, ``NUMBA_CACHE_DIR``) and build a SEG and SR once for a tiny synthetic series (highdicom's
+    first call costs about a second).
 
     Returns the seconds it took. Run at start-up in the worker pool, so no router waits for it.
     """
     from contract import GridGeometry
+    from preprocessing import linear_resample, normalize
     from preprocessing.testing import make_series
 
     t = time.perf_counter()
+    linear_resample.warm_up()
+    normalize.warm_up()
     sources = make_series(
         description="warm-up", value_fn=lambda p: np.zeros(p.shape[:-1]), num_slices=4, rows=8, columns=8
     )

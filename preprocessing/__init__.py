@@ -5,6 +5,12 @@ Public API: :func:`preprocess_study`, :class:`PreprocessSettings`, :class:`Prepr
 Later this package also hosts the gRPC preprocessing service that calls the Triton ensemble.
 """
 
-from preprocessing.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study
+#: Version of what the pipeline computes (not of the contract, which it implements): "2" = the compiled linear
+#: resampler (float32 rounding of SimpleITK's values; edge values, not 0, on grid voxels lying exactly on a face
+#: of the source's voxel box). Training caches are keyed by it, so a model never trains on another version's
+#: tensors than it is served with.
+PREPROCESSING_VERSION = "2"
 
-__all__ = ["PreprocessSettings", "PreprocessedStudy", "preprocess_study"]
+from preprocessing.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study  # noqa: E402
+
+__all__ = ["PREPROCESSING_VERSION", "PreprocessSettings", "PreprocessedStudy", "preprocess_study"]

@@ -11,6 +11,7 @@ import io
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
+from preprocessing.codecs import FAST_SYNTAXES, decode_encapsulated
 from preprocessing.errors import (
     CorruptDicomError,
     NotDicomError,
@@ -656,7 +658,10 @@ def _decode_instance(ds: Dataset, label: str, cache: HeaderValueCache | None = N
             arr = arr & np.asarray((1 << bits_stored) - 1, dtype=dtype)
         return arr.reshape(frames, rows, cols)
     try:
-        arr = _decode_compressed(ds, tsyntax)
+        fast: np.ndarray | None = None
+        if tsyntax in FAST_SYNTAXES:  # imagecodecs: same values, faster, without the GIL
+            fast = decode_encapsulated(ds.PixelData, tsyntax, frames, rows, cols, bits_alloc, bits_stored, signed)
+        arr = fast if fast is not None else _decode_compressed(ds, tsyntax)
     except Exception as err:  # codec missing, corrupt fragments, ...
         name = UID(tsyntax).name if tsyntax else "no transfer syntax"
         detail = str(err).splitlines()[0][:120] if str(err) else ""
@@ -693,6 +698,19 @@ def decode_instance_checked(ds: Dataset, label: str, cache: HeaderValueCache | N
         return _decode_instance(ds, label, cache)
 
 
+#: threads that decode one series' compressed objects (at most; fewer on fewer cores)
+MAX_DECODE_THREADS = 4
+#: fewer objects than this are decoded in the calling thread
+MIN_THREADED_OBJECTS = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def decode_frames(
     ingested: Ingested,
     frames: Sequence[FrameHeader],
@@ -706,7 +724,9 @@ def decode_frames(
     :func:`preprocessing.grid.source_slices_needed`); the others are left 0 and their objects are not
     decoded at all. ``None``: every frame. ``workers``: when every object to decode is compressed (and there
     are at least :data:`preprocessing.parallel_decode.MIN_OBJECTS`), they are decoded in up to this many
-    worker processes (:mod:`preprocessing.parallel_decode`); same values, same first error.
+    worker processes (:mod:`preprocessing.parallel_decode`); same values, same first error. Without worker
+    processes, objects whose syntax :mod:`preprocessing.codecs` decodes (without the GIL) are decoded in up to
+    :data:`MAX_DECODE_THREADS` threads (one per core) when there are at least :data:`MIN_THREADED_OBJECTS`.
     """
     if not frames:
         raise ValueError("no frames to decode")
@@ -717,18 +737,29 @@ def decode_frames(
     else:
         out = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
-    if workers >= 2:
-        instances = list(dict.fromkeys(frames[n].instance for n in range(start, stop)))  # in first-use order
-        if not any(_is_uncompressed(ingested.datasets[i], ingested.values) for i in instances):
-            from preprocessing.parallel_decode import decode_objects
+    instances = list(dict.fromkeys(frames[n].instance for n in range(start, stop)))  # in first-use order
+    threads = min(_cores(), MAX_DECODE_THREADS)
+    if workers < 2 and threads >= 2 and len(instances) >= MIN_THREADED_OBJECTS:
+        # decoders that release the GIL (imagecodecs) run in threads when every object uses one; results and
+        # the first error (in input order: pool.map) are those of the loop below
+        fast = [i for i in instances if transfer_syntax(ingested.datasets[i], ingested.values) in FAST_SYNTAXES]
+        if len(fast) == len(instances):
+            with ThreadPoolExecutor(threads, thread_name_prefix="mpmri-decode") as pool:
+                decoded = pool.map(
+                    lambda i: decode_instance_checked(ingested.datasets[i], ingested.labels[i], ingested.values),
+                    fast,
+                )
+                cache.update(zip(fast, decoded))
+    if workers >= 2 and not any(_is_uncompressed(ingested.datasets[i], ingested.values) for i in instances):
+        from preprocessing.parallel_decode import decode_objects
 
-            arrays = decode_objects(
-                decode_instance_checked,
-                [ingested.datasets[i] for i in instances],
-                [ingested.labels[i] for i in instances],
-                workers,
-            )
-            cache.update(zip(instances, arrays))
+        arrays = decode_objects(
+            decode_instance_checked,
+            [ingested.datasets[i] for i in instances],
+            [ingested.labels[i] for i in instances],
+            workers,
+        )
+        cache.update(zip(instances, arrays))
     for n in range(start, stop):
         fr = frames[n]
         stored = cache.get(fr.instance)

@@ -1,9 +1,10 @@
 """Fast reader for the common DICOM encodings (Part 10 file, Explicit VR Little Endian, also with
 encapsulated -- compressed -- Pixel Data).
 
-:func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the same
+:func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the
 :class:`pydicom.dataset.FileDataset` that :func:`pydicom.dcmread` builds (raw, not yet converted data
-elements, same file meta, same encodings), skipping pydicom's general-purpose element generator. Values
+elements, same file meta, same encodings; an undefined-length sequence raw where pydicom has parsed it,
+converting to the same value), skipping pydicom's general-purpose element generator. Values
 are still converted by pydicom on access, so every later result is the same as with ``dcmread``.
 
 It only accepts files it fully understands: a 128-byte preamble and ``DICM``, group 0002 meta
@@ -11,9 +12,12 @@ information, Transfer Syntax Explicit VR Little Endian or one of :data:`ENCAPSUL
 JPEG-LS, JPEG 2000, HTJ2K: the same body encoding), then only elements with a known VR and a
 complete value, ending exactly at the end of the bytes, no command set (group 0000) and no top-level
 item/delimiter tags. Sequences (scanner headers: Referenced Image, Request Attributes, code sequences,
-private sequences) are read as pydicom reads them: a defined-length SQ is kept raw (skipped by its
-length, converted on access), an undefined-length SQ is parsed by pydicom's ``read_sequence`` at that
-offset (only parsing finds the delimiter that closes it when items nest). Large private OB blocks (a
+private sequences) are kept raw and converted by pydicom on access: a defined-length SQ is skipped by its
+length; an undefined-length SQ by walking its items' element headers to its Sequence Delimitation Item
+(:func:`_sequence_end`: defined-length values skipped by length, nested undefined-length sequences and items
+walked), its value being the items up to that delimiter -- pydicom's ``convert_SQ`` parses it into the
+Sequence that ``dcmread`` parses eagerly. Only what that walk does not accept is parsed on the spot by
+pydicom's ``read_sequence``, as ``dcmread`` does. Large private OB blocks (a
 Siemens CSA header) are skipped by their length. Encapsulated Pixel Data (undefined-length OB) is walked
 item by item to its Sequence Delimitation Item, as pydicom walks it. For anything else (implicit VR, big
 endian, deflated syntaxes, enhanced multi-frame objects with sequences, truncated or odd files) it returns
@@ -99,6 +103,71 @@ def _encapsulated_end(data: bytes, pos: int) -> tuple[int, int] | None:
     return pos, pos + 8
 
 
+_ITEM_DELIMITER = b"\xfe\xff\x0d\xe0"
+#: nesting deeper than this is left to pydicom's parser (no recursion limit reached on hostile input)
+_MAX_SEQUENCE_DEPTH = 16
+
+
+def _sequence_end(data: bytes, pos: int, depth: int) -> tuple[int, int] | None:
+    """End of an undefined-length sequence value starting at ``pos`` (Explicit VR Little Endian).
+
+    Walks the items: a defined-length item is skipped by its length; an undefined-length item by walking its
+    element headers (defined-length values skipped by length, undefined-length sequences recursively) to its
+    Item Delimitation Item. Returns ``(value end, next element position)``: the position of the Sequence
+    Delimitation Item and 8 bytes after it, or ``None`` for anything else (an unknown VR, an undefined-length
+    non-SQ value, a value past the end, a missing delimiter, deep nesting): the caller then lets pydicom parse.
+    """
+    if depth > _MAX_SEQUENCE_DEPTH:
+        return None
+    end = len(data)
+    unpack_ul = _UL.unpack_from
+    unpack_header = _HEADER.unpack_from
+    while True:
+        if end - pos < 8:
+            return None
+        marker = data[pos : pos + 4]
+        if marker == _SEQUENCE_DELIMITER:
+            return pos, pos + 8
+        if marker != _ITEM:
+            return None
+        item_length = unpack_ul(data, pos + 4)[0]
+        pos += 8
+        if item_length != 0xFFFFFFFF:
+            pos += item_length
+            if pos > end:
+                return None
+            continue
+        while True:  # undefined-length item: its elements up to the Item Delimitation Item
+            if end - pos < 8:
+                return None
+            if data[pos : pos + 4] == _ITEM_DELIMITER:
+                pos += 8
+                break
+            group, _, vr_bytes, length = unpack_header(data, pos)
+            if group == 0xFFFE:
+                return None
+            vr = _SHORT_VR.get(vr_bytes)
+            if vr is not None:
+                value_pos = pos + 8
+            else:
+                vr = _LONG_VR.get(vr_bytes)  # SQ among them
+                if vr is None or end - pos < 12:
+                    return None
+                length = unpack_ul(data, pos + 8)[0]
+                value_pos = pos + 12
+            if length == 0xFFFFFFFF:
+                if vr != "SQ":
+                    return None
+                found = _sequence_end(data, value_pos, depth + 1)
+                if found is None:
+                    return None
+                pos = found[1]
+                continue
+            pos = value_pos + length
+            if pos > end:
+                return None
+
+
 def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
     """Raw elements from ``pos``: the group 0002 ones (``meta_only``), else all to the end of ``data``.
 
@@ -148,9 +217,18 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
                 continue
             if vr != "SQ":  # undefined-length UN/...: left to pydicom
                 return None
-            # As pydicom does: parse the undefined-length sequence now (items and nested sequences may be
-            # of undefined length too, so only parsing finds the delimiter that closes this one).
             tag = new_tag(base_tag, group << 16 | elem)
+            found = _sequence_end(data, value_pos, 0)
+            if found is not None:
+                # Kept raw, like a defined-length one: the items up to the Sequence Delimitation Item, found by
+                # walking their element headers (nested sequences and items of undefined length included);
+                # pydicom parses them on access (convert_SQ) into the Sequence it would have read now.
+                value_end, pos = found
+                elements[tag] = new_raw(  # type: ignore[arg-type]
+                    raw_cls, (tag, vr, length, data[value_pos:value_end], value_pos, False, True, True, False)
+                )
+                continue
+            # Anything the header walk does not accept: parse it now, as pydicom does.
             fp = io.BytesIO(data)
             fp.seek(value_pos)
             seq = read_sequence(fp, False, True, length, encoding)

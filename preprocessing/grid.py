@@ -2,18 +2,19 @@
 
 The grid takes T2W's direction, is centred on the centre of the T2W volume, and has the size/spacing of
 the :class:`~contract.GridSpec`. Every sequence is resampled straight onto this small grid in
-physical (LPS) space with SimpleITK, so oblique and differently spaced series are handled alike.
+physical (LPS) space (:mod:`preprocessing.linear_resample`), so oblique and differently spaced series are
+handled alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from contract import DEFAULT_GRID, GridGeometry, GridSpec
+from preprocessing.linear_resample import resample_with_mask
 
 
 def grid_geometry_for(reference: sitk.Image, spec: GridSpec = DEFAULT_GRID) -> GridGeometry:
@@ -103,120 +104,37 @@ def array_to_grid_image(array_dhw: np.ndarray, geometry: GridGeometry) -> sitk.I
     return img
 
 
-def _resample(
-    image: sitk.Image, geometry: GridGeometry, interpolator: int, default: float, pixel_type: int
-) -> sitk.Image:
-    # One thread per call: concurrent service calls and the pipeline's channel threads must not oversubscribe.
-    # The output grid is set directly (no all-zero reference image is allocated for it).
+def resample_to_grid(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> np.ndarray:
+    """Linear resampling of ``image`` onto the grid in physical space. Returns float32 ``[D, H, W]``.
+
+    Grid voxels outside the image's field of view (:func:`inside_fov_mask`) get ``default_value``. The
+    compiled resampler of :mod:`preprocessing.linear_resample` (ITK's linear interpolation).
+    """
+    return resample_with_mask(image, geometry, default_value)[0]
+
+
+def resample_label_to_grid(label: sitk.Image, geometry: GridGeometry) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image onto the grid. Returns uint8 ``[D, H, W]`` (0 outside)."""
     f = sitk.ResampleImageFilter()
     f.SetSize([int(v) for v in geometry.size_ijk])
     f.SetOutputOrigin(geometry.origin_lps_mm)
     f.SetOutputSpacing(geometry.spacing_mm_ijk)
     f.SetOutputDirection(geometry.direction)
     f.SetTransform(sitk.Transform())
-    f.SetInterpolator(interpolator)
-    f.SetDefaultPixelValue(default)
-    f.SetOutputPixelType(pixel_type)
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(0.0)
+    f.SetOutputPixelType(sitk.sitkUInt8)
     f.SetNumberOfThreads(1)
-    return f.Execute(image)
-
-
-def resample_to_grid(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> np.ndarray:
-    """Linear resampling of ``image`` onto the grid in physical space. Returns float32 ``[D, H, W]``.
-
-    Grid voxels outside the image get ``default_value``.
-    """
-    return sitk.GetArrayFromImage(resample_to_grid_image(image, geometry, default_value))
-
-
-def resample_to_grid_image(image: sitk.Image, geometry: GridGeometry, default_value: float = 0.0) -> sitk.Image:
-    """:func:`resample_to_grid` as a float32 SimpleITK image (``sitk.GetArrayViewFromImage`` reads it uncopied)."""
-    return _resample(image, geometry, sitk.sitkLinear, float(default_value), sitk.sitkFloat32)
-
-
-def resample_label_to_grid(label: sitk.Image, geometry: GridGeometry) -> np.ndarray:
-    """Nearest-neighbour resampling of a label image onto the grid. Returns uint8 ``[D, H, W]`` (0 outside)."""
-    return sitk.GetArrayFromImage(_resample(label, geometry, sitk.sitkNearestNeighbor, 0.0, sitk.sitkUInt8))
+    return sitk.GetArrayFromImage(f.Execute(label))
 
 
 def inside_fov_mask(image: sitk.Image, geometry: GridGeometry) -> np.ndarray:
     """Boolean ``[D, H, W]``: grid voxels whose centre lies inside ``image``'s field of view.
 
-    Inside means the continuous source index lies in ``[-0.5, size - 0.5]`` on every axis (the voxel box),
-    the same region in which the linear interpolator returns image values.
-
-    The continuous source index of voxel ``(k, j, i)`` along source axis ``a`` is computed in float64 as
-    ``plane[k, j, a] + ci[i, a]`` with ``plane = offset + ck + cj`` and ``ci = i * step_i`` (the definition).
-    For one grid row ``(k, j)`` that expression is monotone in ``i`` (float multiplication and addition
-    round monotonically), so each of the six comparisons holds on a prefix or a suffix of the row and the
-    inside voxels of a row form one interval. The interval ends are estimated by division and then
-    corrected by evaluating the defining expression at the ends (:func:`_first_true`), so the mask equals
-    the voxel-wise evaluation bit for bit (``tests/test_preprocess_equivalence.py``) at the cost of two
-    comparisons per voxel instead of fifteen array operations.
+    Inside means the continuous source index lies in ``[-0.5 - 1e-6, size - 0.5 + 1e-6]`` on every axis (the
+    voxel box), the region in which the linear interpolator returns image values. The continuous source
+    index of voxel ``(k, j, i)`` along source axis ``a`` is computed in float64 as
+    ``((offset[a] + k * step_k[a]) + j * step_j[a]) + i * step_i[a]``
+    (:func:`preprocessing.linear_resample.source_index_affine`). Computed by the resampler, in its pass.
     """
-    src_dir = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    src_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
-    offset, steps = _source_index_affine(image, geometry, src_dir, src_spacing)
-    size_i, size_j, size_k = geometry.size_ijk
-    ci = np.arange(size_i)[:, None] * steps[0]  # [W, 3]
-    cj = np.arange(size_j)[None, :, None] * steps[1]
-    ck = np.arange(size_k)[:, None, None] * steps[2]
-    plane = offset + ck + cj  # [D, H, 3]
-    size = np.asarray(image.GetSize(), dtype=np.float64)
-    eps = 1e-6
-    lower = -0.5 - eps
-    upper = size - 0.5 + eps
-    start = np.zeros((size_k, size_j), dtype=np.intp)  # first inside index of each row
-    end = np.full((size_k, size_j), size_i, dtype=np.intp)  # one past the last inside index
-    for axis in range(3):
-        p = plane[..., axis]
-        c = ci[:, axis]
-        s = float(steps[0][axis])
-        ge_lower = lambda idx, p=p, c=c: p + c[idx] >= lower  # noqa: E731
-        le_upper = lambda idx, p=p, c=c, u=upper[axis]: p + c[idx] <= u  # noqa: E731
-        not_ge_lower = lambda idx, f=ge_lower: ~f(idx)  # noqa: E731
-        not_le_upper = lambda idx, f=le_upper: ~f(idx)  # noqa: E731
-        if s > 0:  # source index increases along the row
-            start = np.maximum(start, _first_true(ge_lower, (lower - p) / s, size_i, ceil=True))
-            end = np.minimum(end, _first_true(not_le_upper, (upper[axis] - p) / s, size_i, ceil=False))
-        elif s < 0:
-            end = np.minimum(end, _first_true(not_ge_lower, (lower - p) / s, size_i, ceil=False))
-            start = np.maximum(start, _first_true(le_upper, (upper[axis] - p) / s, size_i, ceil=True))
-        else:  # constant along the row: all or nothing
-            zero = np.zeros(p.shape, dtype=np.intp)
-            row_inside = ge_lower(zero) & le_upper(zero)
-            end = np.where(row_inside, end, 0)
-    index = np.arange(size_i, dtype=np.intp)
-    inside: np.ndarray = index >= start[..., None]
-    inside &= index < end[..., None]
-    return inside
-
-
-def _source_index_affine(
-    image: sitk.Image, geometry: GridGeometry, src_dir: np.ndarray, src_spacing: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Source continuous index = offset + sum over grid axes a of step[a] * index[a] (affine, separable)."""
-    grid_dir = geometry.direction_matrix
-    offset = ((np.asarray(geometry.origin_lps_mm) - np.asarray(image.GetOrigin())) @ src_dir) / src_spacing
-    steps = ((grid_dir * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing  # [grid axis, src axis]
-    return offset, steps
-
-
-def _first_true(pred: Any, estimate: np.ndarray, n: int, ceil: bool) -> np.ndarray:
-    """Per row, the first index in ``[0, n]`` at which the non-decreasing predicate ``pred`` holds (``n``: never).
-
-    ``estimate`` is the real-valued crossing point (``ceil``: it is the first true index when rounded up,
-    else the last false one when rounded down). It is only a starting point: the result is corrected by
-    evaluating ``pred`` itself, so rounding in the estimate cannot change it.
-    """
-    with np.errstate(invalid="ignore", over="ignore"):
-        est = np.ceil(estimate) if ceil else np.floor(estimate) + 1.0
-    est = np.nan_to_num(est, nan=0.0, posinf=float(n), neginf=0.0)
-    t = np.clip(est, 0, n).astype(np.intp)
-    for _ in range(n + 1):
-        down = (t > 0) & pred(np.maximum(t - 1, 0))  # the previous index already holds: move down
-        up = (t < n) & ~pred(np.minimum(t, n - 1))  # this index does not hold yet: move up
-        if not (down.any() or up.any()):
-            break
-        t = t - down + up
-    return t
+    return resample_with_mask(image, geometry)[1]

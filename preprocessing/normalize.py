@@ -12,9 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numba
 import numpy as np
 
-from contract import OUTSIDE_FOV_VALUE, FixedScaleNormalization, NormalizationSpec, PercentileNormalization
+from contract import (
+    NORMALIZATION,
+    OUTSIDE_FOV_VALUE,
+    FixedScaleNormalization,
+    NormalizationSpec,
+    PercentileNormalization,
+)
 
 
 def normalize_channel(
@@ -32,16 +39,15 @@ def normalize_channel(
     Returns:
         ``(normalized float32 [D, H, W], params)`` where ``params`` records the values actually used.
 
-    The arithmetic is the definition above, operation for operation (same ufuncs, same dtypes); only copies
-    are avoided, and the percentiles/median come from :func:`percentiles_linear` / :func:`median`, which
-    equal ``np.percentile`` / ``np.median`` bit for bit.
+    The result is the definition above computed with numpy (``np.percentile`` / ``np.median`` of the inside
+    voxels, float32 ``np.subtract``, ``np.multiply``, ``np.clip``, then the outside value), bit for bit: the
+    order statistics come from :func:`percentiles_linear` / :func:`median`, and the arithmetic from one
+    compiled pass (:func:`_scale_clip`) with numpy's float32 operations and its ``clip`` semantics.
     """
-    n_inside = np.count_nonzero(inside_fov)
-    all_inside = n_inside == inside_fov.size
-    # all inside (e.g. T2W on its own grid): the same values in the same (C) order, by a plain copy
-    inside = (
-        np.array(values_dhw, dtype=values_dhw.dtype, order="C").reshape(-1) if all_inside else values_dhw[inside_fov]
-    )
+    if values_dhw.dtype != np.float32 or not values_dhw.flags.c_contiguous:
+        values_dhw = np.ascontiguousarray(values_dhw, dtype=np.float32)
+    inside_fov = np.ascontiguousarray(inside_fov, dtype=np.bool_)
+    n_inside = int(np.count_nonzero(inside_fov))
     params: dict[str, Any] = {
         "kind": spec.kind,
         "inside_fov_fraction": round(n_inside / inside_fov.size, 6),
@@ -49,16 +55,17 @@ def normalize_channel(
     if out is None:
         out = np.empty(values_dhw.shape, dtype=np.float32)
     if isinstance(spec, PercentileNormalization):
-        if inside.size == 0:
+        if n_inside == 0:
             lo = hi = 0.0
         else:
-            lo, hi = percentiles_linear(inside, (spec.lower_percentile, spec.upper_percentile))
+            lo, hi = percentiles_linear(
+                _inside_values(values_dhw, inside_fov, n_inside), (spec.lower_percentile, spec.upper_percentile)
+            )
         scale = hi - lo
         degenerate = not scale > 1e-6 * max(abs(hi), abs(lo), 1.0)
         if degenerate:
             scale = 1.0
-        np.subtract(values_dhw, np.float32(lo), out=out)
-        np.multiply(out, np.float32(1.0 / scale), out=out)
+        offset, factor = np.float32(lo), np.float32(1.0 / scale)
         params.update(
             {
                 "lower_percentile": spec.lower_percentile,
@@ -68,22 +75,82 @@ def normalize_channel(
                 "degenerate": degenerate,
             }
         )
+        subtract = True
     elif isinstance(spec, FixedScaleNormalization):
-        np.multiply(values_dhw, np.float32(1.0 / spec.divisor), out=out)
+        offset, factor = np.float32(0.0), np.float32(1.0 / spec.divisor)
         params.update(
             {
                 "divisor": spec.divisor,
                 "unit": spec.unit,
-                "median_inside_fov": median(inside) if inside.size else None,
+                "median_inside_fov": median(_inside_values(values_dhw, inside_fov, n_inside)) if n_inside else None,
             }
         )
+        subtract = False
     else:  # pragma: no cover - the contract defines only the two kinds
         raise TypeError(f"unknown normalization {spec!r}")
-    np.clip(out, spec.clip_min, spec.clip_max, out=out)
-    if not all_inside:
-        np.copyto(out, np.float32(OUTSIDE_FOV_VALUE), where=~inside_fov)
+    _scale_clip(
+        values_dhw.reshape(-1),
+        inside_fov.reshape(-1),
+        out.reshape(-1),
+        subtract,
+        offset,
+        factor,
+        np.float32(spec.clip_min),
+        np.float32(spec.clip_max),
+        np.float32(OUTSIDE_FOV_VALUE),
+    )
     params.update({"clip_min": spec.clip_min, "clip_max": spec.clip_max, "outside_fov_value": OUTSIDE_FOV_VALUE})
     return out, params
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _scale_clip(
+    values: np.ndarray,
+    inside: np.ndarray,
+    out: np.ndarray,
+    subtract: bool,
+    offset: np.float32,
+    factor: np.float32,
+    clip_min: np.float32,
+    clip_max: np.float32,
+    outside: np.float32,
+) -> None:
+    """``out = clip((values - offset) * factor, clip_min, clip_max)`` (or ``values * factor``) in float32,
+    ``outside`` where not ``inside``: numpy's ufuncs fused into one pass. ``np.clip`` on floats is
+    ``min(max(x, lo), hi)`` with ``max(a, b) = a if isnan(a) or a > b else b`` (and ``min`` alike), kept
+    here to the sign of zero."""
+    for idx in range(values.size):
+        if not inside[idx]:
+            out[idx] = outside
+            continue
+        x = values[idx]
+        if subtract:
+            x = x - offset
+        x = x * factor
+        if not (np.isnan(x) or x > clip_min):
+            x = clip_min
+        if not (np.isnan(x) or x < clip_max):
+            x = clip_max
+        out[idx] = x
+
+
+def _inside_values(values_dhw: np.ndarray, inside: np.ndarray, n_inside: int) -> np.ndarray:
+    """``values_dhw[inside]`` as a new 1-D array (the order statistics reorder it); all inside (e.g. T2W on
+    its own grid): the same values in the same (C) order by a plain copy."""
+    if n_inside == inside.size:
+        return np.array(values_dhw, dtype=values_dhw.dtype, order="C").reshape(-1)
+    return values_dhw[inside]
+
+
+def _clusters(wanted: np.ndarray, n: int) -> list[list[int]]:
+    """Sorted ranks grouped where neighbours lie within ``n // 1000`` of each other (one band each)."""
+    clusters: list[list[int]] = []
+    for r in (int(v) for v in wanted):
+        if clusters and r - clusters[-1][-1] <= n // 1000:
+            clusters[-1].append(r)
+        else:
+            clusters.append([r])
+    return clusters
 
 
 #: below this many values the order statistics come from numpy's full partition directly
@@ -146,13 +213,7 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray) -> dict[int, Any]:
     stride = max(1, n // _SAMPLE_SIZE)
     sample = np.sort(x[::stride])
     m = sample.size
-    clusters: list[list[int]] = []
-    for r in (int(v) for v in wanted):
-        if clusters and r - clusters[-1][-1] <= n // 1000:
-            clusters[-1].append(r)
-        else:
-            clusters.append([r])
-    for cluster in clusters:
+    for cluster in _clusters(wanted, n):
         f_lo, f_hi = cluster[0] / n, (cluster[-1] + 1) / n
         k_lo = int(f_lo * m - 4.0 * np.sqrt(f_lo * m) - 16)
         k_hi = int(f_hi * m + 4.0 * np.sqrt(f_hi * m) + 16)
@@ -172,3 +233,9 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray) -> dict[int, Any]:
         band.partition(local)
         out.update({r: band[r - below] for r in cluster})
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the normalization kernel."""
+    for spec in NORMALIZATION.values():
+        normalize_channel(np.zeros((2, 2, 2), np.float32), np.ones((2, 2, 2), np.bool_), spec)

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,11 @@ from preprocessing.errors import (
     StudyNotFoundError,
 )
 from preprocessing.instances import drop_resent_instances, missing_instance_numbers, resolve_reacquired_slices
+from preprocessing.linear_resample import resample_array_with_mask
 from preprocessing.normalize import normalize_channel
 from preprocessing.parallel_decode import default_workers
 from preprocessing.series_selection import Choice, Selection, load_rules, select_series
-from preprocessing.volume import GeometryTolerance, Volume, image_from_array, stack_geometry
+from preprocessing.volume import GeometryTolerance, Volume, stack_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ class PreprocessSettings:
         tolerance: geometry check tolerances.
         normalization: per-sequence intensity normalization; ``None`` uses the contract's
             :data:`contract.NORMALIZATION` (the service passes the one its served model recorded).
-        channel_threads: threads that resample, mask and normalize the channels concurrently (each
-            SimpleITK resample stays single-threaded; SimpleITK and numpy release the GIL). ``None``:
-            one per present channel, at most the available cores + 1, on grids of at least 2**18 voxels
-            (e.g. ``REALISTIC_GRID``; smaller grids run sequentially); ``1``: sequential (e.g. a service
-            whose worker pool already keeps every core busy). The result does not depend on it.
+        channel_threads: threads that resample (slabs of grid slices of every channel) and normalize (one
+            channel each) concurrently; the compiled resampler and numpy release the GIL. ``None``: one
+            per available core (at most 8) on grids of at least 2**18 voxels (e.g. ``REALISTIC_GRID``;
+            smaller grids run sequentially); ``1``: sequential (e.g. a service whose worker pool already
+            keeps every core busy). The result does not depend on it.
         decode_workers: worker processes that decode compressed pixel data (the decoders hold the GIL, so
             threads would not help); ``0`` (default): decode in the calling process; ``None``: one per
             available core (at most 4), none on a single core. Used for series of at least 8 compressed
@@ -228,10 +229,7 @@ def _build(
     workers = default_workers() if settings.decode_workers is None else settings.decode_workers
     array = decode_frames(ingested, [frames[i] for i in geometry.order], needed, workers)
     timer.add("decode", t)
-    t = time.perf_counter()
-    image = image_from_array(array, geometry)
-    timer.add("assemble", t)
-    return choice, Volume(image=image, geometry=geometry)
+    return choice, Volume(array=array, geometry=geometry)
 
 
 def _build_with_fallback(
@@ -330,7 +328,8 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
     assert t2w is not None  # "t2w" is among the choices
     built["t2w"] = t2w
     t = time.perf_counter()
-    geometry = grid_mod.grid_geometry_for(t2w[1].image, settings.grid)
+    g = t2w[1].geometry
+    geometry = grid_mod.grid_geometry_of(g.origin_lps_mm, g.direction, g.spacing_mm_ijk, g.size_ijk, settings.grid)
     timer.add("resample", t)
     for seq in SEQUENCES:
         if seq != "t2w":
@@ -344,36 +343,78 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
     availability = np.zeros(len(SEQUENCES), dtype=np.float32)
     norm_meta: dict[str, Any] = {}
 
-    def channel(ch: int, seq: str) -> tuple[dict[str, Any], bool, float, float]:
-        """Resample, FOV mask and normalize one channel into ``tensor[ch]`` (channels run concurrently)."""
-        volume = built[seq][1]
-        t0 = time.perf_counter()
-        resampled = grid_mod.resample_to_grid_image(volume.image, geometry)
-        values = sitk.GetArrayViewFromImage(resampled)  # no copy: read while ``resampled`` is alive
-        inside = grid_mod.inside_fov_mask(volume.image, geometry)
-        t1 = time.perf_counter()
-        _, params = normalize_channel(values, inside, normalization[seq], out=tensor[ch])
-        del values, resampled
-        return params, bool(inside.any()), t1 - t0, time.perf_counter() - t1
-
     present = [(ch, seq) for ch, seq in enumerate(SEQUENCES) if seq in built]
-    threads = settings.channel_threads or (
-        min(len(present), _available_cores() + 1) if d * h * w >= _THREADED_MIN_VOXELS else 1
-    )
+    inside_masks = {seq: np.empty((d, h, w), dtype=np.bool_) for _, seq in present}
+    threads = settings.channel_threads or (min(_available_cores(), 8) if d * h * w >= _THREADED_MIN_VOXELS else 1)
+    # Resampling (with the FOV mask) is split into slabs of grid slices, so every thread has work to the
+    # end; normalization needs a whole channel (its percentiles) and runs per channel afterwards.
+    slabs_per_channel = min(d, max(1, threads)) if threads > 1 else 1
+    bounds = np.linspace(0, d, slabs_per_channel + 1).round().astype(int)
+    slabs = [(ch, seq, int(a), int(b)) for ch, seq in present for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def resample_slab(ch: int, seq: str, k0: int, k1: int) -> tuple[str, int, float]:
+        """Resample grid slices ``[k0, k1)`` of one channel into ``tensor[ch]`` and its FOV mask."""
+        t0 = time.perf_counter()
+        volume = built[seq][1]
+        _, _, n_inside = resample_array_with_mask(
+            volume.array,
+            volume.geometry.origin_lps_mm,
+            volume.geometry.direction,
+            volume.geometry.spacing_mm_ijk,
+            geometry,
+            out=tensor[ch],
+            inside=inside_masks[seq],
+            k_range=(k0, k1),
+        )
+        return seq, n_inside, time.perf_counter() - t0
+
+    def normalize(ch: int, seq: str) -> tuple[dict[str, Any], float]:
+        """Normalize ``tensor[ch]`` in place with its sequence's contract normalization."""
+        t0 = time.perf_counter()
+        _, params = normalize_channel(tensor[ch], inside_masks[seq], normalization[seq], out=tensor[ch])
+        return params, time.perf_counter() - t0
+
     t = time.perf_counter()
-    if threads > 1 and len(present) > 1:
+    if threads > 1 and len(slabs) > 1:
+        # One FIFO queue: a channel's normalization is queued right after its slabs and the next channel's,
+        # so it overlaps the remaining resampling. It waits for its own slabs, which were dequeued before it
+        # (FIFO) and wait for nothing: no deadlock.
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mpmri-channel") as pool:
-            results = list(pool.map(lambda item: channel(*item), present))
+            slab_futures: dict[str, list[Future[tuple[str, int, float]]]] = {seq: [] for _, seq in present}
+            norm_futures: list[Future[tuple[dict[str, Any], float]]] = []
+
+            def normalize_after_slabs(ch: int, seq: str) -> tuple[dict[str, Any], float]:
+                for future in slab_futures[seq]:
+                    future.result()
+                return normalize(ch, seq)
+
+            pending: list[tuple[int, str]] = []
+            for ch, seq in present:
+                for item in (item for item in slabs if item[1] == seq):
+                    slab_futures[seq].append(pool.submit(resample_slab, *item))
+                if pending:
+                    norm_futures.append(pool.submit(normalize_after_slabs, *pending.pop()))
+                pending.append((ch, seq))
+            norm_futures.append(pool.submit(normalize_after_slabs, *pending.pop()))
+            slab_results = [future.result() for futures in slab_futures.values() for future in futures]
+            t_mid = time.perf_counter()
+            norm_results = [future.result() for future in norm_futures]
+        # the stages overlap: split their wall time in proportion to their busy time (the stages add up)
+        wall = time.perf_counter() - t
+        busy_resample = sum(r[2] for r in slab_results)
+        busy = busy_resample + sum(r[1] for r in norm_results)
+        share = busy_resample / busy if busy > 0 else 1.0
+        t_mid = t + wall * share
     else:
-        results = [channel(ch, seq) for ch, seq in present]
-    wall = time.perf_counter() - t
-    # The channels overlap in time: their wall time is split between the two stages in proportion to the
-    # per-channel durations, so the stages still add up to the total (the service's stage metrics rely on it).
-    busy_resample = sum(r[2] for r in results)
-    busy = busy_resample + sum(r[3] for r in results)
-    share = busy_resample / busy if busy > 0 else 1.0
-    timer.t["resample"] = timer.t.get("resample", 0.0) + wall * share
-    timer.t["normalize"] = timer.t.get("normalize", 0.0) + wall * (1.0 - share)
+        slab_results = [resample_slab(*item) for item in slabs]
+        t_mid = time.perf_counter()
+        norm_results = [normalize(*item) for item in present]
+    timer.t["resample"] = timer.t.get("resample", 0.0) + (t_mid - t)
+    timer.t["normalize"] = timer.t.get("normalize", 0.0) + (time.perf_counter() - t_mid)
+    inside_count = {seq: 0 for _, seq in present}
+    for seq, n_inside, _ in slab_results:
+        inside_count[seq] += n_inside
+    results = [(params, inside_count[seq] > 0) for (_, seq), (params, _) in zip(present, norm_results)]
     per_channel = dict(zip((seq for _, seq in present), results))
     for ch, seq in enumerate(SEQUENCES):
         if seq not in built:
@@ -385,7 +426,7 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
                 )
             norm_meta[seq] = None
             continue
-        params, any_inside, _, _ = per_channel[seq]
+        params, any_inside = per_channel[seq]
         availability[ch] = 1.0
         norm_meta[seq] = params
         if not any_inside:

@@ -138,8 +138,13 @@ def stack_geometry(
 class Volume:
     """One sequence as a 3D image in patient space."""
 
-    image: sitk.Image  #: float32, rescaled values, ITK geometry (LPS)
+    array: np.ndarray  #: float32 ``[D, H, W]``, rescaled values (slices the grid does not read may be 0)
     geometry: StackGeometry
+
+    @property
+    def image(self) -> sitk.Image:
+        """The volume as a SimpleITK image (a copy, built on each access; the pipeline does not need one)."""
+        return image_from_array(self.array, self.geometry)
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -170,4 +175,4 @@ def build_volume(
     geometry = geometry or stack_geometry(frames, label, tol)
     sorted_frames = [frames[i] for i in geometry.order]
     array = decode_frames(ingested, sorted_frames)
-    return Volume(image=image_from_array(array, geometry), geometry=geometry)
+    return Volume(array=array, geometry=geometry)

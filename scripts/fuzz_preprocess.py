@@ -1,6 +1,6 @@
 """Longer fuzz run of the preprocessing on damaged DICOM headers (the suite runs a short, seeded one).
 
-    python scripts/fuzz_preprocess.py --seconds 600 --seed 1 [--study synth]
+    python scripts/fuzz_preprocess.py --seconds 600 --seed 1 [--study synth|scanner]
 
 Each case damages 1-3 files of a study (flipped header bytes, truncation, inserted or deleted bytes;
 ``preprocessing.testing.corrupt``) and preprocesses it from bytes. Defects: a crash (an exception that is
@@ -29,7 +29,8 @@ def _blobs(study: str) -> list[bytes]:
         return [to_bytes(ds) for ds in fuzz_study()]
     from synth.generator import SynthConfig, synthesize_study
 
-    synth = synthesize_study(7, 0, SynthConfig())
+    # scanner: realistic scanner headers on every object (nested, undefined-length sequences, private blocks)
+    synth = synthesize_study(7, 0, SynthConfig(scanner_headers_every=1 if study == "scanner" else 2))
     return [to_bytes(ds) for datasets in synth.series.values() for ds in datasets]
 
 
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=300.0, help="stop after this long (default 300)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--study", choices=("small", "synth"), default="small", help="small: 3x8 slices; synth: mpmri synth"
+        "--study",
+        choices=("small", "synth", "scanner"),
+        default="small",
+        help="small: 3x8 slices; synth: mpmri synth; scanner: mpmri synth with scanner headers on every object",
     )
     args = parser.parse_args(argv)
     blobs = _blobs(args.study)

@@ -3,7 +3,8 @@
 Encoders: pydicom (RLE, deflate), pyjpegls (JPEG-LS), pylibjpeg-openjpeg (JPEG 2000), dcmtk's dcmcjpeg
 (JPEG Lossless SV1), OpenJPH's ojph_compress (HTJ2K Lossless; Debian openjph-tools). The two command-line
 encoders are installed by ``scripts/install_system_packages.sh`` (``make test``); their syntaxes are skipped
-where they are missing. HTJ2K is decoded by pylibjpeg-openjpeg (openjpeg >= 2.5).
+where they are missing. Decoders: imagecodecs (preprocessing/codecs.py) for RLE, JPEG-LS, JPEG Lossless,
+JPEG 2000 and HTJ2K; pydicom's plugins for what it declines (and as the reference here).
 """
 
 from __future__ import annotations
@@ -115,3 +116,75 @@ def test_htj2k_without_ojph_compress_is_a_clear_error(monkeypatch: pytest.Monkey
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
     with pytest.raises(RuntimeError, match="ojph_compress .*openjph-tools.* is not installed"):
         encode(to_bytes(ds), "htj2k")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast decoders (imagecodecs) against pydicom's plugins
+# --------------------------------------------------------------------------------------------------
+def _pydicom_and_fast(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    from preprocessing.codecs import decode_encapsulated
+
+    ds = pydicom.dcmread(DicomBytesIO(data))
+    expected = ds.pixel_array  # pydicom's plugins (the fallback path)
+    fast = decode_encapsulated(
+        ds.PixelData,
+        str(ds.file_meta.TransferSyntaxUID),
+        int(ds.get("NumberOfFrames", 1) or 1),
+        int(ds.Rows),
+        int(ds.Columns),
+        int(ds.BitsAllocated),
+        int(ds.BitsStored),
+        int(ds.PixelRepresentation) == 1,
+        int(ds.get("SamplesPerPixel", 1)),
+    )
+    return np.asarray(expected).reshape(-1, int(ds.Rows), int(ds.Columns)) if fast is not None else expected, fast
+
+
+@pytest.mark.parametrize("syntax", sorted(LOSSLESS_SYNTAXES))
+def test_fast_decoder_equals_pydicom_on_every_lossless_syntax(syntax: str, blobs: list[bytes]) -> None:
+    """Same values and dtype as ``ds.pixel_array``, signed 16-bit synthetic frames (the pipeline's data)."""
+    from preprocessing.codecs import FAST_SYNTAXES
+
+    if syntax == "jpeg-sv1" and shutil.which("dcmcjpeg") is None:
+        pytest.skip("dcmtk's dcmcjpeg (the JPEG Lossless SV1 encoder) is not installed")
+    if syntax == "htj2k" and shutil.which("ojph_compress") is None:
+        pytest.skip("OpenJPH's ojph_compress (the HTJ2K encoder, Debian openjph-tools) is not installed")
+    if LOSSLESS_SYNTAXES[syntax] not in FAST_SYNTAXES:
+        pytest.skip(f"{syntax} is decoded by pydicom's plugins only")
+    for data in blobs[:6]:
+        expected, fast = _pydicom_and_fast(encode(data, syntax))
+        assert fast is not None, syntax
+        assert fast.dtype == expected.dtype
+        np.testing.assert_array_equal(fast, expected)
+
+
+@pytest.mark.parametrize(
+    "name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_rle.dcm"]
+)
+def test_fast_decoder_equals_pydicom_on_pydicom_test_files_or_declines(name: str) -> None:
+    """Other encoders' files: equal to pydicom, or declined (colour: left to pydicom)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not available")
+    with open(str(path), "rb") as f:
+        expected, fast = _pydicom_and_fast(f.read())
+    if name.startswith("SC_rgb"):
+        assert fast is None
+        return
+    assert fast is not None
+    assert fast.dtype == expected.dtype
+    np.testing.assert_array_equal(fast, expected)
+
+
+def test_threaded_decoding_gives_the_tensor_of_in_thread_decoding(
+    blobs: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from preprocessing import dicom_io
+
+    encoded = [encode(b, "jpeg2000") for b in blobs]
+    threaded = preprocess_study(encoded)
+    monkeypatch.setattr(dicom_io, "MAX_DECODE_THREADS", 1)
+    single = preprocess_study(encoded)
+    np.testing.assert_array_equal(threaded.tensor, single.tensor)

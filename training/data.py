@@ -11,8 +11,9 @@ Targets (PI-CAI convention):
 * ``lesion_index`` ``[D, H, W]`` uint8: all lesions, value ``i`` = ``ground_truth["lesions"][i-1]``.
 * ``significant`` (study has a csPCa lesion) and ``max_pirads`` (1 when there is no lesion).
 
-Cache layout: ``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz`` (one file per case, see
-:func:`save_case`): a new generator version never reuses cases synthesized by another one.
+Cache layout: ``<cache_dir>/gen<GENERATOR_VERSION>/prep<PREPROCESSING_VERSION>/seed<seed>/case_<index:04d>.npz``
+(one file per case, see :func:`save_case`): a new generator or pipeline version never reuses cases
+synthesized or preprocessed by another one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from contract import (
     GridSpec,
 )
 from contract.errors import MpmriError
+from preprocessing import PREPROCESSING_VERSION
 from synth.generator import GENERATOR_VERSION
 
 CACHE_FORMAT_VERSION = 1
@@ -172,6 +174,7 @@ def save_case(path: Path, record: CaseRecord) -> None:
                     "contract_version": CONTRACT_VERSION,
                     "cache_format_version": CACHE_FORMAT_VERSION,
                     "generator_version": GENERATOR_VERSION,
+                    "preprocessing_version": PREPROCESSING_VERSION,
                     "sequences": list(SEQUENCES),
                 }
             )
@@ -192,6 +195,11 @@ def load_case(path: Path) -> CaseRecord:
                     f"cached case {path} was synthesized by generator version {meta.get('generator_version')!r},"
                     f" not {GENERATOR_VERSION!r}; delete the cache"
                 )
+            if meta.get("preprocessing_version") != PREPROCESSING_VERSION:
+                raise TrainingDataError(
+                    f"cached case {path} was preprocessed by version {meta.get('preprocessing_version')!r} of the"
+                    f" pipeline, not {PREPROCESSING_VERSION!r}; delete the cache"
+                )
             return CaseRecord(
                 case_id=meta["case_id"],
                 images=data["images"].astype(np.float32),
@@ -208,9 +216,9 @@ def load_case(path: Path) -> CaseRecord:
 
 
 def case_cache_path(cache_dir: Path, seed: int, index: int, grid: GridSpec = DEFAULT_GRID) -> Path:
-    """``<cache_dir>/gen<GENERATOR_VERSION>/seed<seed>/case_<index:04d>.npz`` (another grid than the default:
-    ``.../gen<v>/grid<D>x<H>x<W>_<d>x<h>x<w>mm/seed<seed>/...``)."""
-    root = Path(cache_dir) / f"gen{GENERATOR_VERSION}"
+    """``<cache_dir>/gen<GENERATOR_VERSION>/prep<PREPROCESSING_VERSION>/seed<seed>/case_<index:04d>.npz``
+    (another grid than the default: ``.../prep<v>/grid<D>x<H>x<W>_<d>x<h>x<w>mm/seed<seed>/...``)."""
+    root = Path(cache_dir) / f"gen{GENERATOR_VERSION}" / f"prep{PREPROCESSING_VERSION}"
     if grid != DEFAULT_GRID:
         size = "x".join(str(n) for n in grid.size_dhw)
         spacing = "x".join(f"{v:g}" for v in grid.spacing_mm_dhw)
