@@ -36,6 +36,7 @@ from preprocessing.errors import (
     UnsupportedPixelDataError,
 )
 from preprocessing.fast_dicom import fast_dcmread
+from preprocessing.parallel_decode import available_cores
 
 Source = Path | str | Sequence[bytes] | Sequence[Dataset] | Mapping[str, Sequence[Dataset]]
 
@@ -704,13 +705,6 @@ MAX_DECODE_THREADS = 4
 MIN_THREADED_OBJECTS = 4
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def decode_frames(
     ingested: Ingested,
     frames: Sequence[FrameHeader],
@@ -738,7 +732,7 @@ def decode_frames(
         out = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
     instances = list(dict.fromkeys(frames[n].instance for n in range(start, stop)))  # in first-use order
-    threads = min(_cores(), MAX_DECODE_THREADS)
+    threads = min(available_cores(), MAX_DECODE_THREADS)
     if workers < 2 and threads >= 2 and len(instances) >= MIN_THREADED_OBJECTS:
         # decoders that release the GIL (imagecodecs) run in threads when every object uses one; results and
         # the first error (in input order: pool.map) are those of the loop below

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,7 +58,7 @@ from preprocessing.errors import (
 from preprocessing.instances import drop_resent_instances, missing_instance_numbers, resolve_reacquired_slices
 from preprocessing.linear_resample import resample_array_with_mask
 from preprocessing.normalize import normalize_channel
-from preprocessing.parallel_decode import default_workers
+from preprocessing.parallel_decode import available_cores, default_workers
 from preprocessing.series_selection import Choice, Selection, load_rules, select_series
 from preprocessing.volume import GeometryTolerance, Volume, stack_geometry
 
@@ -107,13 +106,6 @@ class PreprocessSettings:
     normalization: Mapping[str, NormalizationSpec] | None = None
     channel_threads: int | None = None
     decode_workers: int | None = 0
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -345,7 +337,7 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
 
     present = [(ch, seq) for ch, seq in enumerate(SEQUENCES) if seq in built]
     inside_masks = {seq: np.empty((d, h, w), dtype=np.bool_) for _, seq in present}
-    threads = settings.channel_threads or (min(_available_cores(), 8) if d * h * w >= _THREADED_MIN_VOXELS else 1)
+    threads = settings.channel_threads or (min(available_cores(), 8) if d * h * w >= _THREADED_MIN_VOXELS else 1)
     # Resampling (with the FOV mask) is split into slabs of grid slices, so every thread has work to the
     # end; normalization needs a whole channel (its percentiles) and runs per channel afterwards.
     slabs_per_channel = min(d, max(1, threads)) if threads > 1 else 1
