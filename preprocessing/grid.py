@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from contract import DEFAULT_GRID, GridGeometry, GridSpec
-from preprocessing.linear_resample import resample_with_mask
+from preprocessing.linear_resample import resample_with_mask, source_index_affine
 
 
 def grid_geometry_for(reference: sitk.Image, spec: GridSpec = DEFAULT_GRID) -> GridGeometry:
@@ -61,17 +61,13 @@ def source_slices_needed(
 
     The source's continuous slice index is affine in the grid index, so over the grid it lies between its
     values at the 8 corners. The linear interpolator reads slices ``floor(k)`` and ``floor(k) + 1`` of a
-    source index ``k`` (clamped to the volume). The range is widened by ``tolerance`` (in slices) on each
-    side, far more than any rounding difference between this float64 computation and the resampler's
-    (~1e-12 slices), so slices outside it are never read and need not be decoded. ``(0, 0)`` when the grid
-    lies wholly before or behind the volume.
+    source index ``k`` (clamped to the volume). The index map is the resampler's own
+    (:func:`preprocessing.linear_resample.source_index_affine`); the range is widened by ``tolerance`` (in
+    slices) on each side, far more than the rounding of the corner sums (~1e-12 slices), so slices outside
+    it are never read and need not be decoded. ``(0, 0)`` when the grid lies wholly before or behind the
+    volume.
     """
-    src_dir = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    src_spacing = np.asarray(spacing_mm_ijk, dtype=np.float64)
-    offset = (
-        (np.asarray(geometry.origin_lps_mm) - np.asarray(origin_lps_mm, dtype=np.float64)) @ src_dir
-    ) / src_spacing
-    steps = ((geometry.direction_matrix * np.asarray(geometry.spacing_mm_ijk)).T @ src_dir) / src_spacing
+    offset, steps = source_index_affine(origin_lps_mm, direction, spacing_mm_ijk, geometry)
     last = np.asarray(geometry.size_ijk, dtype=np.float64) - 1
     corners = np.array([[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)], dtype=np.float64) * last
     k = offset[2] + corners @ steps[:, 2]
