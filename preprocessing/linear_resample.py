@@ -83,25 +83,31 @@ def _axis(c: float, n: int) -> tuple[int, int, float]:
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")
-def _lerp8(
-    src: np.ndarray, k0: int, k1: int, j0: int, j1: int, i0: int, i1: int, d0: float, d1: float, d2: float
+def _lerp_rows(
+    r00: np.ndarray,
+    r01: np.ndarray,
+    r10: np.ndarray,
+    r11: np.ndarray,
+    i0: int,
+    i1: int,
+    d0: float,
+    d1: float,
+    d2: float,
 ) -> float:
-    """Trilinear value in float64: lerps along i, then j, then k (ITK's order); ``d2 == 0`` reads one slice."""
-    v000 = float(src[k0, j0, i0])
-    v100 = float(src[k0, j0, i1])
-    v010 = float(src[k0, j1, i0])
-    v110 = float(src[k0, j1, i1])
-    vx00 = v000 + (v100 - v000) * d0
-    vx10 = v010 + (v110 - v010) * d0
+    """Trilinear value in float64 from the four source rows ``src[k0|k1, j0|j1]`` (``r<k><j>``): lerps along
+    i, then j, then k (ITK's order); ``d2 == 0`` reads the first slice only. The one definition of the
+    arithmetic, so both kernels give the same bits for the same indices."""
+    v000 = float(r00[i0])
+    v010 = float(r01[i0])
+    vx00 = v000 + (float(r00[i1]) - v000) * d0
+    vx10 = v010 + (float(r01[i1]) - v010) * d0
     vxx0 = vx00 + (vx10 - vx00) * d1
     if d2 == 0.0:
         return vxx0
-    v001 = float(src[k1, j0, i0])
-    v101 = float(src[k1, j0, i1])
-    v011 = float(src[k1, j1, i0])
-    v111 = float(src[k1, j1, i1])
-    vx01 = v001 + (v101 - v001) * d0
-    vx11 = v011 + (v111 - v011) * d0
+    v001 = float(r10[i0])
+    v011 = float(r11[i0])
+    vx01 = v001 + (float(r10[i1]) - v001) * d0
+    vx11 = v011 + (float(r11[i1]) - v011) * d0
     vxx1 = vx01 + (vx11 - vx01) * d1
     return vxx0 + (vxx1 - vxx0) * d2
 
@@ -148,7 +154,7 @@ def _resample_general(
                 i0, i1, d0 = _axis(c0, ni)
                 j0, j1, d1 = _axis(c1, nj)
                 k0, k1, d2 = _axis(c2, nk)
-                out[k, j, i] = _lerp8(src, k0, k1, j0, j1, i0, i1, d0, d1, d2)
+                out[k, j, i] = _lerp_rows(src[k0, j0], src[k0, j1], src[k1, j0], src[k1, j1], i0, i1, d0, d1, d2)
     return count
 
 
@@ -218,23 +224,7 @@ def _resample_diagonal(
                     continue
                 inside_row[i] = True
                 count += 1
-                i0 = ib[i]
-                i1 = in_[i]
-                d0 = idist[i]
-                v000 = float(r00[i0])
-                v010 = float(r01[i0])
-                vx00 = v000 + (float(r00[i1]) - v000) * d0
-                vx10 = v010 + (float(r01[i1]) - v010) * d0
-                vxx0 = vx00 + (vx10 - vx00) * d1
-                if d2 == 0.0:
-                    out_row[i] = vxx0
-                    continue
-                v001 = float(r10[i0])
-                v011 = float(r11[i0])
-                vx01 = v001 + (float(r10[i1]) - v001) * d0
-                vx11 = v011 + (float(r11[i1]) - v011) * d0
-                vxx1 = vx01 + (vx11 - vx01) * d1
-                out_row[i] = vxx0 + (vxx1 - vxx0) * d2
+                out_row[i] = _lerp_rows(r00, r01, r10, r11, ib[i], in_[i], idist[i], d1, d2)
     return count
 
 

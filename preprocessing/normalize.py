@@ -75,9 +75,8 @@ def normalize_channel(
                 "degenerate": degenerate,
             }
         )
-        subtract = True
     elif isinstance(spec, FixedScaleNormalization):
-        offset, factor = np.float32(0.0), np.float32(1.0 / spec.divisor)
+        offset, factor = np.float32(0.0), np.float32(1.0 / spec.divisor)  # x - 0.0 is x, bit for bit
         params.update(
             {
                 "divisor": spec.divisor,
@@ -85,14 +84,12 @@ def normalize_channel(
                 "median_inside_fov": median(_inside_values(values_dhw, inside_fov, n_inside)) if n_inside else None,
             }
         )
-        subtract = False
     else:  # pragma: no cover - the contract defines only the two kinds
         raise TypeError(f"unknown normalization {spec!r}")
     _scale_clip(
         values_dhw.reshape(-1),
         inside_fov.reshape(-1),
         out.reshape(-1),
-        subtract,
         offset,
         factor,
         np.float32(spec.clip_min),
@@ -108,14 +105,13 @@ def _scale_clip(
     values: np.ndarray,
     inside: np.ndarray,
     out: np.ndarray,
-    subtract: bool,
     offset: np.float32,
     factor: np.float32,
     clip_min: np.float32,
     clip_max: np.float32,
     outside: np.float32,
 ) -> None:
-    """``out = clip((values - offset) * factor, clip_min, clip_max)`` (or ``values * factor``) in float32,
+    """``out = clip((values - offset) * factor, clip_min, clip_max)`` in float32,
     ``outside`` where not ``inside``: numpy's ufuncs fused into one pass. ``np.clip`` on floats is
     ``min(max(x, lo), hi)`` with ``max(a, b) = a if isnan(a) or a > b else b`` (and ``min`` alike), kept
     here to the sign of zero."""
@@ -123,10 +119,7 @@ def _scale_clip(
         if not inside[idx]:
             out[idx] = outside
             continue
-        x = values[idx]
-        if subtract:
-            x = x - offset
-        x = x * factor
+        x = (values[idx] - offset) * factor
         if not (np.isnan(x) or x > clip_min):
             x = clip_min
         if not (np.isnan(x) or x < clip_max):
@@ -140,17 +133,6 @@ def _inside_values(values_dhw: np.ndarray, inside: np.ndarray, n_inside: int) ->
     if n_inside == inside.size:
         return np.array(values_dhw, dtype=values_dhw.dtype, order="C").reshape(-1)
     return values_dhw[inside]
-
-
-def _clusters(wanted: np.ndarray, n: int) -> list[list[int]]:
-    """Sorted ranks grouped where neighbours lie within ``n // 1000`` of each other (one band each)."""
-    clusters: list[list[int]] = []
-    for r in (int(v) for v in wanted):
-        if clusters and r - clusters[-1][-1] <= n // 1000:
-            clusters[-1].append(r)
-        else:
-            clusters.append([r])
-    return clusters
 
 
 #: below this many values the order statistics come from numpy's full partition directly
@@ -213,7 +195,13 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray) -> dict[int, Any]:
     stride = max(1, n // _SAMPLE_SIZE)
     sample = np.sort(x[::stride])
     m = sample.size
-    for cluster in _clusters(wanted, n):
+    clusters: list[list[int]] = []
+    for r in (int(v) for v in wanted):
+        if clusters and r - clusters[-1][-1] <= n // 1000:
+            clusters[-1].append(r)
+        else:
+            clusters.append([r])
+    for cluster in clusters:
         f_lo, f_hi = cluster[0] / n, (cluster[-1] + 1) / n
         k_lo = int(f_lo * m - 4.0 * np.sqrt(f_lo * m) - 16)
         k_hi = int(f_hi * m + 4.0 * np.sqrt(f_hi * m) + 16)

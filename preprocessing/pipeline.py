@@ -339,7 +339,7 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
     inside_masks = {seq: np.empty((d, h, w), dtype=np.bool_) for _, seq in present}
     threads = settings.channel_threads or (min(available_cores(), 8) if d * h * w >= _THREADED_MIN_VOXELS else 1)
     # Resampling (with the FOV mask) is split into slabs of grid slices, so every thread has work to the
-    # end; normalization needs a whole channel (its percentiles) and runs per channel afterwards.
+    # end; normalization needs a whole channel (its percentiles) and runs per channel once its slabs are done.
     slabs_per_channel = min(d, max(1, threads)) if threads > 1 else 1
     bounds = np.linspace(0, d, slabs_per_channel + 1).round().astype(int)
     slabs = [(ch, seq, int(a), int(b)) for ch, seq in present for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
@@ -380,16 +380,13 @@ def preprocess_ingested(ingested: Ingested, settings: PreprocessSettings, read_s
                     future.result()
                 return normalize(ch, seq)
 
-            pending: list[tuple[int, str]] = []
-            for ch, seq in present:
+            for index, (_, seq) in enumerate(present):
                 for item in (item for item in slabs if item[1] == seq):
                     slab_futures[seq].append(pool.submit(resample_slab, *item))
-                if pending:
-                    norm_futures.append(pool.submit(normalize_after_slabs, *pending.pop()))
-                pending.append((ch, seq))
-            norm_futures.append(pool.submit(normalize_after_slabs, *pending.pop()))
+                if index > 0:  # the previous channel's normalization, behind this channel's slabs
+                    norm_futures.append(pool.submit(normalize_after_slabs, *present[index - 1]))
+            norm_futures.append(pool.submit(normalize_after_slabs, *present[-1]))
             slab_results = [future.result() for futures in slab_futures.values() for future in futures]
-            t_mid = time.perf_counter()
             norm_results = [future.result() for future in norm_futures]
         # the stages overlap: split their wall time in proportion to their busy time (the stages add up)
         wall = time.perf_counter() - t
