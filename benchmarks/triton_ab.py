@@ -42,6 +42,7 @@ from serving.perf import (  # noqa: E402
     measure_interleaved,
     server_stats_delta_ms,
     server_stats_snapshot,
+    settled_stats_snapshot,
     study_tensors,
     write_input_data,
 )
@@ -127,7 +128,7 @@ def main() -> int:
                 bench = dataclasses.replace(BenchSettings(), shared_memory=variant.shared_memory)
                 samplers[name] = PerfAnalyzerSampler(server.grpc_url, ENSEMBLE_MODEL, input_data, bench, work / name)
         urls = dict(server_urls)
-        before = {name: server_stats_snapshot(url, ALL_MODELS) for name, url in urls.items()}
+        before = {name: settled_stats_snapshot(url, ALL_MODELS) for name, url in urls.items()}
         result = measure_interleaved(
             samplers, "chain", args.rounds, args.requests, alternate=args.mode == "alternate", progress=print
         )

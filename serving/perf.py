@@ -541,6 +541,26 @@ def server_stats_snapshot(url: str, models: Sequence[str]) -> dict[str, dict[str
         client.close()
 
 
+def settled_stats_snapshot(
+    url: str, models: Sequence[str], timeout_s: float = 5.0, poll_s: float = 0.05
+) -> dict[str, dict[str, tuple[int, int]]]:
+    """:func:`server_stats_snapshot` once two consecutive reads agree (at most ``timeout_s``).
+
+    Triton records a request's statistics just after it has sent the response, so a snapshot taken right
+    after warm-up requests may miss the last of them, which then counts in the measured delta. Take the
+    snapshot that precedes a measurement with this.
+    """
+    previous = server_stats_snapshot(url, models)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        current = server_stats_snapshot(url, models)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def server_stats_delta_ms(
     before: dict[str, dict[str, tuple[int, int]]], after: dict[str, dict[str, tuple[int, int]]]
 ) -> dict[str, dict[str, float]]:
@@ -768,7 +788,7 @@ def run_triton_benchmark(
         client_loop = ClientLoopSampler(url, tensors, settings.protocol, settings.shared_memory)
         try:
             progress(f"(b) {settings.rounds} rounds x {settings.requests_per_round} requests, alternating")
-            before = server_stats_snapshot(server.grpc_url, ALL_MODELS)
+            before = settled_stats_snapshot(server.grpc_url, ALL_MODELS)  # warm-up requests recorded
             alternating = measure_interleaved(
                 {CHAIN: chain, SHM_ENSEMBLE: shm_loop, CLIENT_ENSEMBLE: client_loop},
                 CHAIN,

@@ -31,6 +31,7 @@ from serving.perf import (
     run_perf_analyzer,
     server_stats_delta_ms,
     server_stats_snapshot,
+    settled_stats_snapshot,
     study_tensors,
     update_benchmarks_md,
     write_input_data,
@@ -82,7 +83,7 @@ def test_interleaved_rounds_measure_chain_and_ensemble_on_the_same_requests(
     chain = InprocessChainSampler(exported_repository, tensors)
     shm_loop = TritonShmSampler(triton_server.grpc_url, tensors)
     models = (ENSEMBLE_MODEL, *NETWORK_MODELS)
-    before = server_stats_snapshot(triton_server.grpc_url, models)
+    before = settled_stats_snapshot(triton_server.grpc_url, models)  # the sampler's warm-up requests recorded
     try:
         alternating = measure_interleaved({"chain": chain, "ensemble": shm_loop}, "chain", 2, 3, alternate=True)
     finally:
