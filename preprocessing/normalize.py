@@ -41,7 +41,8 @@ def normalize_channel(
 
     The result is the definition above computed with numpy (``np.percentile`` / ``np.median`` of the inside
     voxels, float32 ``np.subtract``, ``np.multiply``, ``np.clip``, then the outside value), bit for bit: the
-    order statistics come from :func:`percentiles_linear` / :func:`median`, and the arithmetic from one
+    order statistics come from :func:`percentiles_linear` / :func:`median` (a radix select over the masked
+    voxels, no copy), and the arithmetic from one
     compiled pass (:func:`_scale_clip`) with numpy's float32 operations and its ``clip`` semantics.
     """
     if values_dhw.dtype != np.float32 or not values_dhw.flags.c_contiguous:
@@ -58,9 +59,7 @@ def normalize_channel(
         if n_inside == 0:
             lo = hi = 0.0
         else:
-            lo, hi = percentiles_linear(
-                _inside_values(values_dhw, inside_fov, n_inside), (spec.lower_percentile, spec.upper_percentile)
-            )
+            lo, hi = percentiles_linear(values_dhw, (spec.lower_percentile, spec.upper_percentile), inside_fov)
         scale = hi - lo
         degenerate = not scale > 1e-6 * max(abs(hi), abs(lo), 1.0)
         if degenerate:
@@ -81,7 +80,7 @@ def normalize_channel(
             {
                 "divisor": spec.divisor,
                 "unit": spec.unit,
-                "median_inside_fov": median(_inside_values(values_dhw, inside_fov, n_inside)) if n_inside else None,
+                "median_inside_fov": median(values_dhw, inside_fov) if n_inside else None,
             }
         )
     else:  # pragma: no cover - the contract defines only the two kinds
@@ -127,38 +126,131 @@ def _scale_clip(
         out[idx] = x
 
 
-def _inside_values(values_dhw: np.ndarray, inside: np.ndarray, n_inside: int) -> np.ndarray:
-    """``values_dhw[inside]`` as a new 1-D array (the order statistics reorder it); all inside (e.g. T2W on
-    its own grid): the same values in the same (C) order by a plain copy."""
-    if n_inside == inside.size:
-        return np.array(values_dhw, dtype=values_dhw.dtype, order="C").reshape(-1)
-    return values_dhw[inside]
+#: below this many values the order statistics come from numpy directly (a histogram would not pay)
+_RADIX_MIN_SIZE = 20_000
+_SIGN = np.uint32(0x80000000)
+_ABS = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
 
 
-#: below this many values the order statistics come from numpy's full partition directly
-_CANDIDATE_MIN_SIZE = 20_000
-#: size of the strided sample that places the candidate thresholds
-_SAMPLE_SIZE = 8192
+@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _radix_select(bits: np.ndarray, inside: np.ndarray, masked: bool, ranks: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The ``ranks``-th smallest (0-based, ascending ranks) of the float32 values whose bit patterns are ``bits``
+    (1-D ``uint32`` view), only where ``inside`` when ``masked``; as bit patterns, exactly.
 
-
-def percentiles_linear(x: np.ndarray, q: Sequence[float]) -> list[float]:
-    """``[float(v) for v in np.percentile(x, q)]`` (method ``linear``), bit for bit, without a full partition.
-
-    ``x`` is a 1-D array that may be reordered. numpy computes the virtual index ``(n - 1) * q / 100``,
-    partitions the array at its floor and floor + 1 and interpolates with ``_lerp``. Here the same two order
-    statistics are taken from candidate subsets (:func:`order_statistics`) and interpolated with the same
-    operations in the same dtypes. Falls back to ``np.percentile`` for small inputs, percentiles at 0 or
-    100 and NaN.
+    Each value maps to a 32-bit key that orders like the float (sign flipped for positives, all bits for
+    negatives). Pass 1 counts the top 16 key bits; the bins holding the ranks follow from the cumulative
+    counts. Pass 2 counts the low 16 bits of the values in those bins only; the key of each rank -- hence
+    its value -- follows. No copy, no partition: two streaming passes. Returns ``(bits of the order
+    statistics, nan_found)``; with a NaN among the values the result is meaningless (the caller asks numpy).
+    ``-0.0`` sorts below ``+0.0`` (numpy treats them as equal and may return either: the same value).
     """
-    n = x.size
+    n_ranks = ranks.size
+    out = np.zeros(n_ranks, dtype=np.uint32)
+    high = np.zeros(65536, dtype=np.int64)
+    for idx in range(bits.size):
+        if masked and not inside[idx]:
+            continue
+        u = bits[idx]
+        if (u & _ABS) > _INF_BITS:
+            return out, True
+        key = (u ^ np.uint32(0xFFFFFFFF)) if (u & _SIGN) else (u | _SIGN)
+        high[key >> 16] += 1
+    # the bin of every rank, and how many values lie in lower bins
+    rank_bin = np.empty(n_ranks, dtype=np.int64)
+    rank_below = np.empty(n_ranks, dtype=np.int64)
+    slot_of_bin = np.full(65536, -1, dtype=np.int64)
+    n_slots = 0
+    below = 0
+    b = 0
+    for t in range(n_ranks):
+        while below + high[b] <= ranks[t]:
+            below += high[b]
+            b += 1
+        rank_bin[t] = b
+        rank_below[t] = below
+        if slot_of_bin[b] < 0:
+            slot_of_bin[b] = n_slots
+            n_slots += 1
+    low = np.zeros((n_slots, 65536), dtype=np.int64)
+    for idx in range(bits.size):
+        if masked and not inside[idx]:
+            continue
+        u = bits[idx]
+        key = (u ^ np.uint32(0xFFFFFFFF)) if (u & _SIGN) else (u | _SIGN)
+        slot = slot_of_bin[key >> 16]
+        if slot >= 0:
+            low[slot, key & np.uint32(0xFFFF)] += 1
+    for t in range(n_ranks):
+        counts = low[slot_of_bin[rank_bin[t]]]
+        seen = rank_below[t]
+        lo = 0
+        while seen + counts[lo] <= ranks[t]:
+            seen += counts[lo]
+            lo += 1
+        key = np.uint32((rank_bin[t] << 16) | lo)
+        out[t] = (key ^ _SIGN) if (key & _SIGN) else (key ^ np.uint32(0xFFFFFFFF))
+    return out, False
+
+
+def _radix_pays(x: np.ndarray, n: int) -> bool:
+    """Whether :func:`order_statistics` takes the radix select for ``n`` selected values of ``x``."""
+    return x.dtype == np.float32 and n >= _RADIX_MIN_SIZE
+
+
+def _selected(x: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
+    """The values ``order_statistics`` works on, as a new 1-D array (numpy may reorder it)."""
+    return np.array(x, order="C").reshape(-1) if inside is None else x[inside]
+
+
+def order_statistics(x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None = None) -> dict[int, Any] | None:
+    """``{r: np.sort(v)[r]}`` for the given 0-based ranks, exactly, of ``v = x[inside]`` (all of ``x`` without a
+    mask); ``None`` when a NaN is among them (numpy's sort puts NaN last; the callers ask numpy then).
+
+    float32 arrays of at least ``_RADIX_MIN_SIZE`` values: :func:`_radix_select` (two passes over ``x``, no
+    copy of the selected values); anything else: ``np.partition`` of the selected values.
+    """
+    wanted = np.unique(np.asarray(ranks, dtype=np.int64))
+    n = x.size if inside is None else int(np.count_nonzero(inside))
+    if _radix_pays(x, n):
+        flat = np.ascontiguousarray(x).reshape(-1)
+        mask = np.ascontiguousarray(inside, dtype=np.bool_).reshape(-1) if inside is not None else _NO_MASK
+        found, nan_found = _radix_select(flat.view(np.uint32), mask, inside is not None, wanted)
+        if nan_found:
+            return None
+        values = found.view(np.float32)
+        return {int(r): values[t] for t, r in enumerate(wanted)}
+    v = _selected(x, inside)
+    if v.size and np.isnan(v.max()):
+        return None
+    full = np.partition(v, wanted)
+    return {int(r): full[r] for r in wanted}
+
+
+_NO_MASK = np.zeros(1, dtype=np.bool_)
+
+
+def percentiles_linear(x: np.ndarray, q: Sequence[float], inside: np.ndarray | None = None) -> list[float]:
+    """``[float(v) for v in np.percentile(x[inside], q)]`` (method ``linear``; all of ``x`` without a mask),
+    bit for bit.
+
+    numpy computes the virtual index ``(n - 1) * q / 100``, partitions the values at its floor and floor + 1
+    and interpolates with ``_lerp``. Here the same two order statistics come from :func:`order_statistics`
+    and are interpolated with the same operations in the same dtypes. Percentiles at 0 or 100, selections
+    too small for the radix select, other dtypes and NaN are left to ``np.percentile``. ``x`` is not
+    modified.
+    """
     qa = np.true_divide(np.asarray(q, dtype=np.float64), 100)
-    if n < _CANDIDATE_MIN_SIZE or not bool(np.all((qa > 0) & (qa < 1))) or np.isnan(x.min()):
-        return [float(v) for v in np.percentile(x, q, overwrite_input=True)]
-    virtual = (n - 1) * qa
-    previous = np.floor(virtual).astype(np.intp)
-    following = previous + 1
-    gamma = virtual - previous
-    stats = order_statistics(x, np.concatenate([previous, following]))
+    n = x.size if inside is None else int(np.count_nonzero(inside))
+    stats = None
+    if _radix_pays(x, n) and bool(np.all((qa > 0) & (qa < 1))):
+        virtual = (n - 1) * qa
+        previous = np.floor(virtual).astype(np.intp)
+        following = previous + 1
+        gamma = virtual - previous
+        stats = order_statistics(x, np.concatenate([previous, following]), inside)
+    if stats is None:
+        return [float(v) for v in np.percentile(_selected(x, inside), q, overwrite_input=True)]
     a = np.asarray([stats[int(r)] for r in previous], dtype=x.dtype)
     b = np.asarray([stats[int(r)] for r in following], dtype=x.dtype)
     # numpy.lib.function_base._lerp
@@ -168,62 +260,22 @@ def percentiles_linear(x: np.ndarray, q: Sequence[float]) -> list[float]:
     return [float(v) for v in result]
 
 
-def median(x: np.ndarray) -> float:
-    """``float(np.median(x))`` bit for bit (``x`` 1-D, may be reordered): mean of the middle order statistic(s)."""
-    n = x.size
-    if n < _CANDIDATE_MIN_SIZE or np.isnan(x.min()):
-        return float(np.median(x, overwrite_input=True))
-    half = n // 2
-    ranks = [half] if n % 2 else [half - 1, half]  # numpy's median: mean of the middle one or two
-    stats = order_statistics(x, np.asarray(ranks, dtype=np.intp))
+def median(x: np.ndarray, inside: np.ndarray | None = None) -> float:
+    """``float(np.median(x[inside]))`` (all of ``x`` without a mask) bit for bit: the mean of the middle order
+    statistic(s). ``x`` is not modified."""
+    n = x.size if inside is None else int(np.count_nonzero(inside))
+    stats = None
+    if _radix_pays(x, n):
+        half = n // 2
+        ranks = [half] if n % 2 else [half - 1, half]  # numpy's median: mean of the middle one or two
+        stats = order_statistics(x, np.asarray(ranks, dtype=np.intp), inside)
+    if stats is None:
+        return float(np.median(_selected(x, inside), overwrite_input=True))
     return float(np.mean(np.asarray([stats[r] for r in ranks], dtype=x.dtype)))
 
 
-def order_statistics(x: np.ndarray, ranks: np.ndarray) -> dict[int, Any]:
-    """``{r: np.sort(x)[r]}`` for the given 0-based ranks, exactly, for a 1-D array without NaN.
-
-    Each cluster of nearby ranks is taken from a band of candidates ``x[(x >= t1) & (x <= t2)]`` whose
-    thresholds come from a strided sample. With ``below`` values ``< t1`` (all smaller than every candidate,
-    and every value ``> t2`` larger), the r-th smallest of ``x`` is the ``(r - below)``-th smallest of the band
-    whenever ``below <= r < below + band.size`` -- checked by counting; otherwise the whole array is
-    partitioned. So the result is exact; only the partition is smaller (about 2 % of the values for a 1/99
-    percentile instead of all of them).
-    """
-    n = x.size
-    wanted = np.unique(np.asarray(ranks, dtype=np.intp))
-    out: dict[int, Any] = {}
-    stride = max(1, n // _SAMPLE_SIZE)
-    sample = np.sort(x[::stride])
-    m = sample.size
-    clusters: list[list[int]] = []
-    for r in (int(v) for v in wanted):
-        if clusters and r - clusters[-1][-1] <= n // 1000:
-            clusters[-1].append(r)
-        else:
-            clusters.append([r])
-    for cluster in clusters:
-        f_lo, f_hi = cluster[0] / n, (cluster[-1] + 1) / n
-        k_lo = int(f_lo * m - 4.0 * np.sqrt(f_lo * m) - 16)
-        k_hi = int(f_hi * m + 4.0 * np.sqrt(f_hi * m) + 16)
-        band_mask: np.ndarray | None = None
-        below = 0
-        if k_lo > 0 and f_lo > 0.05:  # near the ends one bound suffices (one pass less)
-            band_mask = x >= sample[k_lo]
-            below = n - int(np.count_nonzero(band_mask))
-        if k_hi < m - 1 and f_hi < 0.95:
-            upper = x <= sample[k_hi]
-            band_mask = upper if band_mask is None else np.logical_and(band_mask, upper, out=upper)
-        band = x[band_mask] if band_mask is not None else x.copy()
-        local = np.asarray(cluster, dtype=np.intp) - below
-        if local[0] < 0 or local[-1] >= band.size:
-            full = np.partition(x, wanted)
-            return {int(i): full[i] for i in wanted}
-        band.partition(local)
-        out.update({r: band[r - below] for r in cluster})
-    return out
-
-
 def warm_up() -> None:
-    """Compile (or load from numba's cache) the normalization kernel."""
+    """Compile (or load from numba's cache) the normalization kernels."""
     for spec in NORMALIZATION.values():
         normalize_channel(np.zeros((2, 2, 2), np.float32), np.ones((2, 2, 2), np.bool_), spec)
+    order_statistics(np.zeros(_RADIX_MIN_SIZE, np.float32), np.asarray([0]))

@@ -216,9 +216,10 @@ def test_linear_resampler_matches_simpleitk_to_a_few_ulp() -> None:
     assert differing / compared < 0.1  # ~6 % differ, by 1-8 ulp: ITK multiplies by 1/spacing, we divide
 
 
-def test_diagonal_fast_path_equals_general_kernel() -> None:
-    """On a grid that shares the source's axes the per-axis tables give the general kernel's values bit for
-    bit (same indices, same lerps), also over partial slabs and with a nonzero default."""
+def test_separable_fast_path_equals_general_kernel() -> None:
+    """On a grid that shares the source's axes the axis-by-axis kernel gives the general kernel's values bit
+    for bit (same indices, same lerps on the same operands), also over partial slabs and with a nonzero
+    default."""
     rng = np.random.default_rng(11)
     checked = 0
     for trial in range(0, 80, 2):
@@ -230,7 +231,7 @@ def test_diagonal_fast_path_equals_general_kernel() -> None:
         shape = tuple(int(v) for v in geometry.size_ijk[::-1])
         src = sitk.GetArrayViewFromImage(image)
         results = []
-        for kernel in (lin._resample_diagonal, lin._resample_general):
+        for kernel in (lin._resample_separable, lin._resample_general):
             out = np.full(shape, 9.0, dtype=np.float32)
             inside = np.zeros(shape, dtype=bool)
             n = kernel(src, offset, steps, -3.0, out, inside, 0, shape[0])
@@ -303,14 +304,39 @@ def test_percentiles_with_nan_and_inf_equal_numpy() -> None:
     assert np.isnan(median(x.copy())) and np.isnan(np.median(x))
 
 
-def test_order_statistics_fall_back_when_the_sample_misleads() -> None:
-    # a sorted array sampled with a stride sees a skewed picture only if the candidates were wrong; the
-    # counts catch it and the result stays exact
-    x = np.concatenate([np.zeros(100_000), np.arange(100_000)]).astype(np.float32)
-    ranks = np.array([0, 1_999, 2_000, 150_000, 197_999, 198_000])
-    expected = np.sort(x)[ranks]
-    got = order_statistics(x.copy(), ranks)
-    assert [got[int(r)] for r in ranks] == list(expected)
+def test_order_statistics_are_exact_with_ties_negatives_and_infinities() -> None:
+    # half the values tied at one key, the rest spread over both signs and many exponents: every rank is the
+    # sorted array's, on the whole array and under a mask, and the input is left as it was
+    rng = np.random.default_rng(5)
+    x = np.concatenate(
+        [np.zeros(100_000), np.arange(100_000), -rng.exponential(1e-3, 30_000), rng.lognormal(0, 8, 30_000)]
+    ).astype(np.float32)
+    x[[7, 70]] = (np.inf, -np.inf)
+    rng.shuffle(x)
+    before = x.copy()
+    ranks = np.array([0, 1, 1_999, 2_000, 129_999, 130_000, 150_000, 197_999, 259_999])
+    got = order_statistics(x, ranks)
+    assert got is not None and [got[int(r)] for r in ranks] == list(np.sort(x)[ranks])
+    inside = rng.random(x.size) > 0.4
+    some = ranks[ranks < int(inside.sum())]
+    got = order_statistics(x, some, inside)
+    assert got is not None and [got[int(r)] for r in some] == list(np.sort(x[inside])[some])
+    np.testing.assert_array_equal(x, before)
+    x[12] = np.nan
+    assert order_statistics(x, ranks) is None
+
+
+@pytest.mark.parametrize("n", [19_999, 65_536, 1_572_864])
+def test_masked_percentiles_and_median_equal_numpy_on_the_selection(n: int) -> None:
+    rng = np.random.default_rng(n + 1)
+    for kind in range(5):
+        x = _sample(rng, n, kind).reshape(-1, 16) if n % 16 == 0 else _sample(rng, n, kind)
+        inside = rng.random(x.shape) > 0.25
+        sel = x[inside]
+        for q in ((1.0, 99.0), (0.5, 99.5), (0.0, 100.0)):
+            assert percentiles_linear(x, q, inside) == [float(v) for v in np.percentile(sel, q)], (n, kind, q)
+        assert median(x, inside) == float(np.median(sel)), (n, kind)
+    assert median(x.astype(np.float64), inside) == float(np.median(x.astype(np.float64)[inside]))
 
 
 @pytest.mark.parametrize("seq", SEQUENCES)
