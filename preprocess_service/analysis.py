@@ -91,10 +91,11 @@ def warm_up_dicom_outputs() -> float:
     Returns the seconds it took. Run at start-up in the worker pool, so no router waits for it.
     """
     from contract import GridGeometry
-    from preprocessing import linear_resample, normalize
+    from preprocessing import element_scan, linear_resample, normalize
     from preprocessing.testing import make_series
 
     t = time.perf_counter()
+    element_scan.warm_up()
     linear_resample.warm_up()
     normalize.warm_up()
     sources = make_series(

@@ -1,11 +1,15 @@
 """Fast reader for the common DICOM encodings (Part 10 file, Explicit VR Little Endian, also with
 encapsulated -- compressed -- Pixel Data).
 
-:func:`fast_dcmread` walks the data elements of the raw bytes with :mod:`struct` and builds the
+:func:`fast_dcmread` walks the data elements of the raw bytes and builds the
 :class:`pydicom.dataset.FileDataset` that :func:`pydicom.dcmread` builds (raw, not yet converted data
 elements, same file meta, same encodings; an undefined-length sequence raw where pydicom has parsed it,
 converting to the same value), skipping pydicom's general-purpose element generator. Values
 are still converted by pydicom on access, so every later result is the same as with ``dcmread``.
+
+The body's element boundaries come from a compiled scan (:mod:`preprocessing.element_scan`, the rules of
+:func:`_walk` without a Python object per element); where it declines, :func:`_walk` (``struct``) decides.
+The datasets are built from the attribute templates pydicom's constructors produce (:func:`_from_template`).
 
 It only accepts files it fully understands: a 128-byte preamble and ``DICM``, group 0002 meta
 information, Transfer Syntax Explicit VR Little Endian or one of :data:`ENCAPSULATED_SYNTAXES` (RLE, JPEG,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import io
 import struct
+from typing import Any, TypeVar
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
@@ -38,6 +43,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 from pydicom.values import convert_string
+
+from preprocessing.element_scan import scan_body
 
 _HEADER = struct.Struct("<HH2sH")
 _UL = struct.Struct("<L")
@@ -75,6 +82,7 @@ ENCAPSULATED_SYNTAXES: frozenset[str] = frozenset(
 _ACCEPTED_SYNTAX_RAW = _EXPLICIT_LE_RAW | frozenset(
     uid.encode("ascii") + (b"\x00" if len(uid) % 2 else b"") for uid in ENCAPSULATED_SYNTAXES
 )
+_D = TypeVar("_D", bound=FileMetaDataset | FileDataset)
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
@@ -250,6 +258,24 @@ def _walk(data: bytes, pos: int, meta_only: bool) -> tuple[dict[BaseTag, DataEle
     return elements, pos
 
 
+def _walk_body(data: bytes, pos: int) -> tuple[dict[BaseTag, DataElement | RawDataElement], int] | None:
+    """``_walk(data, pos, meta_only=False)``: the element boundaries from the compiled scan
+    (:func:`preprocessing.element_scan.scan_body`) where it accepts the body, else from ``_walk`` itself."""
+    scanned = scan_body(data, pos)
+    if scanned is None:
+        return _walk(data, pos, meta_only=False)
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    new_tag = int.__new__
+    base_tag = BaseTag
+    new_raw = tuple.__new__
+    raw_cls = RawDataElement
+    for key, vr, length, start, stop in zip(*scanned):
+        tag = new_tag(base_tag, key)
+        value = data[start:stop] if length else empty_value_for_VR(vr, raw=True)
+        elements[tag] = new_raw(raw_cls, (tag, vr, length, value, start, False, True, True, False))  # type: ignore[arg-type]
+    return elements, len(data)
+
+
 def fast_dcmread(data: bytes) -> FileDataset | None:
     """The dataset :func:`pydicom.dcmread` would return for ``data``, or ``None`` (read it with pydicom).
 
@@ -264,15 +290,44 @@ def fast_dcmread(data: bytes) -> FileDataset | None:
     syntax = meta_elements.get(_TRANSFER_SYNTAX_TAG)
     if not isinstance(syntax, RawDataElement) or syntax.VR != "UI" or syntax.value not in _ACCEPTED_SYNTAX_RAW:
         return None  # other syntaxes, and unusual spellings of this one, are left to pydicom
-    body = _walk(data, pos, meta_only=False)
+    body = _walk_body(data, pos)
     if body is None or not body[0]:
         return None
     # Same meta dataset as pydicom's (pydicom converts two of its elements right away; here they are
     # converted on first access, to the same values).
-    file_meta = FileMetaDataset(meta_elements)
-    file_meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding)
+    file_meta = _from_template(FileMetaDataset, _META_STATE, meta_elements)
     # pydicom builds an intermediate Dataset on the same element dict and takes the encoding from it;
     # building the FileDataset straight on the dict gives the same object.
-    ds = FileDataset(io.BytesIO(data), body[0], data[:_PREAMBLE_LEN], file_meta, False, True)
+    ds = _from_template(FileDataset, _FILE_STATE, body[0])
+    ds.preamble = data[:_PREAMBLE_LEN]
+    ds.file_meta = file_meta
+    buffer = io.BytesIO(data)
+    ds.buffer = buffer
+    ds.fileobj_type = type(buffer)
     ds.set_original_encoding(False, True, ds._character_set)
     return ds
+
+
+def _constructed_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The instance attributes pydicom's constructors give an empty file meta dataset (with the encoding the
+    reader sets) and an empty Explicit VR Little Endian ``FileDataset`` read from a buffer."""
+    meta = FileMetaDataset({})
+    meta.set_original_encoding(is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding)
+    ds = FileDataset(io.BytesIO(b""), {}, b"", meta, False, True)
+    return dict(vars(meta)), dict(vars(ds))
+
+
+#: read-only templates: what the constructors set, copied per object by :func:`_from_template`
+_META_STATE, _FILE_STATE = _constructed_state()
+
+
+def _from_template(cls: type[_D], state: dict[str, Any], elements: dict[BaseTag, Any]) -> _D:
+    """An instance of ``cls`` with the attributes its constructor sets (``state``; containers copied, so no
+    two objects share one) on ``elements`` -- without the constructor's ~40 attribute assignments through
+    ``Dataset.__setattr__`` (~0.1 ms per file). The caller sets the per-file attributes (preamble, file meta,
+    buffer); the tests compare every attribute with pydicom's own dataset."""
+    obj = cls.__new__(cls)
+    attrs = {key: (value.copy() if type(value) in (dict, list) else value) for key, value in state.items()}
+    attrs["_dict"] = elements
+    object.__setattr__(obj, "__dict__", attrs)
+    return obj
