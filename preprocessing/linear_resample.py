@@ -200,8 +200,9 @@ def _resample_separable(
 
     A diagonal map interpolates every source row at the same columns, and every source slice at the same
     rows. So the lerps along i are done once per source row that a grid row reads (``rows``, float64), those
-    along j once per source slice that a grid slice of ``[k_start, k_stop)`` reads (``planes``), and only the
-    lerp along k per grid voxel -- instead of up to seven lerps and eight reads per voxel. Each value is
+    along j once per source slice that a grid slice of ``[k_start, k_stop)`` reads (``planes``: the two
+    slices the current grid slice reads, kept while the next one reads them too), and only the lerp along k
+    per grid voxel -- instead of up to seven lerps and eight reads per voxel. Each value is
     ``v0 + (v1 - v0) * d`` on exactly the operands of :func:`_lerp_rows`, in its order (a slice at distance 0
     along k read alone).
     """
@@ -210,15 +211,7 @@ def _resample_separable(
     ib, in_, idist, iok = _axis_table(offset[0], steps[0, 0], w_out, ni)
     jb, jn, jdist, jok = _axis_table(offset[1], steps[1, 1], h_out, nj)
     kb, kn, kdist, kok = _axis_table(offset[2], steps[2, 2], d_out, nk)
-    # the source slices (planes) and rows the grid voxels of this slab read
-    plane_of = np.full(nk, -1, dtype=np.int64)
-    n_planes = 0
-    for k in range(k_start, k_stop):
-        if kok[k]:
-            for s in (kb[k], kn[k]):
-                if plane_of[s] < 0:
-                    plane_of[s] = n_planes
-                    n_planes += 1
+    # the source rows any grid row reads (the same for every source slice)
     row_of = np.full(nj, -1, dtype=np.int64)
     n_rows = 0
     for j in range(h_out):
@@ -228,39 +221,61 @@ def _resample_separable(
                     row_of[r] = n_rows
                     n_rows += 1
     rows = np.empty((max(n_rows, 1), w_out), dtype=np.float64)
-    planes = np.empty((max(n_planes, 1), h_out, w_out), dtype=np.float64)
-    for s in range(nk):
-        p = plane_of[s]
-        if p < 0:
-            continue
-        for r in range(nj):  # along i: vx = v0 + (v1 - v0) * d0
-            q = row_of[r]
-            if q < 0:
-                continue
-            src_row = src[s, r]
-            row = rows[q]
-            for i in range(w_out):
-                v0 = float(src_row[ib[i]])
-                row[i] = v0 + (float(src_row[in_[i]]) - v0) * idist[i]
-        plane = planes[p]
-        for j in range(h_out):  # along j: vxx = vx0 + (vx1 - vx0) * d1
-            if not jok[j]:
-                continue
-            a = rows[row_of[jb[j]]]
-            b = rows[row_of[jn[j]]]
-            d1 = jdist[j]
-            plane_row = plane[j]
-            for i in range(w_out):
-                plane_row[i] = a[i] + (b[i] - a[i]) * d1
+    # Two planes, computed on demand: consecutive grid slices read the same or neighbouring source slices
+    # (the map along k is monotone), so a slice's plane is computed once per slab and the working set stays
+    # two planes (~1 MB at 256 x 256) instead of one per source slice.
+    planes = np.empty((2, h_out, w_out), dtype=np.float64)
+    plane_slice = np.full(2, -1, dtype=np.int64)
+    slots = np.empty(2, dtype=np.int64)
+    wanted = np.empty(2, dtype=np.int64)
     count = 0
-    for k in range(k_start, k_stop):  # along k (a slice at distance 0 is read alone, as in _lerp_rows)
+    for k in range(k_start, k_stop):
+        if not kok[k]:
+            for j in range(h_out):
+                for i in range(w_out):
+                    inside[k, j, i] = False
+                    out[k, j, i] = default
+            continue
         d2 = kdist[k]
-        p0 = planes[plane_of[kb[k]]] if kok[k] else planes[0]
-        p1 = planes[plane_of[kn[k]]] if kok[k] else planes[0]
-        for j in range(h_out):
+        wanted[0] = kb[k]
+        wanted[1] = kn[k] if d2 != 0.0 else kb[k]
+        for w in range(2):
+            s = wanted[w]
+            if plane_slice[0] == s:
+                slots[w] = 0
+                continue
+            if plane_slice[1] == s:
+                slots[w] = 1
+                continue
+            # replace the plane that the other wanted slice does not use
+            victim = 1 if plane_slice[0] == wanted[1 - w] else 0
+            plane_slice[victim] = s
+            slots[w] = victim
+            for r in range(nj):  # along i: vx = v0 + (v1 - v0) * d0
+                q = row_of[r]
+                if q < 0:
+                    continue
+                src_row = src[s, r]
+                row = rows[q]
+                for i in range(w_out):
+                    v0 = float(src_row[ib[i]])
+                    row[i] = v0 + (float(src_row[in_[i]]) - v0) * idist[i]
+            plane = planes[victim]
+            for j in range(h_out):  # along j: vxx = vx0 + (vx1 - vx0) * d1
+                if not jok[j]:
+                    continue
+                a = rows[row_of[jb[j]]]
+                b = rows[row_of[jn[j]]]
+                d1 = jdist[j]
+                plane_row = plane[j]
+                for i in range(w_out):
+                    plane_row[i] = a[i] + (b[i] - a[i]) * d1
+        p0 = planes[slots[0]]
+        p1 = planes[slots[1]]
+        for j in range(h_out):  # along k (a slice at distance 0 is read alone, as in _lerp_rows)
             out_row = out[k, j]
             inside_row = inside[k, j]
-            if not (kok[k] and jok[j]):
+            if not jok[j]:
                 for i in range(w_out):
                     inside_row[i] = False
                     out_row[i] = default
