@@ -35,7 +35,7 @@ from preprocessing.errors import (
     TruncatedDicomError,
     UnsupportedPixelDataError,
 )
-from preprocessing.fast_dicom import fast_dcmread
+from preprocessing.fast_dicom import fast_dcmread, intern_tag
 from preprocessing.parallel_decode import available_cores
 
 Source = Path | str | Sequence[bytes] | Sequence[Dataset] | Mapping[str, Sequence[Dataset]]
@@ -179,7 +179,8 @@ _CACHED_KEYWORDS = (
     "DiffusionBValue",
     "TransferSyntaxUID",
 )
-_KEYWORD_TAGS: dict[str, BaseTag] = {kw: Tag(tag_for_keyword(kw) or 0) for kw in _CACHED_KEYWORDS}  # read-only
+#: read-only; the interned tag objects the fast reader keys its elements with (lookups match by identity)
+_KEYWORD_TAGS: dict[str, BaseTag] = {kw: intern_tag(tag_for_keyword(kw) or 0) for kw in _CACHED_KEYWORDS}
 
 
 def _keyword_tag(keyword: str) -> BaseTag:

@@ -83,6 +83,23 @@ _ACCEPTED_SYNTAX_RAW = _EXPLICIT_LE_RAW | frozenset(
     uid.encode("ascii") + (b"\x00" if len(uid) % 2 else b"") for uid in ENCAPSULATED_SYNTAXES
 )
 _D = TypeVar("_D", bound=FileMetaDataset | FileDataset)
+#: one BaseTag object per tag value (bounded): the elements of every dataset read here are keyed by these
+#: objects, so a lookup with the same object (:func:`intern_tag`) matches by identity and skips
+#: ``BaseTag.__eq__``, a Python-level method that a dict otherwise calls on every hit
+_INTERNED: dict[int, BaseTag] = {}
+_MAX_INTERNED = 1 << 16
+
+
+def intern_tag(key: int) -> BaseTag:
+    """The shared :class:`BaseTag` of ``key`` (a new one once the table is full: the same value either way)."""
+    tag = _INTERNED.get(key)
+    if tag is None:
+        tag = int.__new__(BaseTag, key)
+        if len(_INTERNED) < _MAX_INTERNED:  # a race between threads only creates an extra equal object
+            _INTERNED[key] = tag
+    return tag
+
+
 _ITEM = b"\xfe\xff\x00\xe0"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"
 
@@ -265,12 +282,11 @@ def _walk_body(data: bytes, pos: int) -> tuple[dict[BaseTag, DataElement | RawDa
     if scanned is None:
         return _walk(data, pos, meta_only=False)
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
-    new_tag = int.__new__
-    base_tag = BaseTag
+    interned = _INTERNED.get
     new_raw = tuple.__new__
     raw_cls = RawDataElement
     for key, vr, length, start, stop in zip(*scanned):
-        tag = new_tag(base_tag, key)
+        tag = interned(key) or intern_tag(key)
         value = data[start:stop] if length else empty_value_for_VR(vr, raw=True)
         elements[tag] = new_raw(raw_cls, (tag, vr, length, value, start, False, True, True, False))  # type: ignore[arg-type]
     return elements, len(data)

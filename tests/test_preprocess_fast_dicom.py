@@ -245,3 +245,19 @@ def test_compiled_element_scan_walks_bodies_exactly_as_the_python_walk_does() ->
             continue
         accepted += _same_walk(damaged, meta[1])
     assert accepted > 500
+
+
+def test_fast_reader_keys_elements_with_interned_tags_that_header_lookups_share(
+    synthetic_blobs: dict[str, list[bytes]],
+) -> None:
+    """Every dataset read by the compiled scan is keyed by the one interned object per tag, the objects the
+    header-value cache looks up with, so its dict hits match by identity (no Python-level ``__eq__``)."""
+    from preprocessing.dicom_io import _KEYWORD_TAGS
+
+    a, b = (fast_dcmread(data) for data in synthetic_blobs["7/0/t2w_tra"][:2])
+    assert a is not None and b is not None
+    for tag in a._dict:
+        assert tag is fast_dicom.intern_tag(int(tag)) and tag == int(tag)
+    rows = _KEYWORD_TAGS["Rows"]
+    assert rows is fast_dicom.intern_tag(0x00280010)
+    assert any(key is rows for key in a._dict) and any(key is rows for key in b._dict)
