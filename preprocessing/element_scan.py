@@ -139,6 +139,14 @@ def _sequence_end(buf: np.ndarray, pos: int, kind_of: np.ndarray) -> tuple[int, 
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
+def _grown(a: np.ndarray, cap: int) -> np.ndarray:
+    """``a`` copied into a new array of ``cap`` entries."""
+    out = np.empty(cap, dtype=a.dtype)
+    out[: a.size] = a
+    return out
+
+
+@numba.njit(nogil=True, cache=True, boundscheck=False)
 def _scan(
     buf: np.ndarray, pos: int, kind_of: np.ndarray, code_of: np.ndarray
 ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -199,13 +207,6 @@ def _scan(
         n += 1
         pos = next_pos
     return n, tags, codes, lengths, starts, stops
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.empty(cap, dtype=a.dtype)
-    out[: a.size] = a
-    return out
 
 
 def scan_body(data: bytes, pos: int) -> tuple[list[int], list[str], list[int], list[int], list[int]] | None:

@@ -131,6 +131,8 @@ _RADIX_MIN_SIZE = 20_000
 _SIGN = np.uint32(0x80000000)
 _ABS = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
+#: the mask argument of an unmasked :func:`_radix_select` (never read)
+_NO_MASK = np.zeros(1, dtype=np.bool_)
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
@@ -225,9 +227,6 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None
         return None
     full = np.partition(v, wanted)
     return {int(r): full[r] for r in wanted}
-
-
-_NO_MASK = np.zeros(1, dtype=np.bool_)
 
 
 def percentiles_linear(x: np.ndarray, q: Sequence[float], inside: np.ndarray | None = None) -> list[float]:
