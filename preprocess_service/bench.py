@@ -36,6 +36,13 @@ SECTION_END = "<!-- serving:service:end -->"
 def register(bench_sub: Any) -> None:
     p = bench_sub.add_parser("service", help="the analysis service end to end vs its stages alone")
     p.add_argument("--repository", type=Path, default=Path("out/bench_service/model_repository"))
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint to serve (default: the shipped one); the repository is exported again when it is not "
+        "current for it (e.g. left by an older version)",
+    )
     p.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated concurrency levels")
     p.add_argument("--requests-per-level", type=int, default=16, help="studies sent per concurrency level")
@@ -93,6 +100,7 @@ def _q(values: list[float]) -> tuple[float, float, float]:
 
 def run(args: argparse.Namespace) -> int:
     from mpmri_client import AnalysisClient, ChannelOptions
+    from networks.checkpoint import DEFAULT_CHECKPOINT
     from preprocess_service.cli import ensure_repository
     from preprocess_service.launcher import start_service
     from preprocess_service.triton import load_served_model
@@ -102,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from serving.triton_client import EnsembleClient
     from synth.generator import synthesize_study, write_study
 
-    ensure_repository(args.repository, None)
+    ensure_repository(args.repository, args.checkpoint or DEFAULT_CHECKPOINT)
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="mpmri_bench_service_"))
     case = write_study(synthesize_study(7, 0), work / "study")

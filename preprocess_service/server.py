@@ -9,7 +9,6 @@ service can honour. Reflection lists the services.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import sys
@@ -145,12 +144,6 @@ class AnalysisServer:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         # highdicom's first SEG costs about a second: pay it before the first router call, not during it
         warm_up_s = await asyncio.get_running_loop().run_in_executor(self.executor, warm_up_dicom_outputs)
-        # Everything alive now (modules, the DICOM dictionary, compiled kernels: ~150 k objects) lives as long as
-        # the process: leave it out of the collector's full passes. Each study's headers survive long enough
-        # to reach the oldest generation, and every few studies a full pass over all of it cost 80-100 ms
-        # (measured on the 2-core VM; 1-3 ms once frozen). Garbage cycles are collected first.
-        gc.collect()
-        gc.freeze()
         await self.server.start()
         self._watcher = asyncio.create_task(self._watch())
         log.info(
