@@ -230,11 +230,9 @@ def _resample_separable(
     wanted = np.empty(2, dtype=np.int64)
     count = 0
     for k in range(k_start, k_stop):
-        if not kok[k]:
-            for j in range(h_out):
-                for i in range(w_out):
-                    inside[k, j, i] = False
-                    out[k, j, i] = default
+        if not kok[k]:  # the whole grid slice lies outside the source
+            inside[k] = False
+            out[k] = default
             continue
         d2 = kdist[k]
         wanted[0] = kb[k]
@@ -276,9 +274,8 @@ def _resample_separable(
             out_row = out[k, j]
             inside_row = inside[k, j]
             if not jok[j]:
-                for i in range(w_out):
-                    inside_row[i] = False
-                    out_row[i] = default
+                inside_row[:] = False
+                out_row[:] = default
                 continue
             a = p0[j]
             b = p1[j]
