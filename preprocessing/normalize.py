@@ -59,7 +59,9 @@ def normalize_channel(
         if n_inside == 0:
             lo = hi = 0.0
         else:
-            lo, hi = percentiles_linear(values_dhw, (spec.lower_percentile, spec.upper_percentile), inside_fov)
+            lo, hi = percentiles_linear(
+                values_dhw, (spec.lower_percentile, spec.upper_percentile), inside_fov, n_inside
+            )
         scale = hi - lo
         degenerate = not scale > 1e-6 * max(abs(hi), abs(lo), 1.0)
         if degenerate:
@@ -80,7 +82,7 @@ def normalize_channel(
             {
                 "divisor": spec.divisor,
                 "unit": spec.unit,
-                "median_inside_fov": median(values_dhw, inside_fov) if n_inside else None,
+                "median_inside_fov": median(values_dhw, inside_fov, n_inside) if n_inside else None,
             }
         )
     else:  # pragma: no cover - the contract defines only the two kinds
@@ -205,7 +207,16 @@ def _selected(x: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
     return np.array(x, order="C").reshape(-1) if inside is None else x[inside]
 
 
-def order_statistics(x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None = None) -> dict[int, Any] | None:
+def _count(x: np.ndarray, inside: np.ndarray | None, count: int | None) -> int:
+    """How many values ``x[inside]`` holds: ``count`` when the caller knows it, else counted once here."""
+    if count is not None:
+        return count
+    return x.size if inside is None else int(np.count_nonzero(inside))
+
+
+def order_statistics(
+    x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None = None, count: int | None = None
+) -> dict[int, Any] | None:
     """``{r: np.sort(v)[r]}`` for the given 0-based ranks, exactly, of ``v = x[inside]`` (all of ``x`` without a
     mask); ``None`` when a NaN is among them (numpy's sort puts NaN last; the callers ask numpy then).
 
@@ -213,7 +224,7 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None
     copy of the selected values); anything else: ``np.partition`` of the selected values.
     """
     wanted = np.unique(np.asarray(ranks, dtype=np.int64))
-    n = x.size if inside is None else int(np.count_nonzero(inside))
+    n = _count(x, inside, count)
     if _radix_pays(x, n):
         flat = np.ascontiguousarray(x).reshape(-1)
         mask = np.ascontiguousarray(inside, dtype=np.bool_).reshape(-1) if inside is not None else _NO_MASK
@@ -229,7 +240,9 @@ def order_statistics(x: np.ndarray, ranks: np.ndarray, inside: np.ndarray | None
     return {int(r): full[r] for r in wanted}
 
 
-def percentiles_linear(x: np.ndarray, q: Sequence[float], inside: np.ndarray | None = None) -> list[float]:
+def percentiles_linear(
+    x: np.ndarray, q: Sequence[float], inside: np.ndarray | None = None, count: int | None = None
+) -> list[float]:
     """``[float(v) for v in np.percentile(x[inside], q)]`` (method ``linear``; all of ``x`` without a mask),
     bit for bit.
 
@@ -240,14 +253,14 @@ def percentiles_linear(x: np.ndarray, q: Sequence[float], inside: np.ndarray | N
     modified.
     """
     qa = np.true_divide(np.asarray(q, dtype=np.float64), 100)
-    n = x.size if inside is None else int(np.count_nonzero(inside))
+    n = _count(x, inside, count)
     stats = None
     if _radix_pays(x, n) and bool(np.all((qa > 0) & (qa < 1))):
         virtual = (n - 1) * qa
         previous = np.floor(virtual).astype(np.intp)
         following = previous + 1
         gamma = virtual - previous
-        stats = order_statistics(x, np.concatenate([previous, following]), inside)
+        stats = order_statistics(x, np.concatenate([previous, following]), inside, n)
     if stats is None:
         return [float(v) for v in np.percentile(_selected(x, inside), q, overwrite_input=True)]
     a = np.asarray([stats[int(r)] for r in previous], dtype=x.dtype)
@@ -259,15 +272,15 @@ def percentiles_linear(x: np.ndarray, q: Sequence[float], inside: np.ndarray | N
     return [float(v) for v in result]
 
 
-def median(x: np.ndarray, inside: np.ndarray | None = None) -> float:
+def median(x: np.ndarray, inside: np.ndarray | None = None, count: int | None = None) -> float:
     """``float(np.median(x[inside]))`` (all of ``x`` without a mask) bit for bit: the mean of the middle order
     statistic(s). ``x`` is not modified."""
-    n = x.size if inside is None else int(np.count_nonzero(inside))
+    n = _count(x, inside, count)
     stats = None
     if _radix_pays(x, n):
         half = n // 2
         ranks = [half] if n % 2 else [half - 1, half]  # numpy's median: mean of the middle one or two
-        stats = order_statistics(x, np.asarray(ranks, dtype=np.intp), inside)
+        stats = order_statistics(x, np.asarray(ranks, dtype=np.intp), inside, n)
     if stats is None:
         return float(np.median(_selected(x, inside), overwrite_input=True))
     return float(np.mean(np.asarray([stats[r] for r in ranks], dtype=x.dtype)))
