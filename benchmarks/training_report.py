@@ -34,6 +34,15 @@ def _command(config: dict[str, Any]) -> str:
     )
 
 
+def _cache_words(invocation: dict[str, Any]) -> str:
+    built, seconds = invocation.get("cache_cases_built"), invocation.get("cache_seconds")
+    if built is None:
+        return "cache build not recorded (run made before it was)"
+    if built == 0:
+        return "cache already built"
+    return f"including building {built} cases of the cache ({seconds / 60:.1f} min)"
+
+
 def render(run_dir: Path) -> str:
     """The markdown section (markers included) for the finished run in ``run_dir``."""
     with open(run_dir / "history.csv") as fh:
@@ -58,8 +67,8 @@ def render(run_dir: Path) -> str:
         f"- Machine: {platform.machine()}, {invocation.get('cpus')} logical CPUs, torch threads"
         f" {invocation.get('threads')}; load average at start {invocation.get('load_average_1_5_15_start')}, at end"
         f" {invocation.get('load_average_1_5_15_end')} (1 / 5 / 15 min; above 2 means other jobs shared the cores).",
-        f"- Wall clock of the training invocation (cache already built; building it for 400 cases is separate):"
-        f" **{wall / 60:.1f} min**; sum of epoch times {training.get('seconds')} s."
+        f"- Wall clock of the training invocation: **{wall / 60:.1f} min**, {_cache_words(invocation)}; sum of epoch"
+        f" times {training.get('seconds')} s."
         if wall
         else "- Wall clock: –",
         f"- Checkpoint created {meta.get('created_utc')}; report written"
@@ -80,6 +89,16 @@ def render(run_dir: Path) -> str:
             f" | {float(last['val_dice']):.3f} | {float(last['val_auroc']):.3f}"
             f" | {float(last['val_pirads_accuracy']):.3f} |"
         )
+    thresholds = calibration.get("score_thresholds")
+    if thresholds:
+        lines += [
+            "",
+            f"Category thresholds ({calibration['data']}, {calibration['cases']} synthetic studies; ordinal maximum"
+            f" likelihood on the raw highest score): {', '.join(f'{t:.3f}' for t in thresholds['thresholds'])}, mapped"
+            f" onto the cut points {', '.join(f'{c:g}' for c in thresholds['maps_to_cutpoints'])}; negative"
+            f" log-likelihood of the study categories {thresholds['nll_before']:.1f} before,"
+            f" {thresholds['nll_after']:.1f} after (in-sample).",
+        ]
     if "slope" in calibration:
         lines += [
             "",

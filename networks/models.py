@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -57,6 +58,8 @@ from contract import (
 ONNX_OPSET: int = 17
 
 Strides = tuple[tuple[int, int, int], ...]
+#: smallest gap between two fitted category thresholds (score units): every category keeps a non-empty range
+MIN_THRESHOLD_GAP: float = 0.1
 #: initial value of the localization output bias (prior lesion probability sigmoid(-4) ~ 0.018)
 LOGIT_PRIOR_BIAS: float = -4.0
 
@@ -255,6 +258,14 @@ class Classification(nn.Module):
         self.register_buffer("cutpoints", torch.tensor(PIRADS_SCORE_CUTPOINTS, dtype=torch.float32))
         #: Platt calibration (slope a, intercept b) of the csPCa logit; identity until :meth:`set_calibration`
         self.register_buffer("calibration", torch.tensor([1.0, 0.0], dtype=torch.float32))
+        #: category thresholds on the network's raw score, fitted on a validation split (:meth:`set_score_thresholds`);
+        #: the score is remapped so that they land on the contract's cut points (identity until then)
+        self.register_buffer("score_thresholds", torch.tensor(PIRADS_SCORE_CUTPOINTS, dtype=torch.float32))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the score thresholds existed carry none: they are the identity
+        state_dict.setdefault(prefix + "score_thresholds", torch.tensor(PIRADS_SCORE_CUTPOINTS, dtype=torch.float32))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def cspca_cutpoint(self) -> torch.Tensor:
@@ -267,10 +278,39 @@ class Classification(nn.Module):
             raise ValueError(f"calibration slope must be positive (monotone), got {slope}")
         self.calibration.copy_(torch.tensor([slope, intercept], dtype=torch.float32))  # type: ignore[operator]
 
-    def score(self, images: torch.Tensor, fused_map: torch.Tensor) -> torch.Tensor:
-        """The continuous PI-RADS-like score ``s`` ``[B, 1, D, H, W]`` (``score_map``)."""
+    def set_score_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Store the raw-score thresholds ``t_2 < t_3 < t_4 < t_5`` of the categories (see :meth:`remap_score`)."""
+        values = [float(v) for v in thresholds]
+        if len(values) != len(PIRADS_SCORE_CUTPOINTS) or any(b - a < MIN_THRESHOLD_GAP for a, b in pairwise(values)):
+            raise ValueError(
+                f"score thresholds must be {len(PIRADS_SCORE_CUTPOINTS)} values increasing by at least "
+                f"{MIN_THRESHOLD_GAP}, got {values}"
+            )
+        self.score_thresholds.copy_(torch.tensor(values, dtype=torch.float32))  # type: ignore[operator]
+
+    def remap_score(self, raw: torch.Tensor) -> torch.Tensor:
+        """Monotone piecewise-linear map of the raw score that sends ``score_thresholds`` onto the cut points.
+
+        Linear between the thresholds, slope 1 below the first and above the last; the identity while the
+        thresholds are the cut points (during training). ONNX-friendly: a sum of ``relu`` hinges.
+        """
+        x: torch.Tensor = self.score_thresholds  # type: ignore[assignment]
+        y: torch.Tensor = self.cutpoints  # type: ignore[assignment]
+        ones = torch.ones_like(x[:1])
+        slopes = torch.cat([ones, (y[1:] - y[:-1]) / (x[1:] - x[:-1]), ones])  # below x_0, between, above x_-1
+        out = y[0] + (raw - x[0])
+        for i in range(x.shape[0]):
+            out = out + (slopes[i + 1] - slopes[i]) * torch.relu(raw - x[i])
+        return out
+
+    def raw_score(self, images: torch.Tensor, fused_map: torch.Tensor) -> torch.Tensor:
+        """The network's score before :meth:`remap_score` ``[B, 1, D, H, W]`` (what the training losses read)."""
         _check_images(images, "images")
         return 1.0 + self.unet(torch.cat([images, fused_map], dim=1))
+
+    def score(self, images: torch.Tensor, fused_map: torch.Tensor) -> torch.Tensor:
+        """The continuous PI-RADS-like score ``s`` ``[B, 1, D, H, W]`` (``score_map``), thresholds applied."""
+        return self.remap_score(self.raw_score(images, fused_map))
 
     def cumulative_logits(self, score: torch.Tensor) -> torch.Tensor:
         """``(s - c_k) / tau`` for every cut point: ``[..., K]`` with ``K = 4`` (``P(>= 2..5)`` before sigmoid)."""

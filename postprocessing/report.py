@@ -29,7 +29,8 @@ class Lesion:
         center_lps_mm: likelihood-weighted centroid, DICOM patient coordinates (LPS) in mm.
         volume_ml: candidate volume in millilitres.
         likelihood: calibrated csPCa probability of this lesion in [0, 1] (the peak of ``cspca_map`` in it).
-        pirads: PI-RADS-like category 2-5 of this lesion (``pirads_category`` of ``score``; a lesion is at least 2).
+        pirads: PI-RADS-like category 1-5 of this lesion, ``pirads_category`` of ``score`` (1: the calibrated score
+            puts the candidate below the first cut point, clinically significant cancer highly unlikely).
         score: the continuous PI-RADS-like score of this lesion (the highest ``score_map`` value in it).
     """
 
@@ -59,8 +60,8 @@ class Findings:
         cspca_probability: calibrated probability of clinically significant cancer in [0, 1] (the highest
             lesion evidence: the maximum of ``cspca_map``).
         pirads_distribution: probabilities of PI-RADS-like categories 1..5 at the study's highest score.
-        pirads_score: the study category: ``pirads_category`` of the highest score (the highest lesion
-            category, 1-2 without a lesion).
+        pirads_score: the study category: ``pirads_category`` of the highest score, so never below a lesion's
+            category (the highest lesion category, or a mimic's that is no csPCa candidate; 1-2 without a lesion).
         lesions: candidates by decreasing likelihood.
         labels: uint8 ``[D, H, W]`` on the model grid, lesion ``n`` -> ``n`` (0 background).
         fused_map: float32 ``[D, H, W]`` fused localization map on the model grid.
@@ -140,14 +141,17 @@ def build_findings(
                 center_lps_mm=tuple(round(float(v), 3) for v in c.center_lps_mm),  # type: ignore[arg-type]
                 volume_ml=round(c.volume_mm3 / MM3_PER_ML, 5),
                 likelihood=round(float(c.likelihood), 6),
-                pirads=max(PIRADS_CATEGORIES[1], pirads_category(score)),
+                pirads=pirads_category(score),
                 score=round(score, 4),
             )
         )
+    # the study category is the highest lesion category, or that of the highest score when higher (a mimic that is
+    # no csPCa candidate); every lesion's score is at most the highest, so no lesion can outrank the study
+    study_category = max([pirads_category(float(score_map.max()))] + [lesion.pirads for lesion in lesions])
     return Findings(
         cspca_probability=float(prob[0]),
         pirads_distribution=[float(v) for v in dist],
-        pirads_score=pirads_category(float(score_map.max())),
+        pirads_score=study_category,
         lesions=lesions,
         labels=labels,
         fused_map=fused,

@@ -86,6 +86,38 @@ def test_calibration_must_be_monotone() -> None:
         nets.classification.set_calibration(-1.0, 0.0)
 
 
+def test_score_thresholds_land_on_the_cut_points_monotonically() -> None:
+    cls = build_networks("cpu").classification
+    raw = torch.linspace(-2.0, 9.0, 1101)
+    assert torch.allclose(cls.remap_score(raw), raw, atol=1e-6)  # identity until thresholds are fitted
+    thresholds = [2.1, 3.5, 3.7, 5.2]
+    cls.set_score_thresholds(thresholds)
+    assert torch.allclose(cls.remap_score(torch.tensor(thresholds)), torch.tensor(PIRADS_SCORE_CUTPOINTS), atol=1e-6)
+    remapped = cls.remap_score(raw)
+    assert bool((remapped[1:] > remapped[:-1]).all())  # strictly increasing: the ranking of voxels is kept
+    # slope 1 outside the thresholds; the category of a raw score is its place among the thresholds
+    assert torch.allclose(remapped[0], raw[0] - 2.1 + 1.5) and torch.allclose(remapped[-1], raw[-1] - 5.2 + 4.5)
+    for value in (1.0, 2.2, 3.6, 4.0, 6.0):
+        expected = 1 + sum(value > t for t in thresholds)
+        assert pirads_category(float(cls.remap_score(torch.tensor(value)))) == expected
+
+
+@pytest.mark.parametrize("thresholds", [[1.5, 2.5, 3.5], [1.5, 2.5, 2.45, 4.5], [1.5, 1.55, 3.5, 4.5]])
+def test_score_thresholds_must_be_four_increasing_values(thresholds: list[float]) -> None:
+    with pytest.raises(ValueError, match="increasing"):
+        build_networks("cpu").classification.set_score_thresholds(thresholds)
+
+
+def test_checkpoint_written_before_score_thresholds_loads_as_identity() -> None:
+    nets = build_networks("cpu")
+    state = nets.classification.state_dict()
+    del state["score_thresholds"]
+    other = build_networks("cpu").classification
+    other.set_score_thresholds([2.0, 3.0, 4.0, 5.0])
+    other.load_state_dict(state)
+    assert other.score_thresholds.tolist() == list(PIRADS_SCORE_CUTPOINTS)
+
+
 def test_pirads_category_follows_the_cut_points() -> None:
     assert [pirads_category(v) for v in (0.2, 1.49, 1.51, 2.5, 2.51, 3.7, 4.49, 4.51, 9.0)] == [
         1,
@@ -139,7 +171,10 @@ def test_fusion_starts_as_the_plain_mean_of_the_present_maps() -> None:
 @pytest.mark.parametrize("model_name", [LOCALIZATION_MODEL, FUSION_MODEL, CLASSIFICATION_MODEL])
 def test_onnx_export_with_dynamic_batch_matches_torch(model_name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = build_networks("cpu").eval().modules()[model_name]
+    nets = build_networks("cpu").eval()
+    nets.classification.set_score_thresholds([1.2, 2.9, 3.1, 5.0])  # the calibration buffers travel in the graph
+    nets.classification.set_calibration(1.3, -0.2)
+    module = nets.modules()[model_name]
     path = tmp_path / f"{model_name}.onnx"
     torch.onnx.export(module, example_inputs(model_name, batch=1), str(path), **export_kwargs(model_name))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -233,6 +268,10 @@ def test_shipped_default_checkpoint_matches_contract_and_records_its_provenance(
     assert data["data_seed"] not in (9001, 9101), "validation seeds are never trained on"
     assert meta["evaluation"]["num_cases"] > 0 and 0.0 <= meta["evaluation"]["auroc"] <= 1.0
     assert meta["calibration"]["slope"] > 0 and meta["calibration"]["cases"] >= 40
+    # the category thresholds fitted on the validation split are the ones the network applies
+    recorded = meta["calibration"]["score_thresholds"]["thresholds"]
+    assert nets.classification.score_thresholds.tolist() == pytest.approx(recorded, abs=1e-4)
+    assert recorded != pytest.approx(list(PIRADS_SCORE_CUTPOINTS), abs=1e-3)
     with torch.no_grad():
         out = nets(_images(1), torch.ones(1, NUM_SEQUENCES))
     assert torch.isfinite(out["fused_map"]).all()

@@ -63,6 +63,19 @@ def test_study_category_is_the_highest_score_and_1_without_lesions() -> None:
     assert build_findings(_outputs(empty, score=mimic), GEOMETRY).pirads_score == 3
 
 
+def test_a_candidate_below_the_first_cut_point_is_category_1_like_its_study() -> None:
+    """Calibrated thresholds can put a weak candidate's score below c_2: it is category 1 (its own score), and the
+    study, the highest lesion category, is 1 too; the study is never below one of its lesions."""
+    low = np.full((6, 16, 16), 1.0, np.float32)
+    low[2:4, 3:6, 3:6] = 1.3  # below c_2 = 1.5
+    findings = build_findings(_outputs(_two_blobs() * 0.2, score=low), GEOMETRY)
+    assert findings.lesions and [les.pirads for les in findings.lesions] == [1, 1]
+    assert findings.pirads_score == 1
+    low[1:3, 10:13, 9:12] = 2.7  # the other candidate's score: category 3
+    findings = build_findings(_outputs(_two_blobs() * 0.2, score=low), GEOMETRY)
+    assert sorted(les.pirads for les in findings.lesions) == [1, 3] and findings.pirads_score == 3
+
+
 def test_findings_name_a_missing_or_misshapen_output() -> None:
     with pytest.raises(ValueError, match="'fused_map' is missing"):
         build_findings({"cspca_probability": np.zeros(1), "pirads_distribution": np.zeros(5)}, GEOMETRY)

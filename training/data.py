@@ -227,18 +227,43 @@ def case_cache_path(cache_dir: Path, seed: int, index: int, grid: GridSpec = DEF
 
 
 def build_cache(
-    cache_dir: Path, seed: int, indices: Sequence[int], progress: bool = True, grid: GridSpec = DEFAULT_GRID
+    cache_dir: Path,
+    seed: int,
+    indices: Sequence[int],
+    progress: bool = True,
+    grid: GridSpec = DEFAULT_GRID,
+    workers: int = 1,
 ) -> list[Path]:
     """Make sure every case ``index`` of ``seed`` is cached under ``cache_dir``; returns the npz paths.
 
     Existing files are reused (the cache key is generator version + seed + index; :func:`load_case` refuses a
-    case of another contract or generator version).
+    case of another contract or generator version). ``workers > 1`` builds the missing cases in that many
+    processes (``spawn``: safe after torch has started its threads); every case is a pure function of
+    ``(seed, index, grid)``, so the files do not depend on ``workers``.
     """
     paths = [case_cache_path(cache_dir, seed, i, grid) for i in indices]
     missing = [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
-    for index, path in tqdm(missing, desc=f"cache seed {seed}", disable=not progress or not missing, mininterval=5):
-        save_case(path, prepare_synthetic_case(seed, index, grid))
+    bar = tqdm(total=len(missing), desc=f"cache seed {seed}", disable=not progress or not missing, mininterval=5)
+    if workers <= 1 or len(missing) < 2:
+        for index, path in missing:
+            _cache_case(seed, index, grid, path)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            jobs = [(seed, index, grid, path) for index, path in missing]
+            for _ in pool.map(_cache_case, *zip(*jobs, strict=True)):
+                bar.update()
+    bar.close()
     return paths
+
+
+def _cache_case(seed: int, index: int, grid: GridSpec, path: Path) -> None:
+    """Synthesize, preprocess and save one case (a top-level function: picklable for the process pool)."""
+    save_case(path, prepare_synthetic_case(seed, index, grid))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,8 +324,8 @@ class CaseDataset(torch.utils.data.Dataset):
     """In-memory cases as training tensors; call :meth:`set_epoch` before each epoch for fresh augmentation.
 
     Items: ``images [S,D,H,W]``, ``availability [S]``, ``target [1,D,H,W]`` float32, ``pirads_target [D,H,W]``
-    int64 (category 1-5 per voxel, :func:`pirads_target`), ``significant`` float32, ``pirads_class`` int64
-    (0-4 = study category 1-5).
+    int64 (category 1-5 per voxel, :func:`pirads_target`), ``lesion_index [D,H,W]`` int64 (0 outside lesions,
+    ``i`` inside lesion ``i``), ``significant`` float32, ``pirads_class`` int64 (0-4 = study category 1-5).
     """
 
     def __init__(self, records: Sequence[CaseRecord], augment: AugmentSettings | None = None, seed: int = 0) -> None:
@@ -317,7 +342,7 @@ class CaseDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rec = self.records[i]
-        labels = np.stack([rec.target, pirads_target(rec.lesion_index, rec.truth)])
+        labels = np.stack([rec.target, pirads_target(rec.lesion_index, rec.truth), rec.lesion_index])
         images, availability = rec.images, rec.availability
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -327,6 +352,7 @@ class CaseDataset(torch.utils.data.Dataset):
             "availability": torch.from_numpy(np.ascontiguousarray(availability, dtype=np.float32)),
             "target": torch.from_numpy(np.ascontiguousarray(labels[0], dtype=np.float32))[None],
             "pirads_target": torch.from_numpy(np.ascontiguousarray(labels[1], dtype=np.int64)),
+            "lesion_index": torch.from_numpy(np.ascontiguousarray(labels[2], dtype=np.int64)),
             "significant": torch.tensor(float(rec.significant)),
             "pirads_class": torch.tensor(rec.max_pirads - 1, dtype=torch.int64),
         }

@@ -8,9 +8,10 @@ Losses (MONAI):
 * classification (the score map): an ordinal cumulative-link loss per voxel (categories of the lesions,
   mimics included) and per study (the highest score against the study category), see :func:`score_loss`.
 
-After the last epoch the csPCa logit is calibrated (Platt) on the validation split (:func:`fit_calibration`);
-the calibration is part of the classification network's state, so it travels with the checkpoint and the ONNX
-model and is applied identically by evaluation, the demo and the service.
+After the last epoch the category thresholds and the csPCa logit are calibrated on the validation split
+(:func:`training.calibration.calibrate`); the calibration is part of the classification network's state, so it
+travels with the checkpoint and the ONNX model and is applied identically by evaluation, the demo and the
+service.
 
 Determinism: everything is seeded from ``TrainConfig.seed``; augmentation and dropout are re-seeded
 at every epoch from ``(seed, epoch)``, so a run resumed from ``last.pt`` continues exactly as an
@@ -43,13 +44,12 @@ from contract import NAMED_GRIDS, pirads_category
 from contract.errors import MpmriError
 from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from networks.models import PROFILES, Classification, MpmriNetworks, build_networks_from_profile
-from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_case
+from training.calibration import calibrate
+from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, case_cache_path, load_case
 
 log = logging.getLogger(__name__)
 
 PHASES: tuple[str, ...] = ("localization", "classification", "joint")
-#: fewer validation cases than this leave the calibration at the identity (recorded as skipped)
-MIN_CALIBRATION_CASES = 10
 HISTORY_FIELDS: tuple[str, ...] = (
     "global_epoch",
     "phase",
@@ -151,8 +151,10 @@ def score_loss(classification: Classification, score: torch.Tensor, batch: dict[
     """Ordinal (cumulative-link) loss of the score map, per voxel and per study.
 
     * voxel term: binary cross-entropy of ``P(>= k)`` for ``k = 2..5`` against the voxel's PI-RADS-like category
-      (``pirads_target``: the category of the lesion it lies in, 1 outside lesions, mimics included), averaged
-      over lesion voxels and over the other voxels separately and summed (the classes are balanced);
+      (``pirads_target``: the category of the lesion it lies in, 1 outside lesions, mimics included). It is the
+      mean over the voxels outside lesions plus the mean over *lesions* of each lesion's mean (``lesion_index``):
+      every lesion counts the same whatever its volume, so a 6 mm transition-zone cancer weighs as much as a
+      20 mm one (a mean over lesion voxels let the large lesions decide);
     * study term: the same at the study's highest score against the study category (``max_pirads``): this is
       what the study probability and category are read from.
     """
@@ -165,11 +167,26 @@ def score_loss(classification: Classification, score: torch.Tensor, batch: dict[
     in_lesion = target > 1
     voxel = voxel_bce[~in_lesion].mean()
     if bool(in_lesion.any()):
-        voxel = voxel + voxel_bce[in_lesion].mean()
+        voxel = voxel + per_lesion_mean(voxel_bce, batch["lesion_index"], in_lesion)
     study_logits = classification.cumulative_logits(score.amax(dim=(1, 2, 3, 4)))  # [B, K]
     study_target = (batch["pirads_class"].unsqueeze(-1) + 1 >= categories).to(score.dtype)
     study = F.binary_cross_entropy_with_logits(study_logits, study_target)
     return voxel + study
+
+
+def per_lesion_mean(values: torch.Tensor, lesion_index: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Mean over lesions of the mean of ``values`` over each lesion's voxels.
+
+    ``values``, ``lesion_index`` (int, lesion ``i`` of its study, 0 outside) and ``inside`` (bool, the voxels to
+    use) are ``[B, D, H, W]``; a lesion is identified by ``(study in batch, lesion_index)``. Returns a scalar.
+    """
+    study = torch.arange(values.shape[0], device=values.device).view(-1, 1, 1, 1).expand_as(lesion_index)
+    key = (study * 256 + lesion_index)[inside]
+    sums = torch.zeros(values.shape[0] * 256, dtype=values.dtype, device=values.device)
+    sums = sums.index_add(0, key, values[inside])
+    counts = torch.bincount(key, minlength=sums.numel()).to(values.dtype)
+    present = counts > 0
+    return (sums[present] / counts[present]).mean()
 
 
 def _forward(
@@ -234,52 +251,6 @@ def validate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: int
         "val_dice": 2 * inter / denom if denom > 0 else 1.0,
         "val_auroc": auroc,
         "val_pirads_accuracy": correct / len(records),
-    }
-
-
-@torch.no_grad()
-def fit_calibration(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: int = 4) -> dict[str, Any]:
-    """Fit the Platt calibration of the study csPCa logit on ``records`` and store it in ``nets``.
-
-    The study logit is the classification network's uncalibrated csPCa logit at the study's highest score
-    (``(max s - c_4) / tau``); ``sigmoid(a * logit + b)`` is fitted to the study truth by maximum likelihood
-    (a weakly regularized logistic regression). Because the map is calibrated with the same ``(a, b)``,
-    lesion likelihoods and the study probability stay one scale. Returns what the checkpoint records; with too
-    few validation cases (smoke runs) the calibration stays the identity and the reason is returned instead.
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    if len(records) < MIN_CALIBRATION_CASES:
-        return {"skipped": f"{len(records)} validation cases; calibration needs at least {MIN_CALIBRATION_CASES}"}
-    nets.eval()
-    logits: list[float] = []
-    labels: list[int] = []
-    loader = torch.utils.data.DataLoader(CaseDataset(records), batch_size=batch_size, shuffle=False)
-    for batch in loader:
-        images, availability = batch["images"], batch["availability"]
-        fused = nets.fusion(nets.localization(images), availability, images)
-        score = nets.classification.score(images, fused).amax(dim=(1, 2, 3, 4))
-        logits += nets.classification.cspca_logit(score).tolist()
-        labels += [int(v) for v in batch["significant"].tolist()]
-    x, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    if len(set(labels)) < 2:
-        return {"skipped": "the validation cases are all of one class; calibration needs both"}
-    model = LogisticRegression(C=100.0).fit(x[:, None], y)
-    slope, intercept = float(model.coef_[0, 0]), float(model.intercept_[0])
-    if slope <= 0:
-        return {
-            "skipped": f"fitted slope {slope:.3f} is not positive: the network does not rank the validation studies"
-        }
-    before = 1 / (1 + np.exp(-x))
-    after = 1 / (1 + np.exp(-(slope * x + intercept)))
-    nets.classification.set_calibration(slope, intercept)
-    return {
-        "method": "platt (logistic regression of the study truth on the uncalibrated study csPCa logit)",
-        "slope": slope,
-        "intercept": intercept,
-        "cases": len(records),
-        "brier_before": float(np.mean((before - y) ** 2)),
-        "brier_after": float(np.mean((after - y) ** 2)),
     }
 
 
@@ -357,7 +328,9 @@ def load_records(config: TrainConfig, progress: bool = True) -> tuple[list[CaseR
     if config.cases <= config.val_cases:
         raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
     grid = NAMED_GRIDS[config.grid]
-    paths = build_cache(config.cache_dir, config.data_seed, range(config.cases), progress=progress, grid=grid)
+    paths = build_cache(
+        config.cache_dir, config.data_seed, range(config.cases), progress=progress, grid=grid, workers=config.threads
+    )
     records = [load_case(p) for p in paths]
     split = config.cases - config.val_cases
     return records[:split], records[split:]
@@ -385,7 +358,13 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     schedule = _schedule(config)
     if not schedule:
         raise TrainingError("no epochs to run (all --epochs-* are 0)")
+    grid = NAMED_GRIDS[config.grid]
+    to_build = sum(
+        not case_cache_path(config.cache_dir, config.data_seed, i, grid).exists() for i in range(config.cases)
+    )
+    cache_started = time.monotonic()
     train_records, val_records = load_records(config, progress=progress)
+    cache_seconds = time.monotonic() - cache_started
     if len(train_records) < config.batch_size:
         raise TrainingError(f"{len(train_records)} training cases are fewer than one batch ({config.batch_size})")
     history: list[dict[str, Any]] = []
@@ -489,12 +468,14 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     final = run_dir / "final.pt"
     meta = _metadata(config, history, len(train_records), len(val_records))
     meta["calibration"] = {
-        **fit_calibration(nets, val_records, config.batch_size),
+        **calibrate(nets, val_records, config.batch_size),
         "data": f"validation split: seed {config.data_seed} cases {len(train_records)}-{config.cases - 1}",
     }
     log.info("calibration: %s", meta["calibration"])
     meta["training"]["invocation"] = {
         "wall_seconds": round(time.monotonic() - started, 1),
+        "cache_cases_built": to_build,
+        "cache_seconds": round(cache_seconds, 1),
         "resumed": resume is not None,
         "load_average_1_5_15_start": [round(v, 2) for v in load_start],
         "load_average_1_5_15_end": [round(v, 2) for v in os.getloadavg()],
