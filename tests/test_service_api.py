@@ -22,6 +22,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from service_harness import BIN, health_status, running_service, wait_for
 
+from contract import pirads_category
 from mpmri_client import AnalysisClient, ChannelOptions, read_instances
 from mpmri_client.results import grid_volume_array
 from mpmri_client.v1 import analysis_pb2 as pb
@@ -89,7 +90,7 @@ def test_analyze_answers_study_findings_series_and_timings(
     assert [les.id for les in r.lesions] == list(range(1, len(r.lesions) + 1))
     assert all(0 < les.volume_ml < 50 and 0 < les.likelihood <= 1 for les in r.lesions)
     # every lesion carries its own category; the study category is the highest, the probability the highest evidence
-    assert all(2 <= les.pirads <= 5 and les.score > 0 for les in r.lesions)
+    assert all(1 <= les.pirads <= 5 and les.pirads == pirads_category(les.score) for les in r.lesions)
     assert r.pirads_score >= max(les.pirads for les in r.lesions)
     assert r.cspca_probability == pytest.approx(max(les.likelihood for les in r.lesions), abs=1e-5)
 
