@@ -145,13 +145,11 @@ def build_findings(
                 score=round(score, 4),
             )
         )
-    # the study category is the highest lesion category, or that of the highest score when higher (a mimic that is
-    # no csPCa candidate); every lesion's score is at most the highest, so no lesion can outrank the study
-    study_category = max([pirads_category(float(score_map.max()))] + [lesion.pirads for lesion in lesions])
     return Findings(
         cspca_probability=float(prob[0]),
         pirads_distribution=[float(v) for v in dist],
-        pirads_score=study_category,
+        # every lesion's score is at most the highest, so no lesion outranks the study
+        pirads_score=pirads_category(float(score_map.max())),
         lesions=lesions,
         labels=labels,
         fused_map=fused,
