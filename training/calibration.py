@@ -115,8 +115,8 @@ def calibrate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: in
     cuts = np.asarray(PIRADS_SCORE_CUTPOINTS, dtype=np.float64)
     thresholds, scale = fit_score_thresholds(raw, categories, tau)
     cls.set_score_thresholds(thresholds.tolist())
-    remapped = cls.remap_score(torch.as_tensor(raw, dtype=torch.float32)).double().numpy()
-    logits = cls.cspca_logit(torch.as_tensor(remapped)).detach().double().numpy()
+    with torch.no_grad():
+        logits = cls.cspca_logit(cls.remap_score(torch.as_tensor(raw, dtype=torch.float32)).double()).numpy()
     out: dict[str, Any] = {
         "cases": len(records),
         "score_thresholds": {

@@ -242,7 +242,7 @@ def build_cache(
     ``(seed, index, grid)``, so the files do not depend on ``workers``.
     """
     paths = [case_cache_path(cache_dir, seed, i, grid) for i in indices]
-    missing = [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
+    missing = missing_cases(cache_dir, seed, indices, grid)
     bar = tqdm(total=len(missing), desc=f"cache seed {seed}", disable=not progress or not missing, mininterval=5)
     if workers <= 1 or len(missing) < 2:
         for index, path in missing:
@@ -259,6 +259,14 @@ def build_cache(
                 bar.update()
     bar.close()
     return paths
+
+
+def missing_cases(
+    cache_dir: Path, seed: int, indices: Sequence[int], grid: GridSpec = DEFAULT_GRID
+) -> list[tuple[int, Path]]:
+    """``(index, path)`` of the cases of ``indices`` not yet in the cache (what :func:`build_cache` builds)."""
+    paths = (case_cache_path(cache_dir, seed, i, grid) for i in indices)
+    return [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
 
 
 def _cache_case(seed: int, index: int, grid: GridSpec, path: Path) -> None:

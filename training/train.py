@@ -45,7 +45,7 @@ from contract.errors import MpmriError
 from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from networks.models import PROFILES, Classification, MpmriNetworks, build_networks_from_profile
 from training.calibration import calibrate
-from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, case_cache_path, load_case
+from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_case, missing_cases
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +358,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     schedule = _schedule(config)
     if not schedule:
         raise TrainingError("no epochs to run (all --epochs-* are 0)")
-    grid = NAMED_GRIDS[config.grid]
-    to_build = sum(
-        not case_cache_path(config.cache_dir, config.data_seed, i, grid).exists() for i in range(config.cases)
-    )
+    to_build = len(missing_cases(config.cache_dir, config.data_seed, range(config.cases), NAMED_GRIDS[config.grid]))
     cache_started = time.monotonic()
     train_records, val_records = load_records(config, progress=progress)
     cache_seconds = time.monotonic() - cache_started
