@@ -54,6 +54,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _accepts_connections(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether something listens on ``host:port`` (a TCP connect succeeds)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,11 +204,22 @@ class EmbeddedTriton:
                 raise TritonStartError(f"{name} port {port} is already in use")
 
     def _ready(self) -> bool:
+        """Models ready *and* every endpoint listening.
+
+        tritonserver starts its endpoints one after another (HTTP before metrics), so HTTP can answer
+        ready while the gRPC or metrics port still refuses connections; a caller of :meth:`start` may
+        use any of the three at once (the HPA scrape, the service's gRPC client).
+        """
         try:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return bool(resp.status == 200)
+                if resp.status != 200:
+                    return False
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
+        ports = [self.grpc_port]
+        if "--allow-metrics=false" not in self.extra_args:
+            ports.append(self.metrics_port)
+        return all(_accepts_connections(self._client_host, port) for port in ports)
 
     def start(self) -> EmbeddedTriton:
         """Start the server and block until it reports ready (all models loaded)."""

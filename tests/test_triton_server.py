@@ -91,6 +91,43 @@ def test_start_failure_reports_server_log_tail(exported_repository: Path, tmp_pa
     assert "map_fusion" in str(info.value)  # the log tail names the model that failed to load
 
 
+def test_start_waits_for_every_endpoint_not_only_http_ready(tmp_path: Path) -> None:
+    """tritonserver opens HTTP before metrics: HTTP answering ready is not enough for start() to return.
+
+    A real HTTP server answers ``/v2/health/ready`` with 200 and a real socket listens on the gRPC port;
+    the metrics port is closed, then opened.
+    """
+    import http.server
+    import socket
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    http_server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    grpc = socket.create_server(("127.0.0.1", 0))
+    metrics_port = free_port()
+    server = EmbeddedTriton(
+        tmp_path, http_server.server_address[1], grpc.getsockname()[1], metrics_port, build_dir=tmp_path
+    )
+    try:
+        assert not server._ready()  # HTTP ready, metrics refusing: not started yet
+        with socket.create_server(("127.0.0.1", metrics_port)):
+            assert server._ready()
+        grpc.close()
+        assert not server._ready()  # and a closed gRPC port counts as much
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        grpc.close()
+
+
 def test_environment_check_rejects_python_without_the_venv(tmp_path: Path) -> None:
     """A python3 outside the venv (e.g. a system one with numpy 2, or none at all) must be refused."""
     inst = find_installation()
