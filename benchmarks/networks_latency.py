@@ -23,7 +23,8 @@ import onnxruntime as ort
 import torch
 
 from contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
-from networks import build_networks, example_inputs, export_kwargs, extract_candidates, load_checkpoint
+from networks import build_networks, example_inputs, export_kwargs, load_checkpoint
+from postprocessing.candidates import extract_candidate_labels
 
 
 def _times(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -91,8 +92,8 @@ def main() -> None:
     def cls() -> None:
         state["cspca_map"] = sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})[2]
 
-    def cand() -> None:
-        extract_candidates(state["cspca_map"][0, 0], geometry)
+    def cand() -> None:  # the served rule (contract.CandidateSettings): fused-map blobs scored by cspca_map
+        extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])
 
     def chain() -> None:
         loc()
@@ -120,7 +121,9 @@ def main() -> None:
         "onnxruntime_version": ort.__version__,
         "torch_version": torch.__version__,
     }
-    result["candidates_found"] = len(extract_candidates(state["cspca_map"][0, 0], geometry)[0])
+    result["candidates_found"] = len(
+        extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])[0]
+    )
     print(json.dumps(result, indent=2))
     if args.write is not None:
         _write_section(args.write, result, args)
@@ -158,7 +161,7 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         "localization": "localization (3 sequences)",
         "map_fusion": "map fusion (per-voxel gate)",
         "classification": "classification (score U-Net)",
-        "candidates": "candidate extraction (from cspca_map)",
+        "candidates": "candidate extraction (fused-map blobs, cspca_map likelihoods)",
         "chain_with_candidates": "whole chain incl. candidates",
     }
     for key, label in labels.items():

@@ -16,7 +16,7 @@ a missing channel holds :data:`~contract.MISSING_CHANNEL_FILL_VALUE`).
   and the fusion can weigh the sequences differently per zone.
 * :class:`Classification` reads the images plus the fused map and regresses a continuous PI-RADS-like
   score per voxel (``score_map``), read as an ordinal model; its calibrated csPCa probability per voxel
-  (``cspca_map``) is what lesion candidates are extracted from. The study results are derived from the
+  (``cspca_map``) scores the lesion candidates (the blobs of the fused map). The study results are derived from the
   maps: ``cspca_probability`` = max of ``cspca_map``, ``pirads_distribution`` at the highest score.
 
 The grid is anisotropic (3 mm slices, 1.5 mm in-plane), so the first down-sampling step keeps the
@@ -230,7 +230,7 @@ class Classification(nn.Module):
 
     * ``cspca_map`` = ``sigmoid(a * (s - c_4) / tau + b)``: the calibrated csPCa probability per voxel;
       ``(a, b)`` is the Platt calibration fitted on a validation split (:meth:`set_calibration`; identity
-      before). Lesion candidates are extracted from this map, each candidate's likelihood is its peak.
+      before). Each lesion candidate (a blob of the fused map) takes this map's peak inside it as its likelihood.
     * ``cspca_probability`` = the maximum of ``cspca_map``: the study is as suspicious as its most suspicious
       lesion, so study and lesion results cannot contradict each other.
     * ``pirads_distribution`` = the ordinal distribution at the study's highest score ``max s``

@@ -33,9 +33,10 @@ class LesionCandidate:
     """One detected lesion candidate.
 
     Attributes:
-        center_lps_mm: likelihood-weighted centroid of the candidate blob, LPS mm.
+        center_lps_mm: centroid of the candidate blob weighted by the map it comes from, LPS mm.
         volume_mm3: blob volume in mm^3 (voxel count x voxel volume of the grid).
-        likelihood: the candidate's lesion likelihood in [0, 1] (peak of the fused map in the blob).
+        likelihood: the candidate's lesion likelihood in [0, 1]: the peak, inside the blob, of the likelihood
+            map (``CandidateSettings.likelihood_map``) or, without one, of the map the blob comes from.
         center_index_dhw: the same centroid as continuous grid index ``(d, h, w)``.
         label: the candidate's number (1-based, by decreasing likelihood): its value in the label map of
             :func:`extract_candidate_labels` and its segment number in the DICOM SEG.
@@ -113,23 +114,42 @@ def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[sli
     )
 
 
+def _as_volume(values: np.ndarray, name: str) -> np.ndarray:
+    volume = np.asarray(values, dtype=np.float32)
+    if volume.ndim == 4 and volume.shape[0] == 1:
+        volume = volume[0]
+    if volume.ndim != 3:
+        raise ValueError(f"{name} must be [D, H, W], got shape {volume.shape}")
+    return volume
+
+
 def extract_candidate_labels(
     fused_map: np.ndarray,
     geometry: GridGeometry,
     settings: CandidateSettings = DEFAULT_CANDIDATES,
     crop: bool = True,
+    likelihood_map: np.ndarray | None = None,
 ) -> tuple[list[LesionCandidate], np.ndarray, np.ndarray]:
     """Candidates, candidate map and a label map ``[D, H, W]`` uint8 (0 background, candidate ``n`` -> ``n``).
 
+    Args:
+        fused_map: the map whose blobs are the candidates ``[D, H, W]`` in [0, 1] (where the lesions are).
+        geometry: the grid geometry of the maps.
+        settings: extraction settings (the floor, threshold and limits apply to ``fused_map``).
+        crop: ``False`` runs the PI-CAI extraction on the whole volume (the reference the window must equal;
+            see :func:`_active_window`).
+        likelihood_map: ``[D, H, W]`` in [0, 1]; when given, each candidate's likelihood is this map's peak
+            inside its blob (how suspicious the lesion is) instead of the blob's peak in ``fused_map``.
+            ``settings.min_likelihood`` applies to that likelihood. The centre stays the ``fused_map``-weighted
+            centroid of the blob.
+
     Candidates are numbered 1..N in order of decreasing likelihood (``LesionCandidate.label`` is that number),
-    the numbering of the DICOM SEG's segments. ``crop=False`` runs the PI-CAI extraction on the whole volume
-    (the reference the window must equal; see :func:`_active_window`).
+    the numbering of the DICOM SEG's segments.
     """
-    volume = np.asarray(fused_map, dtype=np.float32)
-    if volume.ndim == 4 and volume.shape[0] == 1:
-        volume = volume[0]
-    if volume.ndim != 3:
-        raise ValueError(f"fused_map must be [D, H, W], got shape {volume.shape}")
+    volume = _as_volume(fused_map, "fused_map")
+    scores = None if likelihood_map is None else _as_volume(likelihood_map, "likelihood_map")
+    if scores is not None and scores.shape != volume.shape:
+        raise ValueError(f"likelihood_map has shape {scores.shape}, fused_map {volume.shape}")
     if settings.floor_likelihood > 0:  # voxels below the floor join no candidate (see CandidateSettings)
         volume = np.where(volume >= settings.floor_likelihood, volume, np.float32(0.0))
     indexed = np.zeros(volume.shape, dtype=int)
@@ -147,11 +167,11 @@ def extract_candidate_labels(
     found: list[tuple[LesionCandidate, np.ndarray]] = []
     grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
     for blob, confidence in confidences:
-        likelihood = float(confidence)
-        if likelihood <= settings.min_likelihood:
-            continue
         mask = indexed == blob
         if not mask.any():
+            continue
+        likelihood = float(confidence) if scores is None else float(scores[mask].max())
+        if likelihood <= settings.min_likelihood:
             continue
         weights = volume[mask].astype(np.float64)
         idx = grid_index[mask.reshape(-1)]

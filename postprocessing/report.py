@@ -1,9 +1,10 @@
 """Findings of one study from the ensemble outputs: study scores plus lesions in LPS millimetres.
 
 Torch-free: used by the analysis service, the demo and evaluation alike (one path, so they cannot differ).
-Lesion candidates are extracted from ``cspca_map`` (the calibrated csPCa probability per voxel); each lesion
-carries its own csPCa likelihood (the map's peak in the lesion) and its PI-RADS-like category (from the
-highest ``score_map`` value in the lesion, by the contract's cut points).
+Lesion candidates are the blobs of the fused localization map (``fused_map``: where the lesions are); each
+lesion carries its own csPCa likelihood (the peak of ``cspca_map``, the calibrated csPCa probability per voxel,
+inside the lesion) and its PI-RADS-like category (from the highest ``score_map`` value in the lesion, by the
+contract's cut points). :class:`contract.CandidateSettings` names both maps.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Findings:
         lesions: candidates by decreasing likelihood.
         labels: uint8 ``[D, H, W]`` on the model grid, lesion ``n`` -> ``n`` (0 background).
         fused_map: float32 ``[D, H, W]`` fused localization map on the model grid.
-        cspca_map: float32 ``[D, H, W]`` calibrated csPCa probability per voxel (what candidates come from).
+        cspca_map: float32 ``[D, H, W]`` calibrated csPCa probability per voxel (the lesions' likelihoods).
         geometry: the model grid in patient space.
     """
 
@@ -112,7 +113,8 @@ def build_findings(
             ``cspca_probability`` ``[1]``, ``pirads_distribution`` ``[5]``; a leading batch dimension of 1 is
             accepted.
         geometry: the model grid of that study.
-        settings: candidate extraction settings (``settings.source_map`` names the map candidates come from).
+        settings: candidate extraction settings (``settings.source_map`` names the map whose blobs are the
+            candidates, ``settings.likelihood_map`` the map whose peak in a blob is its likelihood).
 
     Raises:
         ValueError: an output is missing or has the wrong size (names it and its shape).
@@ -124,14 +126,19 @@ def build_findings(
     fused = _volume(outputs, "fused_map", shape)  # type: ignore[arg-type]
     cspca_map = _volume(outputs, "cspca_map", shape)  # type: ignore[arg-type]
     score_map = _volume(outputs, "score_map", shape)  # type: ignore[arg-type]
-    source = {"cspca_map": cspca_map, "fused_map": fused}.get(settings.source_map)
-    if source is None:
-        raise ValueError(f"candidate source map {settings.source_map!r} is not an ensemble output map")
+    maps = {"cspca_map": cspca_map, "fused_map": fused}
+    source, likelihood = maps.get(settings.source_map), maps.get(settings.likelihood_map)
+    if source is None or likelihood is None:
+        raise ValueError(
+            f"candidate maps {settings.source_map!r} / {settings.likelihood_map!r}: expected one of {sorted(maps)}"
+        )
     prob = np.asarray(outputs["cspca_probability"], dtype=np.float64).reshape(-1)
     dist = np.asarray(outputs["pirads_distribution"], dtype=np.float64).reshape(-1)
     if prob.size != 1 or dist.size != len(PIRADS_CATEGORIES):
         raise ValueError(f"cspca_probability {prob.shape} / pirads_distribution {dist.shape}: expected [1] / [5]")
-    candidates, _, labels = extract_candidate_labels(source, geometry, settings)
+    candidates, _, labels = extract_candidate_labels(
+        source, geometry, settings, likelihood_map=None if likelihood is source else likelihood
+    )
     lesions = []
     for c in candidates:
         score = float(score_map[labels == c.label].max())

@@ -53,8 +53,8 @@ TAMPERINGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     (
         "candidate_source",
-        lambda c: c.update(candidates={**DEFAULT_CANDIDATES.to_dict(), "source_map": "fused_map"}),
-        "candidates.source_map: 'fused_map' -> 'cspca_map'",
+        lambda c: c.update(candidates={**DEFAULT_CANDIDATES.to_dict(), "source_map": "cspca_map"}),
+        "candidates.source_map: 'cspca_map' -> 'fused_map'",
     ),
     (
         "candidates",

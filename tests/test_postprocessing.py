@@ -22,11 +22,15 @@ from preprocessing.testing import make_series
 GEOMETRY = GridGeometry((-16.0, -16.0, -12.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (2.0, 2.0, 4.0), (16, 16, 6))
 
 
-def _outputs(cspca: np.ndarray, score: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Ensemble outputs around a csPCa map; the score map defaults to 1 + 4 * map (0.5 -> 3, 0.9 -> 4.6)."""
+def _outputs(
+    cspca: np.ndarray, score: np.ndarray | None = None, fused: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Ensemble outputs around a csPCa map; the score map defaults to 1 + 4 * map (0.5 -> 3, 0.9 -> 4.6), the
+    fused map (where the candidate blobs are) to 0.9 * map: the same blobs, other values than the likelihoods."""
     score = 1.0 + 4.0 * cspca if score is None else score
+    fused = cspca * 0.9 if fused is None else fused
     return {
-        "fused_map": (cspca * 0.9)[None],  # another map: candidates must come from cspca_map, not from this
+        "fused_map": fused[None],
         "cspca_map": cspca[None],
         "score_map": score[None].astype(np.float32),
         "cspca_probability": np.array([float(cspca.max())], np.float32),
@@ -52,6 +56,27 @@ def test_findings_number_lesions_by_likelihood_with_lps_centres_ml_and_own_categ
     # each lesion its own category from the score map (4.6 -> 5, 3.0 -> 3); the study: the highest one
     assert [(les.pirads, les.score) for les in findings.lesions] == [(5, pytest.approx(4.6)), (3, pytest.approx(3.0))]
     assert findings.pirads_score == 5
+
+
+def test_candidates_are_fused_map_blobs_scored_by_the_cspca_map_peak() -> None:
+    """Localization says where (blobs of ``fused_map``), classification how suspicious (``cspca_map`` peak).
+
+    The localized blob with the weaker localization but the stronger csPCa evidence comes first; a csPCa
+    hot spot that localization did not find is no candidate; centres follow the fused blobs.
+    """
+    fused = np.full((6, 16, 16), 0.004, np.float32)  # normal tissue: below the floor
+    fused[2:4, 3:6, 3:6] = 0.9  # blob A: strongly localized
+    fused[1:3, 10:13, 9:12] = 0.6  # blob B
+    cspca = np.full(fused.shape, 0.06, np.float32)  # calibrated background
+    cspca[2:4, 3:6, 3:6] = 0.3
+    cspca[1:3, 10:13, 9:12] = 0.8
+    cspca[4, 14, 1] = 0.95  # not localized
+    findings = build_findings(_outputs(cspca, fused=fused), GEOMETRY)
+    assert [les.likelihood for les in findings.lesions] == [pytest.approx(0.8), pytest.approx(0.3)]
+    assert findings.lesions[0].center_lps_mm == pytest.approx((-16 + 20, -16 + 22, -12 + 6), abs=1e-3)  # blob B
+    assert findings.lesions[1].center_lps_mm == pytest.approx((-16 + 8, -16 + 8, -12 + 10), abs=1e-3)  # blob A
+    assert findings.labels[4, 14, 1] == 0
+    assert [les.pirads for les in findings.lesions] == [4, 2]  # score 1 + 4 * cspca in each blob: 4.2, 2.2
 
 
 def test_study_category_is_the_highest_score_and_1_without_lesions() -> None:
