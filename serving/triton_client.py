@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +33,8 @@ from contract.errors import MpmriError
 PROTOCOLS = ("grpc", "http")
 SHARED_MEMORY_MODES = ("none", "system", "cuda")
 _REGION_COUNTER = itertools.count()
+#: how long closing a region waits for the server to release it (see :meth:`_Region.close`)
+UNREGISTER_TIMEOUT_S = 5.0
 
 
 class TritonClientError(MpmriError):
@@ -64,12 +67,28 @@ class _Region:
         # copy: the region is reused by the next request
         return np.array(self._shm.get_contents_as_numpy(self.handle, np.dtype(dtype), list(shape)), copy=True)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = UNREGISTER_TIMEOUT_S) -> None:
+        """Unregister the region (retrying while the server still holds it), then destroy it.
+
+        tritonserver 2.51 refuses to unregister a region "currently in use" and releases a request's regions
+        only after its response has reached the client (server#7567; later servers defer the unregistration
+        instead, server#7743), so an unregister right after an inference can lose that race.
+        """
+        unregister = (
+            self.client.unregister_system_shared_memory
+            if self.mode == "system"
+            else self.client.unregister_cuda_shared_memory
+        )
+        deadline = time.monotonic() + timeout_s
         try:
-            if self.mode == "system":
-                self.client.unregister_system_shared_memory(self.name)
-            else:
-                self.client.unregister_cuda_shared_memory(self.name)
+            while True:
+                try:
+                    unregister(self.name)
+                    return
+                except Exception as err:  # tritonclient's InferenceServerException (gRPC and HTTP alike)
+                    if "currently in use" not in str(err) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.01)
         finally:
             self._shm.destroy_shared_memory_region(self.handle)
 
@@ -211,9 +230,17 @@ class EnsembleClient:
     def close(self) -> None:
         """Unregister and destroy the shared-memory regions, close the connection."""
         regions, self._regions = self._regions, {}
-        for region in regions.values():
-            region.close()
-        self._client.close()
+        try:
+            errors = []
+            for region in regions.values():  # every region is destroyed even when one fails to unregister
+                try:
+                    region.close()
+                except Exception as err:
+                    errors.append(f"{region.name}: {err}")
+            if errors:
+                raise TritonClientError("could not unregister shared-memory regions: " + "; ".join(errors))
+        finally:
+            self._client.close()
 
     def __enter__(self) -> EnsembleClient:
         return self
