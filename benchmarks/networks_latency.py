@@ -95,8 +95,9 @@ def main() -> None:
     def cls() -> None:
         state["cspca_map"] = sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})[2]
 
-    def cand() -> None:  # the served rule (contract.CandidateSettings): fused-map blobs scored by cspca_map
-        extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])
+    def cand() -> int:  # the served rule (contract.CandidateSettings): fused-map blobs scored by cspca_map
+        found, _, _ = extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])
+        return len(found)
 
     def chain() -> None:
         loc()
@@ -124,9 +125,7 @@ def main() -> None:
         "onnxruntime_version": ort.__version__,
         "torch_version": torch.__version__,
     }
-    result["candidates_found"] = len(
-        extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])[0]
-    )
+    result["candidates_found"] = cand()
     print(json.dumps(result, indent=2))
     if args.write is not None:
         _write_section(args.write, result, args)
@@ -152,7 +151,8 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         "## Network chain latency — `benchmarks/networks_latency.py` (generated)",
         "",
         f"One preprocessed synthetic study ({result['study']}), batch 1, onnxruntime {result['onnxruntime_version']}"
-        f" CPU, {args.threads} intra-op threads (spinning off, as served), {args.repeats} repeats after a warm-up; profile"
+        f" CPU, {args.threads} intra-op threads (spinning off, as served), {args.repeats} repeats after a warm-up;"
+        " profile"
         f" {result['profile']} ({result['parameters']:,} parameters). Machine: {platform.machine()},"
         f" {os.cpu_count()} logical CPUs, load average {one:.2f} / {five:.2f} at the end;"
         f" {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}. Command: `{cmd}`.",
