@@ -24,7 +24,7 @@ import torch
 
 from contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
 from networks import build_networks, example_inputs, export_kwargs, load_checkpoint
-from postprocessing.candidates import extract_candidate_labels
+from postprocessing.report import build_findings
 
 
 def _times(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
@@ -93,11 +93,12 @@ def main() -> None:
         )[0]
 
     def cls() -> None:
-        state["cspca_map"] = sessions[CLASSIFICATION_MODEL].run(None, {"images": img, "fused_map": state["fused"]})[2]
+        session = sessions[CLASSIFICATION_MODEL]
+        values = session.run(None, {"images": img, "fused_map": state["fused"]})
+        state["classification"] = {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
-    def cand() -> int:  # the served rule (contract.CandidateSettings): fused-map blobs scored by cspca_map
-        found, _, _ = extract_candidate_labels(state["fused"][0, 0], geometry, likelihood_map=state["cspca_map"][0, 0])
-        return len(found)
+    def cand() -> int:  # what the service does with the outputs (candidates per contract.CandidateSettings)
+        return len(build_findings({"fused_map": state["fused"], **state["classification"]}, geometry).lesions)
 
     def chain() -> None:
         loc()
@@ -164,7 +165,7 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         "localization": "localization (3 sequences)",
         "map_fusion": "map fusion (per-voxel gate)",
         "classification": "classification (score U-Net)",
-        "candidates": "candidate extraction (fused-map blobs, cspca_map likelihoods)",
+        "candidates": "findings: candidates (fused-map blobs, cspca_map likelihoods) + lesion scores",
         "chain_with_candidates": "whole chain incl. candidates",
     }
     for key, label in labels.items():

@@ -194,17 +194,3 @@ def extract_candidate_labels(
         candidates.append(candidate)
     return candidates, candidate_map, labels
 
-
-def extract_candidates_with(
-    fused_map: np.ndarray, geometry: GridGeometry, settings: CandidateSettings = DEFAULT_CANDIDATES
-) -> tuple[list[LesionCandidate], np.ndarray]:
-    """:func:`extract_candidates` with a :class:`contract.CandidateSettings`."""
-    return extract_candidates(
-        fused_map,
-        geometry,
-        threshold=settings.threshold,
-        min_voxels_detection=settings.min_voxels_detection,
-        num_lesions_to_extract=settings.num_lesions_to_extract,
-        dynamic_threshold_factor=settings.dynamic_threshold_factor,
-        min_likelihood=settings.min_likelihood,
-    )
