@@ -29,7 +29,7 @@ test: $(STAMP) system-packages
 # synthetic seed 1 (700 training + 100 validation cases), 3 phases, category thresholds + Platt calibration on the
 # validation split; under 30 min on 2 cores from an empty cache.
 checkpoint: $(STAMP)
-	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --data-seed 1 \
+	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --data-seed 1 \
 	  --epochs-localization 4 --epochs-classification 4 --epochs-joint 3 --seed 0 --threads 2 \
 	  --cache .cache/train --out build/runs/cpu_default --checkpoint-out checkpoints/cpu_default.pt --no-progress
 

@@ -27,11 +27,28 @@ def _command(config: dict[str, Any]) -> str:
     epochs = config["epochs"]
     return (
         f"mpmri train --profile {config['profile']} --grid {config.get('grid', 'default')} --cases {config['cases']}"
-        f" --val-cases {config['val_cases']} --data-seed {config['data_seed']}"
+        f" --val-cases {config['val_cases']}{_calibration_flag(config)} --data-seed {config['data_seed']}"
         f" --epochs-localization {epochs['localization']} --epochs-classification {epochs['classification']}"
         f" --epochs-joint {epochs['joint']} --seed {config['seed']} --threads {config['threads']}"
         f" --batch-size {config['batch_size']}"
     )
+
+
+def _calibration_flag(config: dict[str, Any]) -> str:
+    extra = int(config.get("calibration_cases", 0))
+    return f" --calibration-cases {extra}" if extra else ""
+
+
+def _data_words(config: dict[str, Any], data: dict[str, Any]) -> str:
+    extra = int(config.get("calibration_cases", 0))
+    text = (
+        f"cases 0–{config['cases'] - 1}: {data['train_cases']} train, {data['val_cases']} validation (per-epoch"
+        " validation and the calibration)"
+    )
+    if extra:
+        last = config["cases"] + extra - 1
+        text += f"; cases {config['cases']}–{last}: {extra} calibration-only (never trained on, never used to select)"
+    return text + "."
 
 
 def _cache_words(invocation: dict[str, Any]) -> str:
@@ -61,9 +78,8 @@ def render(run_dir: Path) -> str:
         " no patient data).",
         "",
         f"- Command: `{_command(config)}` (`make checkpoint`).",
-        f"- Data: synthetic seed {training['data']['data_seed']} (generator in `ground_truth.json`), cases"
-        f" 0–{config['cases'] - 1}: {training['data']['train_cases']} train, {training['data']['val_cases']}"
-        " validation (per-epoch validation and the calibration).",
+        f"- Data: synthetic seed {training['data']['data_seed']} (generator in `ground_truth.json`),"
+        f" {_data_words(config, training['data'])}",
         f"- Machine: {platform.machine()}, {invocation.get('cpus')} logical CPUs, torch threads"
         f" {invocation.get('threads')}; load average at start {invocation.get('load_average_1_5_15_start')}, at end"
         f" {invocation.get('load_average_1_5_15_end')} (1 / 5 / 15 min; above 2 means other jobs shared the cores).",

@@ -28,7 +28,7 @@ from training.data import (
     prepare_synthetic_case,
     save_case,
 )
-from training.train import TrainConfig, per_lesion_mean, train
+from training.train import TrainConfig, load_records, per_lesion_mean, train
 
 DATA_SEED = 1234
 NO_AUGMENT = AugmentSettings(
@@ -188,6 +188,29 @@ def test_smoke_training_loss_falls(cache_dir: Path, tmp_path: Path) -> None:
     nets, meta = load_checkpoint(final)
     assert meta["training"]["data"]["data_seed"] == DATA_SEED
     assert meta["training"]["data"]["train_cases"] == 4
+
+
+def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_validated(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    config = _config(
+        cache_dir,
+        tmp_path / "run",
+        calibration_cases=2,
+        epochs={"localization": 1, "classification": 0, "joint": 0},
+        max_steps_per_epoch=1,
+    )
+    train_records, val_records, calibration_records = load_records(config, progress=False)
+    # cases 6 and 7 of the seed: after the training and validation cases
+    assert [r.case_id for r in calibration_records] == [f"seed{DATA_SEED}_0006", f"seed{DATA_SEED}_0007"]
+    assert len(train_records) == 4 and len(val_records) == 2
+    _, meta = load_checkpoint(train(config, progress=False))
+    data = meta["training"]["data"]
+    assert (data["train_cases"], data["val_cases"], data["calibration_cases"]) == (4, 2, 2)
+    assert data["case_indices"] == [0, 7]
+    # the calibration saw the 2 validation + 2 calibration-only studies (too few: it says so and stays the identity)
+    assert meta["calibration"]["skipped"].startswith("4 calibration cases")
+    assert "calibration-only: seed 1234 cases 6-7" in meta["calibration"]["data"]
 
 
 @pytest.mark.slow

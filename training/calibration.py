@@ -109,7 +109,7 @@ def calibrate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: in
     cls.set_score_thresholds(PIRADS_SCORE_CUTPOINTS)
     cls.set_calibration(1.0, 0.0)
     if len(records) < MIN_CALIBRATION_CASES:
-        return {"skipped": f"{len(records)} validation cases; calibration needs at least {MIN_CALIBRATION_CASES}"}
+        return {"skipped": f"{len(records)} calibration cases; calibration needs at least {MIN_CALIBRATION_CASES}"}
     raw, labels, categories = study_raw_scores(nets, records, batch_size)
     tau = float(torch.exp(cls.log_tau.detach()))
     cuts = np.asarray(PIRADS_SCORE_CUTPOINTS, dtype=np.float64)

@@ -32,6 +32,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--cases", type=int, default=defaults.cases, help="synthetic cases in total (train + validation)")
     p.add_argument("--val-cases", type=int, default=defaults.val_cases, help="cases held out for per-epoch validation")
+    p.add_argument(
+        "--calibration-cases",
+        type=int,
+        default=defaults.calibration_cases,
+        help="further cases (after --cases) used only to calibrate, with the validation split (default 0)",
+    )
     p.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
     p.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
     p.add_argument("--out", type=Path, default=defaults.run_dir, help="run folder (history.csv, curves.png, *.pt)")
@@ -97,6 +103,7 @@ def _run_train(args: argparse.Namespace) -> int:
         data_seed=args.data_seed,
         cases=args.cases,
         val_cases=args.val_cases,
+        calibration_cases=args.calibration_cases,
         cache_dir=args.cache,
         run_dir=args.out,
         checkpoint_out=args.checkpoint_out,

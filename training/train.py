@@ -8,8 +8,9 @@ Losses (MONAI):
 * classification (the score map): an ordinal cumulative-link loss per voxel (categories of the lesions,
   mimics included) and per study (the highest score against the study category), see :func:`score_loss`.
 
-After the last epoch the category thresholds and the csPCa logit are calibrated on the validation split
-(:func:`training.calibration.calibrate`); the calibration is part of the classification network's state, so it
+After the last epoch the category thresholds and the csPCa logit are calibrated on the validation split, plus
+``calibration_cases`` further studies that only calibration sees (:func:`training.calibration.calibrate`); the
+calibration is part of the classification network's state, so it
 travels with the checkpoint and the ONNX model and is applied identically by evaluation, the demo and the
 service.
 
@@ -81,6 +82,9 @@ class TrainConfig:
         data_seed: synthetic data seed; cases ``0..cases-1`` of this seed are used.
         cases: number of synthetic cases in total (training + validation).
         val_cases: the last ``val_cases`` of them are held out for per-epoch validation.
+        calibration_cases: further cases ``cases .. cases + calibration_cases - 1`` of ``data_seed``, used only to
+            calibrate (category thresholds and Platt scaling, together with the validation split): neither
+            trained on nor used for model selection. 0 = calibrate on the validation split alone.
         cache_dir: npz cache of preprocessed cases.
         run_dir: run folder (history.csv, curves.png, last.pt, final.pt).
         checkpoint_out: optional extra copy of the final checkpoint (e.g. checkpoints/cpu_default.pt).
@@ -103,6 +107,7 @@ class TrainConfig:
     data_seed: int = 1
     cases: int = 200
     val_cases: int = 20
+    calibration_cases: int = 0
     cache_dir: Path = Path(".cache/train")
     run_dir: Path = Path("build/runs/cpu_default")
     checkpoint_out: Path | None = None
@@ -323,17 +328,26 @@ def _lr(config: TrainConfig, phase: str, epoch: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / total)))
 
 
-def load_records(config: TrainConfig, progress: bool = True) -> tuple[list[CaseRecord], list[CaseRecord]]:
-    """Cached training and validation records of ``config`` (building the cache where needed)."""
+def _case_indices(config: TrainConfig) -> range:
+    """Every case index of ``config.data_seed`` the run reads (training, validation, calibration-only)."""
+    return range(config.cases + config.calibration_cases)
+
+
+def load_records(
+    config: TrainConfig, progress: bool = True
+) -> tuple[list[CaseRecord], list[CaseRecord], list[CaseRecord]]:
+    """Cached ``(training, validation, calibration-only)`` records of ``config`` (building the cache where needed)."""
     if config.cases <= config.val_cases:
         raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
+    if config.calibration_cases < 0:
+        raise TrainingError(f"calibration_cases must be >= 0, not {config.calibration_cases}")
     grid = NAMED_GRIDS[config.grid]
     paths = build_cache(
-        config.cache_dir, config.data_seed, range(config.cases), progress=progress, grid=grid, workers=config.threads
+        config.cache_dir, config.data_seed, _case_indices(config), progress=progress, grid=grid, workers=config.threads
     )
     records = [load_case(p) for p in paths]
     split = config.cases - config.val_cases
-    return records[:split], records[split:]
+    return records[:split], records[split : config.cases], records[config.cases :]
 
 
 def _batches(dataset: CaseDataset, config: TrainConfig, global_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -358,9 +372,9 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     schedule = _schedule(config)
     if not schedule:
         raise TrainingError("no epochs to run (all --epochs-* are 0)")
-    to_build = len(missing_cases(config.cache_dir, config.data_seed, range(config.cases), NAMED_GRIDS[config.grid]))
+    to_build = len(missing_cases(config.cache_dir, config.data_seed, _case_indices(config), NAMED_GRIDS[config.grid]))
     cache_started = time.monotonic()
-    train_records, val_records = load_records(config, progress=progress)
+    train_records, val_records, calibration_records = load_records(config, progress=progress)
     cache_seconds = time.monotonic() - cache_started
     if len(train_records) < config.batch_size:
         raise TrainingError(f"{len(train_records)} training cases are fewer than one batch ({config.batch_size})")
@@ -465,8 +479,8 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     final = run_dir / "final.pt"
     meta = _metadata(config, history, len(train_records), len(val_records))
     meta["calibration"] = {
-        **calibrate(nets, val_records, config.batch_size),
-        "data": f"validation split: seed {config.data_seed} cases {len(train_records)}-{config.cases - 1}",
+        **calibrate(nets, [*val_records, *calibration_records], config.batch_size),
+        "data": _calibration_data(config, len(train_records)),
     }
     log.info("calibration: %s", meta["calibration"])
     meta["training"]["invocation"] = {
@@ -485,6 +499,15 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     return final
 
 
+def _calibration_data(config: TrainConfig, n_train: int) -> str:
+    """Which studies the calibration was fitted on (recorded in the checkpoint)."""
+    text = f"validation split: seed {config.data_seed} cases {n_train}-{config.cases - 1}"
+    if config.calibration_cases:
+        last = config.cases + config.calibration_cases - 1
+        text += f"; calibration-only: seed {config.data_seed} cases {config.cases}-{last}"
+    return text
+
+
 def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: int, n_val: int) -> dict[str, Any]:
     last = dict(history[-1]) if history else {}
     return {
@@ -496,7 +519,8 @@ def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: i
                 "cases": config.cases,
                 "train_cases": n_train,
                 "val_cases": n_val,
-                "case_indices": [0, config.cases - 1],
+                "calibration_cases": config.calibration_cases,
+                "case_indices": [0, config.cases + config.calibration_cases - 1],
             },
             "epochs_done": len(history),
             "final_validation": {k: last.get(k) for k in ("val_loss", "val_dice", "val_auroc", "val_pirads_accuracy")},
