@@ -279,25 +279,32 @@ class CandidateSettings:
             same weights, blobs of ``cspca_map`` itself located 0.82 of the significant lesions with 4.7
             candidates per study; blobs of ``fused_map`` 0.90 with 0.9 (docs/networks.md).
         threshold: ``"dynamic"`` (PI-CAI default), ``"dynamic-fast"`` or a static likelihood threshold.
-        min_voxels_detection: blobs with at most this many voxels are dropped (3: the grid is coarse).
+        min_voxels_detection: blobs with at most this many voxels are dropped. 0 keeps a one-voxel blob: a
+            voxel of the default grid is 6.75 mm^3 (PI-CAI drops blobs of at most 10 voxels of 0.75 mm^3). Small
+            transition-zone cancers (6-7 mm) often reach the floor in one or two voxels only (docs/networks.md).
         num_lesions_to_extract: maximum number of candidates per study.
         dynamic_threshold_factor: a blob extends down to ``peak / factor``.
         min_likelihood: candidates whose likelihood (from ``likelihood_map``) is at or below this are dropped.
-        floor_likelihood: voxels of ``source_map`` below this value are set to 0 before the extraction, so no
-            blob peaks or extends below it (the threshold and ``dynamic_threshold_factor`` apply to that map too).
-            Without a floor the dynamic extraction grows background blobs of tens of millilitres wherever a map
-            is a few per cent (and runs on the whole volume). A study without a ``source_map`` voxel above the
-            floor has no candidate.
+        floor_likelihood: the lowest ``source_map`` value a candidate may peak at (the threshold and
+            ``dynamic_threshold_factor`` apply to that map too). Without a floor the dynamic extraction grows
+            background blobs of tens of millilitres wherever a map is a few per cent (and runs on the whole
+            volume). A study without a ``source_map`` voxel at or above the floor has no candidate.
+        floor_mode: how the floor applies. ``"peak"``: a blob must *peak* at or above the floor and extends
+            by the threshold rule (``peak / factor`` for the dynamic one), so voxels below
+            ``floor / factor`` join no candidate. ``"voxel"`` (releases 1-4 of contract 2): every voxel below
+            the floor is set to 0 before the extraction, which cut a faint lesion's blob into fragments at the
+            floor (extra false positives) or below ``min_voxels_detection`` (missed).
     """
 
     source_map: str = "fused_map"
     likelihood_map: str = "cspca_map"
     threshold: str | float = "dynamic"
-    min_voxels_detection: int = 3
+    min_voxels_detection: int = 0
     num_lesions_to_extract: int = 5
     dynamic_threshold_factor: float = 2.5
     min_likelihood: float = 0.0
     floor_likelihood: float = 0.05
+    floor_mode: str = "peak"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -91,6 +91,26 @@ def extract_candidates(
 _DYNAMIC_STOP_LIKELIHOOD = 0.01
 
 
+#: ``CandidateSettings.floor_mode`` values
+FLOOR_MODES: tuple[str, ...] = ("peak", "voxel")
+
+
+def voxel_floor(settings: CandidateSettings) -> float:
+    """The ``source_map`` value below which a voxel joins no candidate (it is set to 0 before the extraction).
+
+    ``floor_mode="voxel"``: the floor itself. ``"peak"``: the lowest extent a blob peaking at the floor can
+    have, ``floor / dynamic_threshold_factor`` with a dynamic threshold; with a static threshold the threshold
+    bounds the extent, so nothing is zeroed.
+    """
+    if settings.floor_mode not in FLOOR_MODES:
+        raise ValueError(f"floor_mode must be one of {FLOOR_MODES}, not {settings.floor_mode!r}")
+    if settings.floor_mode == "voxel":
+        return settings.floor_likelihood
+    if isinstance(settings.threshold, int | float):
+        return 0.0
+    return settings.floor_likelihood / settings.dynamic_threshold_factor
+
+
 def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[slice, ...] | None:
     """The box (plus a one-voxel margin) outside of which no voxel can join a candidate; ``None``: none can.
 
@@ -101,9 +121,9 @@ def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[sli
     fused map is zero almost everywhere (about 0.1 % of the voxels of a study lie above the floor).
     """
     if settings.threshold == "dynamic":
-        floor = max(_DYNAMIC_STOP_LIKELIHOOD / settings.dynamic_threshold_factor, settings.floor_likelihood)
+        floor = max(_DYNAMIC_STOP_LIKELIHOOD / settings.dynamic_threshold_factor, voxel_floor(settings))
     elif isinstance(settings.threshold, int | float):
-        floor = max(float(settings.threshold), settings.floor_likelihood)
+        floor = max(float(settings.threshold), voxel_floor(settings))
     else:  # "dynamic-fast" and others: no floor known, the whole volume
         return tuple(slice(0, n) for n in volume.shape)
     points = np.nonzero(volume >= floor)
@@ -143,6 +163,11 @@ def extract_candidate_labels(
             ``settings.min_likelihood`` applies to that likelihood. The centre stays the ``fused_map``-weighted
             centroid of the blob.
 
+    report_guided_annotation's ``"dynamic"`` extraction (its version 1, PI-CAI's default) records a blob of
+    confidence 0 covering the *empty* region when the map's maximum lies in a blob of at most
+    ``min_voxels_detection`` voxels; PI-CAI never sees it (its detection map holds 0 there), but scored by a
+    ``likelihood_map`` it became a box-shaped false candidate. Such blobs are skipped.
+
     Candidates are numbered 1..N in order of decreasing likelihood (``LesionCandidate.label`` is that number),
     the numbering of the DICOM SEG's segments.
     """
@@ -150,8 +175,9 @@ def extract_candidate_labels(
     scores = None if likelihood_map is None else _as_volume(likelihood_map, "likelihood_map")
     if scores is not None and scores.shape != volume.shape:
         raise ValueError(f"likelihood_map has shape {scores.shape}, fused_map {volume.shape}")
-    if settings.floor_likelihood > 0:  # voxels below the floor join no candidate (see CandidateSettings)
-        volume = np.where(volume >= settings.floor_likelihood, volume, np.float32(0.0))
+    lowest = voxel_floor(settings)
+    if lowest > 0:  # voxels below it join no candidate (see CandidateSettings.floor_mode)
+        volume = np.where(volume >= lowest, volume, np.float32(0.0))
     indexed = np.zeros(volume.shape, dtype=int)
     window = _active_window(volume, settings) if crop else tuple(slice(0, n) for n in volume.shape)
     confidences: list[tuple[int, float]] = []
@@ -167,8 +193,10 @@ def extract_candidate_labels(
     found: list[tuple[LesionCandidate, np.ndarray]] = []
     grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
     for blob, confidence in confidences:
+        if confidence <= 0:  # the "dynamic" (version 1) artefact described in the docstring
+            continue
         mask = indexed == blob
-        if not mask.any():
+        if not mask.any() or float(volume[mask].max()) < settings.floor_likelihood:  # peaks below the floor
             continue
         likelihood = float(confidence) if scores is None else float(scores[mask].max())
         if likelihood <= settings.min_likelihood:
@@ -193,4 +221,3 @@ def extract_candidate_labels(
         labels[mask] = number
         candidates.append(candidate)
     return candidates, candidate_map, labels
-

@@ -59,7 +59,12 @@ TAMPERINGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     (
         "candidates",
         lambda c: c.update(candidates={**DEFAULT_CANDIDATES.to_dict(), "min_voxels_detection": 10}),
-        "candidates.min_voxels_detection: 10 -> 3",
+        "candidates.min_voxels_detection: 10 -> 0",
+    ),
+    (
+        "candidate_floor_mode",
+        lambda c: c.update(candidates={k: v for k, v in DEFAULT_CANDIDATES.to_dict().items() if k != "floor_mode"}),
+        "candidates.floor_mode: '<absent>' -> 'peak'",
     ),
     (
         "grid_of_weights",
