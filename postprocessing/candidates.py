@@ -138,14 +138,12 @@ def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[sli
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
-def _static_blobs(
-    volume: np.ndarray, threshold: float, min_voxels_detection: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _static_blobs(volume: np.ndarray, threshold: float, min_voxels_detection: int) -> np.ndarray:
     """report_guided_annotation's ``extract_lesion_candidates_static`` (max confidence, no rounding), vectorized.
 
-    Returns ``(all_hard_blobs, blob_index, confidence per label)``: the map with each kept blob filled with its
-    peak, the label map (26-connectivity, raster order; dropped blobs set to 0) and ``confidence[label]``
-    (0 for dropped labels). The package loops over the blobs in Python, one full-volume comparison each.
+    Returns its ``all_hard_blobs``: each blob (26-connectivity) of the voxels at or above ``threshold`` with more
+    than ``min_voxels_detection`` voxels, filled with its peak; 0 elsewhere. The package loops over the blobs in
+    Python, one full-volume comparison each.
     """
     clipped = np.where(volume < threshold, np.float32(0.0), volume)
     index, count = ndimage.label(clipped, structure=_CONNECTIVITY)
@@ -156,8 +154,7 @@ def _static_blobs(
     kept = sizes > min_voxels_detection
     kept[0] = False
     peaks[~kept] = 0.0
-    index[~kept[index]] = 0
-    return peaks[index].astype(volume.dtype), index, peaks
+    return peaks[index].astype(volume.dtype)
 
 
 def _dynamic_blobs(
@@ -178,7 +175,7 @@ def _dynamic_blobs(
         if max_prob < stop_likelihood:
             break
         threshold = max_prob / settings.dynamic_threshold_factor
-        hard_blobs, _, _ = _static_blobs(working, threshold, settings.min_voxels_detection)
+        hard_blobs = _static_blobs(working, threshold, settings.min_voxels_detection)
         max_prob = float(hard_blobs.max())
         current = hard_blobs == max_prob  # version 1: with max_prob 0 this is the empty region (confidence 0)
         labelled, _ = ndimage.label(current, structure=_CONNECTIVITY)
@@ -213,8 +210,9 @@ def extract_candidate_labels(
         fused_map: the map whose blobs are the candidates ``[D, H, W]`` in [0, 1] (where the lesions are).
         geometry: the grid geometry of the maps.
         settings: extraction settings (the floor, threshold and limits apply to ``fused_map``).
-        crop: ``False`` runs the PI-CAI extraction on the whole volume (the reference the window must equal;
-            see :func:`_active_window`).
+        crop: ``True`` (served): the extraction runs on the window of :func:`_active_window`, for ``"dynamic"``
+            with :func:`_dynamic_blobs`. ``False``: report_guided_annotation itself on the whole volume, the
+            reference the fast path equals.
         likelihood_map: ``[D, H, W]`` in [0, 1]; when given, each candidate's likelihood is this map's peak
             inside its blob (how suspicious the lesion is) instead of the blob's peak in ``fused_map``.
             ``settings.min_likelihood`` applies to that likelihood. The centre stays the ``fused_map``-weighted
