@@ -60,10 +60,11 @@ def main() -> None:
     nets = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build_networks(args.profile).eval()
 
     # a real (synthetic) study, so the fused map has lesions and candidate extraction does real work
-    from preprocessing.pipeline import preprocess_study
+    from preprocessing.pipeline import PreprocessSettings, preprocess_study
     from synth.generator import synthesize_study
 
-    study = preprocess_study(synthesize_study(args.study_seed, args.study_index).series)
+    series = synthesize_study(args.study_seed, args.study_index).series
+    study = preprocess_study(series, PreprocessSettings(grid=nets.grid))  # the checkpoint's grid
     images = torch.from_numpy(study.tensor[None])
     availability = torch.from_numpy(study.availability[None])
     geometry = study.geometry

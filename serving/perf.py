@@ -31,10 +31,17 @@ from typing import Protocol
 
 import numpy as np
 
-from contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, tensor_specs
+from contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, GridSpec, ServedContract, tensor_specs
 from contract.errors import MpmriError
 from export.onnx_export import ort_chain, ort_session, parity_inputs
-from export.repository import ALL_MODELS, MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME, parse_config
+from export.repository import (
+    ALL_MODELS,
+    CONTRACT_PARAMETER,
+    MODEL_VERSION,
+    NETWORK_MODELS,
+    ONNX_FILENAME,
+    parse_config,
+)
 from serving.embedded import EmbeddedTriton
 from serving.triton_env import REPO_ROOT
 
@@ -105,8 +112,17 @@ def ensure_perf_analyzer() -> Path:
     return PERF_ANALYZER
 
 
-def synthetic_study(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic study (``mpmri synth``) run through preprocessing: ``images [1,S,D,H,W]``, ``availability [1,S]``.
+def repository_grid(repository: Path) -> GridSpec:
+    """The model grid the repository's ensemble serves (the contract ``mpmri export`` writes into its config)."""
+    config = parse_config(Path(repository) / ENSEMBLE_MODEL / "config.pbtxt")
+    raw = config.parameters[CONTRACT_PARAMETER].string_value if CONTRACT_PARAMETER in config.parameters else ""
+    if not raw:
+        raise BenchmarkError(f"{repository}/{ENSEMBLE_MODEL} has no '{CONTRACT_PARAMETER}' parameter: re-export it")
+    return ServedContract.from_json(raw).grid
+
+
+def synthetic_study(seed: int = 5, grid: GridSpec = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic study (``mpmri synth``) preprocessed onto ``grid``: ``images [1,S,D,H,W]``, ``availability [1,S]``.
 
     Falls back to realistic random tensors (:func:`export.onnx_export.parity_inputs`) when the synth or
     preprocessing packages are not importable.
@@ -114,20 +130,21 @@ def synthetic_study(seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
     import tempfile
 
     try:
-        from preprocessing.pipeline import preprocess_study
+        from preprocessing.pipeline import PreprocessSettings, preprocess_study
         from synth.generator import generate_dataset
     except ImportError as err:
         LOG.warning("synth/preprocess not available (%s): using synthetic-like random tensors", err)
-        sample = parity_inputs(DEFAULT_GRID, batch=1, seed=seed)
+        sample = parity_inputs(grid, batch=1, seed=seed)
         return sample["images"], sample["availability"]
     with tempfile.TemporaryDirectory(prefix="mpmri_bench_") as tmp:
         case_dir = generate_dataset(Path(tmp), cases=1, seed=seed)[0]
-        study = preprocess_study(case_dir / "dicom")
+        study = preprocess_study(case_dir / "dicom", PreprocessSettings(grid=grid))
     return study.tensor[None].astype(np.float32), study.availability[None].astype(np.float32)
 
 
-def study_tensors(inputs_npz: Path | None, batch_size: int = 1) -> dict[str, np.ndarray]:
-    """Ensemble inputs ``images [B,S,D,H,W]``, ``availability [B,S]`` (float32) for one study repeated B times."""
+def study_tensors(inputs_npz: Path | None, batch_size: int = 1, grid: GridSpec = DEFAULT_GRID) -> dict[str, np.ndarray]:
+    """Ensemble inputs ``images [B,S,D,H,W]``, ``availability [B,S]`` (float32) for one study repeated B times
+    (without ``inputs_npz``: a synthetic study preprocessed onto ``grid``, the served repository's)."""
     if inputs_npz is not None:
         with np.load(inputs_npz) as data:
             images = np.asarray(data["images"], np.float32)
@@ -136,7 +153,7 @@ def study_tensors(inputs_npz: Path | None, batch_size: int = 1) -> dict[str, np.
             images, availability = images[None], availability[None]
         images, availability = images[:1], availability[:1]
     else:
-        images, availability = synthetic_study(seed=5)
+        images, availability = synthetic_study(seed=5, grid=grid)
     return {
         "images": np.repeat(images, batch_size, axis=0),
         "availability": np.repeat(availability, batch_size, axis=0),
@@ -769,7 +786,7 @@ def run_triton_benchmark(
     """
     ensure_perf_analyzer()
     repository = server.repository
-    tensors = study_tensors(settings.inputs_npz, batch_size=1)
+    tensors = study_tensors(settings.inputs_npz, batch_size=1, grid=repository_grid(repository))
     sessions = {m: ort_session(repository / m / MODEL_VERSION / ONNX_FILENAME) for m in NETWORK_MODELS}
     all_tensors = ort_chain(sessions, tensors)  # intermediates feed the composing models' input data
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

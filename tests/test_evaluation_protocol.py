@@ -121,3 +121,18 @@ def test_benchmarks_section_is_replaced_in_place_and_labels_figures_synthetic(tm
     assert text.index(TRAINING_END) < text.index(BEGIN) < text.index("## Later")
     assert "| 0.800 | [0.850, 0.950] |" in text and "0.900" not in text
     assert "seed 9101" in text and "synthetic studies" in text
+
+
+def test_a_candidate_checkpoint_gets_its_own_section_and_leaves_the_shipped_figures(tmp_path: Path) -> None:
+    """The GPU profile's validation run (``--role candidate``) must not overwrite the shipped checkpoint's."""
+    from training.report import CANDIDATE_BEGIN, CANDIDATE_END, TEST_BEGIN, TEST_END
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# Benchmarks\n\n{TRAINING_END}\n\n{BEGIN}\nshipped 0.953\n{END}\n\n{TEST_BEGIN}\nt\n{TEST_END}\n")
+    metrics = {"auroc": 0.7, "data_seeds": [9101], "num_cases": 3, "checkpoint_profile": "gpu"}
+    write_benchmarks_section(path, metrics, "mpmri evaluate ... --role candidate", role="candidate")
+    write_benchmarks_section(path, {**metrics, "auroc": 0.75}, "mpmri evaluate ...", role="candidate")
+    text = path.read_text()
+    assert "shipped 0.953" in text and text.count(CANDIDATE_BEGIN) == 1
+    assert text.index(TEST_END) < text.index(CANDIDATE_BEGIN) < text.index(CANDIDATE_END)
+    assert "| 0.750 |" in text and "| 0.700 |" not in text and "profile gpu" in text

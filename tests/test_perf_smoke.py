@@ -74,6 +74,18 @@ def test_study_tensors_repeat_one_preprocessed_study(tmp_path: Path) -> None:
     np.testing.assert_array_equal(tensors["availability"], [[1, 1, 0], [1, 1, 0]])
 
 
+def test_bench_inputs_are_preprocessed_onto_the_grid_the_repository_serves(tmp_path: Path) -> None:
+    """A repository exported for the GPU profile's realistic grid gets realistic-grid requests, not default ones."""
+    from contract import REALISTIC_GRID
+    from export.repository import write_configs
+    from serving.perf import repository_grid
+
+    write_configs(tmp_path / "repo", REALISTIC_GRID)
+    assert repository_grid(tmp_path / "repo") == REALISTIC_GRID
+    tensors = study_tensors(None, grid=repository_grid(tmp_path / "repo"))
+    assert tensors["images"].shape == (1, 3, *REALISTIC_GRID.size_dhw)
+
+
 @pytest.mark.triton
 @pytest.mark.slow
 def test_interleaved_rounds_measure_chain_and_ensemble_on_the_same_requests(

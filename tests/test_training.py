@@ -28,7 +28,7 @@ from training.data import (
     prepare_synthetic_case,
     save_case,
 )
-from training.train import TrainConfig, load_records, per_lesion_mean, train
+from training.train import TrainConfig, TrainingError, _batches, load_records, per_lesion_mean, train
 
 DATA_SEED = 1234
 NO_AUGMENT = AugmentSettings(
@@ -155,6 +155,52 @@ def test_cache_built_by_two_processes_equals_the_serial_cache(records: list[Case
         assert np.array_equal(parallel.images, records[i].images)
         assert np.array_equal(parallel.lesion_index, records[i].lesion_index)
         assert parallel.truth == records[i].truth
+
+
+def test_cached_cases_load_the_same_in_threads_and_in_order(cache_dir: Path, records: list[CaseRecord]) -> None:
+    from training.data import load_cases
+
+    loaded = load_cases([case_cache_path(cache_dir, DATA_SEED, i) for i in range(6)], workers=3)
+    assert [r.case_id for r in loaded] == [r.case_id for r in records]
+    assert all(np.array_equal(a.images, b.images) for a, b in zip(loaded, records, strict=True))
+
+
+def test_loader_workers_give_the_same_augmented_batches_as_the_training_process(
+    records: list[CaseRecord], tmp_path: Path
+) -> None:
+    """Augmentation is seeded per (seed, epoch, case), so reading batches in worker processes (the GPU recipe's
+    ``--loader-workers``) changes nothing but the speed."""
+    dataset = CaseDataset(records[:4], augment=AugmentSettings(), seed=3)
+    dataset.set_epoch(2)
+    inline = list(_batches(dataset, _config(tmp_path, tmp_path / "run"), global_epoch=2))
+    workers = list(_batches(dataset, _config(tmp_path, tmp_path / "run", loader_workers=2), global_epoch=2))
+    assert len(inline) == len(workers) == 2
+    for a, b in zip(inline, workers, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_an_unavailable_training_device_is_refused_before_any_data_work(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="only cpu and cuda"):
+        train(_config(tmp_path / "cache", tmp_path / "run", device="meta"), progress=False)
+    with pytest.raises(TrainingError, match="unknown training device 'gpu0'"):
+        train(_config(tmp_path / "cache", tmp_path / "run", device="gpu0"), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="torch sees no CUDA device"):
+            train(_config(tmp_path / "cache", tmp_path / "run", device="cuda"), progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_training_cli_runs_alone_and_reports_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m training.cli`` (the GPU machine's entry point: no serving stack there) parses the same options."""
+    from training.cli import main as training_main
+
+    rc = training_main(["train", "--device", "meta", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "r")])
+    assert rc != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "meta" in err and "\n" not in err
 
 
 def test_baseline_maps_are_bounded_and_dwi_rule_peaks_in_a_significant_lesion(records: list[CaseRecord]) -> None:
@@ -318,11 +364,12 @@ def test_evaluate_cli_reports_missing_data_folder_in_one_line(
 
 @pytest.mark.slow
 def test_gpu_profile_recipe_trains_at_the_realistic_grid_and_the_grid_travels_to_the_model_repository(
-    tmp_path: Path,
+    tmp_path: Path, synthetic_dataset: list[Path]
 ) -> None:
     """The GPU profile's recipe at tiny scale on the CPU: preprocessing onto REALISTIC_GRID, three phases, a
-    checkpoint recording that grid, and the repository configs made for it, whose served contract carries it
-    (the ONNX export itself is the same code for every grid: tests/test_service_contract.py serves another grid)."""
+    checkpoint recording that grid, evaluation preprocessing onto that grid, and the repository configs made for it,
+    whose served contract carries it (the ONNX export itself is the same code for every grid:
+    tests/test_service_contract.py serves another grid)."""
     from contract import REALISTIC_GRID, ServedContract, tensor_specs
     from export.repository import CONTRACT_PARAMETER, parse_config, write_configs
 
@@ -344,6 +391,13 @@ def test_gpu_profile_recipe_trains_at_the_realistic_grid_and_the_grid_travels_to
     assert "skipped" in meta["calibration"]  # one validation case: the calibration stays the identity, said so
     cached = load_case(next((tmp_path / "cache").rglob("case_0000.npz")))
     assert cached.images.shape[1:] == REALISTIC_GRID.size_dhw
+    from training.evaluate import evaluate
+
+    data = tmp_path / "data"  # one `mpmri synth` study: evaluation must read the grid from the checkpoint
+    data.mkdir()
+    (data / synthetic_dataset[0].name).symlink_to(synthetic_dataset[0], target_is_directory=True)
+    metrics = evaluate(data, tmp_path / "eval", checkpoint=final, progress=False, resamples=10, ablations=False)
+    assert metrics["num_cases"] == 1
     repository = tmp_path / "model_repository"  # the configs `mpmri export` writes for this checkpoint's grid
     write_configs(repository, nets.grid)
     served = parse_config(repository / "mpmri_ensemble" / "config.pbtxt").parameters[CONTRACT_PARAMETER]

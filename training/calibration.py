@@ -44,8 +44,9 @@ def study_raw_scores(
     significant: list[int] = []
     categories: list[int] = []
     loader = torch.utils.data.DataLoader(CaseDataset(records), batch_size=batch_size, shuffle=False)
+    device = next(nets.localization.parameters()).device
     for batch in loader:
-        images, availability = batch["images"], batch["availability"]
+        images, availability = batch["images"].to(device), batch["availability"].to(device)
         fused = nets.fusion(nets.localization(images), availability, images)
         scores += nets.classification.raw_score(images, fused).amax(dim=(1, 2, 3, 4)).tolist()
         significant += [int(v) for v in batch["significant"].tolist()]
@@ -116,7 +117,9 @@ def calibrate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: in
     thresholds, scale = fit_score_thresholds(raw, categories, tau)
     cls.set_score_thresholds(thresholds.tolist())
     with torch.no_grad():
-        logits = cls.cspca_logit(cls.remap_score(torch.as_tensor(raw, dtype=torch.float32)).double()).numpy()
+        device = next(cls.parameters()).device
+        raw_t = torch.as_tensor(raw, dtype=torch.float32, device=device)
+        logits = cls.cspca_logit(cls.remap_score(raw_t).double()).cpu().numpy()
     out: dict[str, Any] = {
         "cases": len(records),
         "score_thresholds": {

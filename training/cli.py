@@ -50,6 +50,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr-joint", type=float, default=defaults.lr_joint, help="peak learning rate, joint phase")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation and augmentation")
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
+    p.add_argument(
+        "--device", default=defaults.device, help="where to train: cpu (default, the shipped recipe) or cuda"
+    )
+    p.add_argument(
+        "--loader-workers",
+        type=int,
+        default=defaults.loader_workers,
+        help="processes that read and augment batches (default 0: in the training process)",
+    )
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop early (continue later with --resume)")
     p.add_argument("--resume", type=Path, default=None, help="continue from a run's last.pt")
@@ -78,10 +87,10 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-ablation", action="store_true", help="skip the sequence ablation (5 more network passes)")
     e.add_argument(
         "--role",
-        choices=["validation", "test"],
+        choices=["validation", "test", "candidate"],
         default="validation",
-        help="which BENCHMARKS.md section --benchmarks-md writes: validation (default) or test (the released "
-        "checkpoint's one run on its test seed)",
+        help="which BENCHMARKS.md section --benchmarks-md writes: validation (default), test (the released "
+        "checkpoint's one run on its test seed) or candidate (a checkpoint not shipped, on a validation seed)",
     )
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)
@@ -117,6 +126,8 @@ def _run_train(args: argparse.Namespace) -> int:
         lr_joint=args.lr_joint,
         seed=args.seed,
         threads=args.threads,
+        device=args.device,
+        loader_workers=args.loader_workers,
         max_steps_per_epoch=args.max_steps_per_epoch,
         stop_after_epochs=args.stop_after_epochs,
     )
@@ -163,8 +174,31 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         command = (
             f"mpmri evaluate --data {args.data} --out {args.out} --checkpoint {args.checkpoint} "
             f"--resamples {args.resamples} --bootstrap-seed {args.bootstrap_seed} --benchmarks-md {args.benchmarks_md}"
-            f" --role {args.role}"
+            f" --role {args.role}{' --no-ablation' if args.no_ablation else ''}"
         )
         write_benchmarks_section(args.benchmarks_md, metrics, command, role=args.role)
         print(f"benchmarks: {args.benchmarks_md} ({args.role} section)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.cli train|evaluate ...``: these two commands alone, for a machine that has only the
+    training dependencies (a GPU machine without the serving stack: no tritonclient, no grpc stubs)."""
+    import logging
+    import sys
+
+    from contract.errors import MpmriError
+
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description=__doc__)
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except MpmriError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

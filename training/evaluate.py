@@ -144,9 +144,14 @@ def predict_record(
     """The full chain on one case: networks -> :func:`postprocessing.report.build_findings` -> matching.
 
     ``availability`` overrides the record's (a sequence set to 0 gets the contract's missing-channel value),
-    for the sequence ablation.
+    for the sequence ablation. A record preprocessed onto another grid than the networks' is refused.
     """
     images, avail = record.images, record.availability
+    if tuple(images.shape[1:]) != tuple(nets.grid.size_dhw):
+        raise EvaluationError(
+            f"case {record.case_id} was preprocessed onto a {'x'.join(map(str, images.shape[1:]))} grid, but the"
+            f" checkpoint's networks read {'x'.join(map(str, nets.grid.size_dhw))} (contract grid)"
+        )
     if availability is not None:
         avail = np.minimum(avail, np.asarray(availability, dtype=np.float32))
         images = np.where(avail[:, None, None, None] > 0.5, images, np.float32(MISSING_CHANNEL_FILL_VALUE))
@@ -388,8 +393,9 @@ def evaluate(
     t0 = time.monotonic()
     nets, meta = load_checkpoint(checkpoint)  # first: a checkpoint under another contract is refused by name
     cases = find_cases(data_dir)
-    records = [
-        prepare_case_dir(case_dir) for case_dir in tqdm(cases, desc="preprocess", disable=not progress, mininterval=5)
+    records = [  # onto the grid the checkpoint records (its contract), not the default one
+        prepare_case_dir(case_dir, nets.grid)
+        for case_dir in tqdm(cases, desc="preprocess", disable=not progress, mininterval=5)
     ]
     results = [predict_record(nets, r) for r in tqdm(records, desc="evaluate", disable=not progress, mininterval=5)]
 
