@@ -236,6 +236,25 @@ def test_smoke_training_loss_falls(cache_dir: Path, tmp_path: Path) -> None:
     assert meta["training"]["data"]["train_cases"] == 4
 
 
+def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_sections(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    train(_config(cache_dir, tmp_path / "run", epochs={"localization": 1, "classification": 1, "joint": 0}))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "training_report.py"
+    for extra in ([], ["--section", "reproduction", "--label", "from an empty cache"], []):
+        cmd = [sys.executable, str(script), "--run", str(tmp_path / "run"), "--write", str(md), *extra]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    text = md.read_text()
+    assert text.count("<!-- training:begin -->") == 1 and text.count("<!-- training-reproduction:begin -->") == 1
+    assert "— from an empty cache" in text and "--epochs-localization 1" in text
+    assert "synthetic studies only" in text
+
+
 def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_validated(
     cache_dir: Path, tmp_path: Path
 ) -> None:
