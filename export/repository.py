@@ -36,6 +36,7 @@ from contract import (
     LOCALIZATION_MODEL,
     MODEL_IO,
     GridSpec,
+    ServedContract,
     contract_dict,
     tensor_specs,
 )
@@ -266,3 +267,14 @@ def write_configs(
 def parse_config(path: Path) -> mc.ModelConfig:
     """Parse a ``*.pbtxt`` model config (raises ``text_format.ParseError`` when invalid)."""
     return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def served_contract(repository: Path) -> ServedContract:
+    """The contract the repository's ensemble serves, read from its ``config.pbtxt`` (:func:`ensemble_config` writes
+    it); ``ValueError`` naming the file when it carries none."""
+    path = Path(repository) / ENSEMBLE_MODEL / "config.pbtxt"
+    config = parse_config(path)
+    raw = config.parameters[CONTRACT_PARAMETER].string_value if CONTRACT_PARAMETER in config.parameters else ""
+    if not raw:
+        raise ValueError(f"{path} has no '{CONTRACT_PARAMETER}' parameter: re-export the repository (`mpmri export`)")
+    return ServedContract.from_json(raw)

@@ -371,6 +371,11 @@ class MpmriNetworks:
             module.to(device)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """The device the weights are on (all three networks move together, :meth:`to`)."""
+        return next(self.localization.parameters()).device
+
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: module.state_dict() for name, module in self.modules().items()}
 

@@ -31,17 +31,10 @@ from typing import Protocol
 
 import numpy as np
 
-from contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, GridSpec, ServedContract, tensor_specs
+from contract import DEFAULT_GRID, ENSEMBLE_MODEL, MODEL_IO, GridSpec, tensor_specs
 from contract.errors import MpmriError
 from export.onnx_export import ort_chain, ort_session, parity_inputs
-from export.repository import (
-    ALL_MODELS,
-    CONTRACT_PARAMETER,
-    MODEL_VERSION,
-    NETWORK_MODELS,
-    ONNX_FILENAME,
-    parse_config,
-)
+from export.repository import ALL_MODELS, MODEL_VERSION, NETWORK_MODELS, ONNX_FILENAME, parse_config, served_contract
 from serving.embedded import EmbeddedTriton
 from serving.triton_env import REPO_ROOT
 
@@ -114,11 +107,10 @@ def ensure_perf_analyzer() -> Path:
 
 def repository_grid(repository: Path) -> GridSpec:
     """The model grid the repository's ensemble serves (the contract ``mpmri export`` writes into its config)."""
-    config = parse_config(Path(repository) / ENSEMBLE_MODEL / "config.pbtxt")
-    raw = config.parameters[CONTRACT_PARAMETER].string_value if CONTRACT_PARAMETER in config.parameters else ""
-    if not raw:
-        raise BenchmarkError(f"{repository}/{ENSEMBLE_MODEL} has no '{CONTRACT_PARAMETER}' parameter: re-export it")
-    return ServedContract.from_json(raw).grid
+    try:
+        return served_contract(repository).grid
+    except ValueError as err:
+        raise BenchmarkError(str(err)) from err
 
 
 def synthetic_study(seed: int = 5, grid: GridSpec = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from contract import ENSEMBLE_MODEL, MODEL_IO, tensor_specs
@@ -73,3 +74,19 @@ def test_cpu_override_is_cpu_only_and_gpu_config_keeps_production_settings() -> 
         assert [a.name for a in gpu.optimization.execution_accelerators.gpu_execution_accelerator] == ["tensorrt"]
         assert cpu.max_batch_size == gpu.max_batch_size > 1
         assert cpu.HasField("dynamic_batching") and gpu.HasField("dynamic_batching")
+
+
+def test_served_contract_is_read_back_from_the_files_and_its_absence_is_named(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+
+    from contract import REALISTIC_GRID
+    from export.repository import served_contract
+
+    write_configs(tmp_path / "repo", REALISTIC_GRID)
+    assert served_contract(tmp_path / "repo").grid == REALISTIC_GRID
+    ensemble = tmp_path / "repo" / "mpmri_ensemble" / "config.pbtxt"
+    config = parse_config(ensemble)
+    del config.parameters["mpmri_contract"]
+    ensemble.write_text(text_format.MessageToString(config))
+    with pytest.raises(ValueError, match="config.pbtxt has no 'mpmri_contract' parameter"):
+        served_contract(tmp_path / "repo")

@@ -389,8 +389,8 @@ def test_gpu_profile_recipe_trains_at_the_realistic_grid_and_the_grid_travels_to
     checkpoint recording that grid, evaluation preprocessing onto that grid, and the repository configs made for it,
     whose served contract carries it (the ONNX export itself is the same code for every grid:
     tests/test_service_contract.py serves another grid)."""
-    from contract import REALISTIC_GRID, ServedContract, tensor_specs
-    from export.repository import CONTRACT_PARAMETER, parse_config, write_configs
+    from contract import REALISTIC_GRID, tensor_specs
+    from export.repository import served_contract, write_configs
 
     config = _config(
         tmp_path / "cache",
@@ -419,6 +419,5 @@ def test_gpu_profile_recipe_trains_at_the_realistic_grid_and_the_grid_travels_to
     assert metrics["num_cases"] == 1
     repository = tmp_path / "model_repository"  # the configs `mpmri export` writes for this checkpoint's grid
     write_configs(repository, nets.grid)
-    served = parse_config(repository / "mpmri_ensemble" / "config.pbtxt").parameters[CONTRACT_PARAMETER]
-    assert ServedContract.from_json(served.string_value).grid == REALISTIC_GRID
+    assert served_contract(repository).grid == REALISTIC_GRID
     assert tensor_specs(REALISTIC_GRID)["cspca_map"].shape == (1, *REALISTIC_GRID.size_dhw)

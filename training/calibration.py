@@ -44,7 +44,7 @@ def study_raw_scores(
     significant: list[int] = []
     categories: list[int] = []
     loader = torch.utils.data.DataLoader(CaseDataset(records), batch_size=batch_size, shuffle=False)
-    device = next(nets.localization.parameters()).device
+    device = nets.device
     for batch in loader:
         images, availability = batch["images"].to(device), batch["availability"].to(device)
         fused = nets.fusion(nets.localization(images), availability, images)
@@ -117,8 +117,7 @@ def calibrate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: in
     thresholds, scale = fit_score_thresholds(raw, categories, tau)
     cls.set_score_thresholds(thresholds.tolist())
     with torch.no_grad():
-        device = next(cls.parameters()).device
-        raw_t = torch.as_tensor(raw, dtype=torch.float32, device=device)
+        raw_t = torch.as_tensor(raw, dtype=torch.float32, device=nets.device)
         logits = cls.cspca_logit(cls.remap_score(raw_t).double()).cpu().numpy()
     out: dict[str, Any] = {
         "cases": len(records),

@@ -237,11 +237,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def networks_device(nets: MpmriNetworks) -> torch.device:
-    """The device the networks' weights are on."""
-    return next(nets.localization.parameters()).device
-
-
 @torch.no_grad()
 def validate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: int) -> dict[str, float]:
     """Loss (all terms), fused-map Dice at 0.5, csPCa AUROC and PI-RADS accuracy on ``records`` (on the networks'
@@ -249,7 +244,7 @@ def validate(nets: MpmriNetworks, records: Sequence[CaseRecord], batch_size: int
     if not records:
         return {"val_loss": math.nan, "val_dice": math.nan, "val_auroc": math.nan, "val_pirads_accuracy": math.nan}
     nets.eval()
-    device = networks_device(nets)
+    device = nets.device
     loc_loss = LocalizationLoss().to(device)
     loader = torch.utils.data.DataLoader(CaseDataset(records), batch_size=batch_size, shuffle=False)
     losses, probs, labels, correct = [], [], [], 0
@@ -440,9 +435,9 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
 
     # on the CPU, channels-last 3D memory layout: same results, about 2x faster convolution gradients (oneDNN)
     channels_last = device.type == "cpu"
-    for module in nets.modules().values():
-        module.to(device)
-        if channels_last:
+    nets.to(device)
+    if channels_last:
+        for module in nets.modules().values():
             module.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     dataset = CaseDataset(train_records, augment=config.augment, seed=config.seed)
     loc_loss = LocalizationLoss().to(device)
