@@ -154,9 +154,11 @@ class LocalizationLoss(nn.Module):
         logits = seq_logits[present].unsqueeze(1)  # [N, 1, D, H, W]
         targets = target.expand_as(seq_logits)[present].unsqueeze(1)
         fused = fused_map.float().clamp(1e-6, 1 - 1e-6)
+        # the terms in this order: autograd accumulates gradients in creation order, and the shipped checkpoint is
+        # reproduced bit for bit only with the original order
+        loss = self.per_sequence(logits, targets) + self.fused_dice(fused, target)
         with torch.autocast(fused.device.type, enabled=False):  # BCE on probabilities: fp32 (unsafe under autocast)
-            bce = F.binary_cross_entropy(fused, target.float())
-        return self.per_sequence(logits, targets) + self.fused_dice(fused, target) + bce
+            return loss + F.binary_cross_entropy(fused, target.float())
 
 
 def score_loss(classification: Classification, score: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
