@@ -27,8 +27,8 @@ test: $(STAMP) system-packages
 
 # Retrain the shipped CPU checkpoint from scratch (docs/networks.md, "The shipped default checkpoint"):
 # synthetic seed 1 (700 training + 100 validation + 300 calibration-only cases), 3 phases, category thresholds +
-# Platt calibration on the validation and calibration-only cases; 19 min on 2 cores with the cache built (about
-# 21 min estimated from an empty cache, not yet measured for 1100 cases).
+# Platt calibration on the validation and calibration-only cases; 19 min on 2 cores with the cache built, 24 min
+# from an empty cache in a fresh clone (7.4 of them building the cache), bit-identical weights either way.
 checkpoint: $(STAMP)
 	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --data-seed 1 \
 	  --epochs-localization 4 --epochs-classification 4 --epochs-joint 3 --seed 0 --threads 2 \
