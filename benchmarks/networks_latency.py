@@ -174,14 +174,9 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         lines.append(f"| {label} | {row['min_ms']} | {row['median_ms']} | {row['p90_ms']} |")
     eager = result["torch_eager_chain"]
     lines += ["", f"torch eager, whole chain without candidates: median {eager['median_ms']} ms.", MARK_END]
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "\n".join(lines)
-    if MARK_BEGIN in text and MARK_END in text:
-        begin, end = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:begin] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    from serving.perf import update_benchmarks_md
+
+    update_benchmarks_md(path, "\n".join(lines), MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":

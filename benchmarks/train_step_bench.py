@@ -143,16 +143,6 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        begin, end = text.index(MARK_BEGIN), text.index(MARK_END) + len(MARK_END)
-        text = text[:begin] + section + text[end:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="gpu")
@@ -175,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     section = render(result)
     print(section)
     if args.write is not None:
-        write_section(args.write, section)
+        from serving.perf import update_benchmarks_md  # here, not on the GPU machine (no serving stack there)
+
+        update_benchmarks_md(args.write, section, MARK_BEGIN, MARK_END)
     return 0
 
 

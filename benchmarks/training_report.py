@@ -175,14 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     section = render(args.run, args.section, args.label)
     print(section)
     if args.write is not None:
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        mark_begin, mark_end = section.splitlines()[0], section.splitlines()[-1]
-        if mark_begin in text and mark_end in text:
-            begin, end = text.index(mark_begin), text.index(mark_end) + len(mark_end)
-            text = text[:begin] + section + text[end:]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        args.write.write_text(text)
+        from serving.perf import update_benchmarks_md
+
+        lines = section.splitlines()
+        update_benchmarks_md(args.write, section, lines[0], lines[-1])
     return 0
 
 
