@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from networks.checkpoint import DEFAULT_CHECKPOINT
+from training.report import ROLES
 
 
 def register(subparsers: Any) -> None:
@@ -87,7 +88,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-ablation", action="store_true", help="skip the sequence ablation (5 more network passes)")
     e.add_argument(
         "--role",
-        choices=["validation", "test", "candidate"],
+        choices=list(ROLES),
         default="validation",
         help="which BENCHMARKS.md section --benchmarks-md writes: validation (default), test (the released "
         "checkpoint's one run on its test seed) or candidate (a checkpoint not shipped, on a validation seed)",

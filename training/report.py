@@ -22,12 +22,12 @@ TEST_END = "<!-- evaluation-test:end -->"
 #: the markers of a candidate checkpoint's validation section (``role="candidate"``)
 CANDIDATE_BEGIN = "<!-- evaluation-candidate:begin -->"
 CANDIDATE_END = "<!-- evaluation-candidate:end -->"
-ROLES = ("validation", "test", "candidate")
 MARKERS: dict[str, tuple[str, str]] = {
     "validation": (BEGIN, END),
     "test": (TEST_BEGIN, TEST_END),
     "candidate": (CANDIDATE_BEGIN, CANDIDATE_END),
 }
+ROLES: tuple[str, ...] = tuple(MARKERS)
 TITLES: dict[str, str] = {
     "validation": "## Evaluation protocol: figures with 95 % intervals — `mpmri evaluate --benchmarks-md` (generated)",
     "test": "## Released checkpoint on its test seed (touched once) — `mpmri evaluate --role test` (generated)",
