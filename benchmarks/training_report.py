@@ -65,9 +65,13 @@ def _command(config: dict[str, Any]) -> str:
         f"mpmri train --profile {config['profile']} --grid {config.get('grid', 'default')} --cases {config['cases']}"
         f" --val-cases {config['val_cases']}{_calibration_flag(config)} --data-seed {config['data_seed']}"
         f" --epochs-localization {epochs['localization']} --epochs-classification {epochs['classification']}"
-        f" --epochs-joint {epochs['joint']} --seed {config['seed']} --threads {config['threads']}"
-        f" --batch-size {config['batch_size']}{on_device}"
+        f" --epochs-joint {epochs['joint']}{_fused_loss_flag(config)} --seed {config['seed']}"
+        f" --threads {config['threads']} --batch-size {config['batch_size']}{on_device}"
     )
+
+
+def _fused_loss_flag(config: dict[str, Any]) -> str:
+    return "" if config.get("fused_loss_trains_localization", True) else " --fused-loss-trains-fusion-only"
 
 
 def _calibration_flag(config: dict[str, Any]) -> str:

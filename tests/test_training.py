@@ -14,6 +14,7 @@ import torch
 from contract import MISSING_CHANNEL_FILL_VALUE, NUM_SEQUENCES, sequence_index
 from mpmri.cli import main as mpmri_main
 from networks.checkpoint import load_checkpoint, load_training_state
+from networks.models import MpmriNetworks, build_networks
 from training.baseline import BASELINES, baseline_likelihood_map, central_ellipsoid_mask
 from training.data import (
     AugmentSettings,
@@ -28,7 +29,16 @@ from training.data import (
     prepare_synthetic_case,
     save_case,
 )
-from training.train import TrainConfig, TrainingError, _batches, load_records, per_lesion_mean, train
+from training.train import (
+    LocalizationLoss,
+    TrainConfig,
+    TrainingError,
+    _batches,
+    _forward,
+    load_records,
+    per_lesion_mean,
+    train,
+)
 
 DATA_SEED = 1234
 NO_AUGMENT = AugmentSettings(
@@ -180,6 +190,45 @@ def test_loader_workers_give_the_same_augmented_batches_as_the_training_process(
         assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def _gradients(nets: MpmriNetworks, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    for p in nets.parameters():
+        p.grad = None
+    loss.backward()
+    return {
+        f"{name}.{key}": p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for name, module in nets.modules().items()
+        for key, p in module.named_parameters()
+    }
+
+
+def test_with_fusion_only_the_fused_map_loss_trains_the_fusion_and_each_map_learns_from_its_own_sequence(
+    records: list[CaseRecord],
+) -> None:
+    """``fused_loss_trains_localization=False``: the localization's gradients are exactly those of the per-sequence
+    loss (the fused-map terms reach the fusion only), while the fusion still learns; the default trains both."""
+    torch.manual_seed(0)
+    nets = build_networks("cpu")
+    with torch.no_grad():  # a gate that is not zero, so that the fusion's weights depend on the maps
+        for p in nets.fusion.gate.parameters():
+            p.normal_(0.0, 0.1)
+    batch = next(iter(torch.utils.data.DataLoader(CaseDataset(records[:2]), batch_size=2)))
+    loc_loss = LocalizationLoss()
+    detached = _gradients(nets, _forward(nets, batch, "localization", loc_loss, fused_loss_trains_localization=False))
+    attached = _gradients(nets, _forward(nets, batch, "localization", loc_loss, fused_loss_trains_localization=True))
+    present = batch["availability"] > 0.5
+    logits = nets.localization.forward_logits(batch["images"])
+    own = _gradients(
+        nets,
+        loc_loss.per_sequence(logits[present].unsqueeze(1), batch["target"].expand_as(logits)[present].unsqueeze(1)),
+    )
+    localization = [k for k in own if k.startswith("localization.")]
+    fusion = [k for k in own if k.startswith("map_fusion.")]
+    assert all(torch.allclose(detached[k], own[k], atol=1e-7) for k in localization)
+    assert not all(torch.allclose(attached[k], own[k], atol=1e-7) for k in localization)
+    assert all(float(detached[k].abs().sum()) > 0 for k in fusion)
+    assert all(torch.allclose(detached[k], attached[k]) for k in fusion)
+
+
 def test_an_unavailable_training_device_is_refused_before_any_data_work(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="only cpu and cuda"):
         train(_config(tmp_path / "cache", tmp_path / "run", device="meta"), progress=False)
@@ -242,7 +291,8 @@ def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_
     import subprocess
     import sys
 
-    train(_config(cache_dir, tmp_path / "run", epochs={"localization": 1, "classification": 1, "joint": 0}))
+    epochs = {"localization": 1, "classification": 1, "joint": 0}
+    train(_config(cache_dir, tmp_path / "run", epochs=epochs, fused_loss_trains_localization=False))
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "training_report.py"
@@ -252,6 +302,7 @@ def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_
     text = md.read_text()
     assert text.count("<!-- training:begin -->") == 1 and text.count("<!-- training-reproduction:begin -->") == 1
     assert "— from an empty cache" in text and "--epochs-localization 1" in text
+    assert "--fused-loss-trains-fusion-only" in text  # the recorded command reproduces the run's loss setting
     assert "synthetic studies only" in text
 
 
@@ -355,6 +406,8 @@ def test_evaluate_protocol_outputs_on_the_shipped_checkpoint(
     assert metrics["ablation"]["t2w_only"]["sequences"] == ["t2w"]
     weights = metrics["fusion_weights"]["all_voxels"]
     assert weights["t2w"] + weights["adc"] + weights["dwi"] == pytest.approx(1.0, abs=1e-4)
+    for group in metrics["lesion_map_response"].values():  # a fused peak >= 0.5 is above the candidate floor
+        assert group["lesions"] > 0 and group["fused_reaches_floor"] >= group["fused"]
     assert metrics["calibration"]["slope"] > 0
     assert len(cases) == len(synthetic_dataset)
     assert len(candidates) == sum(int(c["num_candidates"]) for c in cases)

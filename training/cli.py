@@ -60,6 +60,11 @@ def register(subparsers: Any) -> None:
         default=defaults.loader_workers,
         help="processes that read and augment batches (default 0: in the training process)",
     )
+    p.add_argument(
+        "--fused-loss-trains-fusion-only",
+        action="store_true",
+        help="the fused-map loss terms train the fusion only, not the localization (sequence maps detached there)",
+    )
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop early (continue later with --resume)")
     p.add_argument("--resume", type=Path, default=None, help="continue from a run's last.pt")
@@ -129,6 +134,7 @@ def _run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=args.device,
         loader_workers=args.loader_workers,
+        fused_loss_trains_localization=not args.fused_loss_trains_fusion_only,
         max_steps_per_epoch=args.max_steps_per_epoch,
         stop_after_epochs=args.stop_after_epochs,
     )

@@ -18,6 +18,8 @@ csPCa map, a csPCa likelihood and PI-RADS-like category per lesion). Scores (doc
 * ``ci95``: case-level bootstrap 95 % intervals of every figure above;
 * ``fusion_weights``: the mean per-voxel fusion weight of each sequence inside the truth lesions of each zone
   (and over the whole grid);
+* ``lesion_map_response``: per zone and lesion kind (cancers and mimics), the fraction of truth lesions whose
+  peak reaches 0.5 in each sequence map, the fused map and ``cspca_map`` (detection or false-alarm rates);
 * ``ablation``: AUROC / AP with each sequence removed at inference (availability 0, channel filled), and with
   T2W only and T2W + ADC (the missing-sequence paths), each with its change from the full model.
 
@@ -214,6 +216,44 @@ def fusion_weights_by_zone(nets: MpmriNetworks, records: list[CaseRecord]) -> di
         key: {"voxels": counts[key], **{seq: float(v) for seq, v in zip(SEQUENCES, sums[key] / counts[key])}}
         for key in sorted(sums)
     }
+
+
+#: a map "responds" to a truth lesion when its peak inside the lesion reaches this value
+RESPONSE_THRESHOLD = 0.5
+
+
+@torch.no_grad()
+def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[str, dict[str, Any]]:
+    """How each map answers each kind of truth lesion, by zone: the evidence behind the fusion and the candidates.
+
+    For every truth lesion (cancers and mimics) of the studies with every sequence, the peak inside the lesion of
+    each sequence map, of the fused map and of ``cspca_map``. Per group ``<zone>_<kind>`` (e.g. ``tz_cancer``,
+    ``tz_bph_stromal``): ``lesions``, the fraction whose peak reaches :data:`RESPONSE_THRESHOLD` in each map
+    (``t2w``, ``adc``, ``dwi``, ``fused``, ``cspca``; for a cancer a detection rate, for a mimic a false-alarm
+    rate), and ``fused_reaches_floor``: the fraction whose fused peak reaches the candidate floor
+    (``DEFAULT_CANDIDATES.floor_likelihood``), without which no candidate can find the lesion.
+    """
+    peaks: dict[str, list[np.ndarray]] = {}
+    maps_order = (*SEQUENCES, "fused", "cspca")
+    for record in records:
+        if float(record.availability.min()) < 0.5:
+            continue
+        out = network_outputs(nets, record.images.astype(np.float32), record.availability.astype(np.float32))
+        stack = np.concatenate([out["sequence_maps"], out["fused_map"], out["cspca_map"]])  # [S + 2, D, H, W]
+        for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
+            mask = record.lesion_index == i
+            if not mask.any():
+                continue
+            key = f"{lesion.get('zone', 'unknown')}_{lesion.get('kind', 'unknown')}"
+            peaks.setdefault(key, []).append(stack[:, mask].max(axis=1))
+    result: dict[str, dict[str, Any]] = {}
+    for key in sorted(peaks):
+        values = np.stack(peaks[key])  # [lesions, S + 2]
+        entry: dict[str, Any] = {"lesions": int(values.shape[0])}
+        entry.update({name: float(np.mean(values[:, j] >= RESPONSE_THRESHOLD)) for j, name in enumerate(maps_order)})
+        entry["fused_reaches_floor"] = float(np.mean(values[:, len(SEQUENCES)] >= DEFAULT_CANDIDATES.floor_likelihood))
+        result[key] = entry
+    return result
 
 
 #: the sequence sets of the ablation: name -> availability mask (1 = kept)
@@ -413,6 +453,7 @@ def evaluate(
     base = baselines["adc_min"]
     ablation = sequence_ablation(nets, records, model, subjects) if ablations else {}
     fusion = fusion_weights_by_zone(nets, records)
+    response = lesion_map_response(nets, records)
 
     proto = _Protocol(results)
     all_idx = np.arange(len(results))
@@ -473,6 +514,7 @@ def evaluate(
         "by_zone": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("zone=")},
         "by_size": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("size=")},
         "fusion_weights": fusion,
+        "lesion_map_response": response,
         "ablation": ablation,
         "calibration": meta.get("calibration"),
         "bootstrap": {

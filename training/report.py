@@ -148,6 +148,22 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
                 f"| {name} | {w.get('voxels')} | {_fmt(w.get('t2w'))} | {_fmt(w.get('adc'))} | {_fmt(w.get('dwi'))} |"
             )
         lines.append("")
+    response = metrics.get("lesion_map_response") or {}
+    if response:
+        lines += [
+            "Map response per lesion kind (fraction of truth lesions whose peak inside the lesion reaches 0.5 in each"
+            " map: a detection rate for cancers, a false-alarm rate for mimics; last column: fused peak at or above"
+            " the candidate floor; studies with every sequence; synthetic studies):",
+            "",
+            "| zone, kind | lesions | T2W map | ADC map | DWI map | fused map | csPCa map | fused >= floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in response.items():
+            lines.append(
+                f"| {name} | {r.get('lesions')} | {_fmt(r.get('t2w'))} | {_fmt(r.get('adc'))} | {_fmt(r.get('dwi'))} "
+                f"| {_fmt(r.get('fused'))} | {_fmt(r.get('cspca'))} | {_fmt(r.get('fused_reaches_floor'))} |"
+            )
+        lines.append("")
     ablation = metrics.get("ablation") or {}
     if ablation:
         lines += [

@@ -100,6 +100,11 @@ class TrainConfig:
         loader_workers: processes that read and augment training batches (``DataLoader(num_workers=...)``);
             0 = in the training process. Augmentation is seeded per ``(seed, epoch, case)``, so the batches do
             not depend on it. At the realistic grid one case is 22 MB, and a GPU step outruns one process.
+        fused_loss_trains_localization: whether the fused-map terms of the localization loss (Dice + BCE) also
+            train the localization through the fusion (``True``, releases 1-5), or only the fusion (``False``: the
+            sequence maps enter those terms detached, so each map is trained by its own sequence's loss alone and
+            the fusion cannot push a map it weighs little towards 0). The classification loss of the joint phase
+            trains everything either way.
         max_steps_per_epoch: cap on steps per epoch (smoke tests); ``None`` = full epochs.
         stop_after_epochs: stop this invocation after so many epochs (the run continues with
             ``--resume run_dir/last.pt``); ``None`` = run to the end.
@@ -125,6 +130,7 @@ class TrainConfig:
     threads: int = 2
     device: str = "cpu"
     loader_workers: int = 0
+    fused_loss_trains_localization: bool = True
     max_steps_per_epoch: int | None = None
     stop_after_epochs: int | None = None
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -204,7 +210,11 @@ def per_lesion_mean(values: torch.Tensor, lesion_index: torch.Tensor, inside: to
 
 
 def _forward(
-    nets: MpmriNetworks, batch: dict[str, torch.Tensor], phase: str, loc_loss: LocalizationLoss
+    nets: MpmriNetworks,
+    batch: dict[str, torch.Tensor],
+    phase: str,
+    loc_loss: LocalizationLoss,
+    fused_loss_trains_localization: bool = True,
 ) -> torch.Tensor:
     images, availability = batch["images"], batch["availability"]
     if phase == "classification":
@@ -212,8 +222,15 @@ def _forward(
             fused = nets.fusion(nets.localization(images), availability, images)
         return score_loss(nets.classification, nets.classification.score(images, fused), batch)
     seq_logits = nets.localization.forward_logits(images)
-    fused = nets.fusion(torch.sigmoid(seq_logits), availability, images)
-    loss = loc_loss(seq_logits, fused, batch["target"], availability)
+    sequence_maps = torch.sigmoid(seq_logits)
+    if fused_loss_trains_localization:
+        fused = nets.fusion(sequence_maps, availability, images)
+        loss = loc_loss(seq_logits, fused, batch["target"], availability)
+    else:  # the fused-map terms train the fusion only; the joint phase's classification reads the attached map
+        fused_detached = nets.fusion(sequence_maps.detach(), availability, images)
+        loss = loc_loss(seq_logits, fused_detached, batch["target"], availability)
+        if phase == "joint":
+            fused = nets.fusion(sequence_maps, availability, images)
     if phase == "joint":
         loss = loss + score_loss(nets.classification, nets.classification.score(images, fused), batch)
     return loss
@@ -476,7 +493,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
             batch = to_device(batch, device)
             if channels_last:
                 batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last_3d)
-            loss = _forward(nets, batch, phase, loc_loss)
+            loss = _forward(nets, batch, phase, loc_loss, config.fused_loss_trains_localization)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
