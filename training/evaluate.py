@@ -515,6 +515,7 @@ def evaluate(
         "by_size": {k.split("=", 1)[1]: v for k, v in by_group.items() if k.startswith("size=")},
         "fusion_weights": fusion,
         "lesion_map_response": response,
+        "lesion_map_response_threshold": RESPONSE_THRESHOLD,
         "ablation": ablation,
         "calibration": meta.get("calibration"),
         "bootstrap": {

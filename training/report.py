@@ -151,9 +151,10 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
     response = metrics.get("lesion_map_response") or {}
     if response:
         lines += [
-            "Map response per lesion kind (fraction of truth lesions whose peak inside the lesion reaches 0.5 in each"
-            " map: a detection rate for cancers, a false-alarm rate for mimics; last column: fused peak at or above"
-            " the candidate floor; studies with every sequence; synthetic studies):",
+            "Map response per lesion kind (fraction of truth lesions whose peak inside the lesion reaches"
+            f" {metrics.get('lesion_map_response_threshold', 0.5):g} in each map: a detection rate for cancers, a"
+            " false-alarm rate for mimics; last column: fused peak at or above the candidate floor; studies with"
+            " every sequence; synthetic studies):",
             "",
             "| zone, kind | lesions | T2W map | ADC map | DWI map | fused map | csPCa map | fused >= floor |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
