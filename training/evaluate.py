@@ -210,7 +210,7 @@ def fusion_weights_by_zone(nets: MpmriNetworks, records: list[CaseRecord]) -> di
             n = int(mask.sum())
             if n == 0:
                 continue
-            sums[key] = sums.get(key, np.zeros(len(SEQUENCES))) + weights[:, mask].sum(axis=1)
+            sums[key] = sums.get(key, np.zeros(len(SEQUENCES))) + weights[:, mask].sum(axis=1, dtype=np.float64)
             counts[key] = counts.get(key, 0) + n
     return {
         key: {"voxels": counts[key], **{seq: float(v) for seq, v in zip(SEQUENCES, sums[key] / counts[key])}}
