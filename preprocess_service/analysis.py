@@ -89,15 +89,22 @@ def warm_up_dicom_outputs() -> float:
     first call costs about a second).
 
     Returns the seconds it took. Run at start-up in the worker pool, so no router waits for it.
+
+    Raises:
+        KernelCheckError: a compiled kernel disagrees with its Python definition on this CPU
+            (:func:`preprocessing.kernel_check.check_kernels`): the service would compute wrong tensors.
     """
     from contract import GridGeometry
     from preprocessing import element_scan, linear_resample, normalize
+    from preprocessing.kernel_check import check_kernels
     from preprocessing.testing import make_series
 
     t = time.perf_counter()
     element_scan.warm_up()
     linear_resample.warm_up()
     normalize.warm_up()
+    checked = check_kernels()
+    log.info("preprocessing kernels checked", extra={"fields": checked})
     sources = make_series(
         description="warm-up", value_fn=lambda p: np.zeros(p.shape[:-1]), num_slices=4, rows=8, columns=8
     )

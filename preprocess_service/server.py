@@ -29,6 +29,7 @@ from preprocess_service.security import BearerTokenInterceptor, server_credentia
 from preprocess_service.servicer import AnalysisServicer
 from preprocess_service.settings import ServiceSettings, SettingsError, parse_settings
 from preprocess_service.triton import ServedModelError, TritonEnsemble, TritonUnavailableError
+from preprocessing.kernel_check import KernelCheckError
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_format)
     try:
         asyncio.run(serve(settings))
-    except (SettingsError, ServedModelError) as err:
+    except (SettingsError, ServedModelError, KernelCheckError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -8,8 +8,9 @@ Later this package also hosts the gRPC preprocessing service that calls the Trit
 #: Version of what the pipeline computes (not of the contract, which it implements): "2" = the compiled linear
 #: resampler (float32 rounding of SimpleITK's values; edge values, not 0, on grid voxels lying exactly on a face
 #: of the source's voxel box). Training caches are keyed by it, so a model never trains on another version's
-#: tensors than it is served with.
-PREPROCESSING_VERSION = "2"
+#: tensors than it is served with. "3": the same definition; version 2 caches built on AMD Zen 4/5 hosts hold
+#: tensors from miscompiled kernels (``preprocessing.numba_target``), so no version 2 cache is read again.
+PREPROCESSING_VERSION = "3"
 
 from preprocessing.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study  # noqa: E402
 

@@ -7,7 +7,8 @@ The interpolation is ITK's (``itk::LinearInterpolateImageFunction``, which Simpl
 
 * per axis the base index is ``floor(c)``, raised to 0 when below it; the distance is ``c - base``; an axis
   with distance ``<= 0`` or whose ``base + 1`` lies past the last voxel is not interpolated (edge values);
-* the lerps run in float64 in ITK's order -- along i, then j, then k -- as ``v0 + (v1 - v0) * d``;
+* the lerps run in ITK's order -- along i, then j, then k -- as ``v0 + (v1 - v0) * d``, in float64 except
+  the first difference along i of a float32 source (numba types ``float()`` of a float32 as float32);
 * a voxel outside the mask gets ``default_value``; inside it, on a face of the voxel box, the edge value
   (where ITK's half-open box ``[-0.5, size - 0.5)`` would give the default on the upper faces while the
   mask counts the voxel inside);
@@ -36,6 +37,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from contract import GridGeometry
+from preprocessing import numba_target
 
 #: inside-FOV tolerance of the mask definition, in source voxels (:func:`preprocessing.grid.inside_fov_mask`)
 FOV_EPS = 1e-6
@@ -68,6 +70,11 @@ def is_diagonal(steps: np.ndarray) -> bool:
     """Whether grid axis ``a`` moves source axis ``a`` only (exact zeros off the diagonal): the grid and the
     source share their axes up to scale and sign, as T2W and its model grid do."""
     return bool(np.all(steps[~np.eye(3, dtype=bool)] == 0.0))
+
+
+# numba fixes its CPU target at the first decorated function of the process: the host's x86-64 ISA level,
+# not its CPU model (miscompiles on Zen 4/5; preprocessing.numba_target)
+numba_target.configure()
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

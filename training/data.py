@@ -284,8 +284,23 @@ def missing_cases(
     return [(i, p) for i, p in zip(indices, paths, strict=True) if not p.exists()]
 
 
+#: whether this process has checked its compiled preprocessing kernels (once per process, pool workers included)
+_kernels_checked = False
+
+
 def _cache_case(seed: int, index: int, grid: GridSpec, path: Path) -> None:
-    """Synthesize, preprocess and save one case (a top-level function: picklable for the process pool)."""
+    """Synthesize, preprocess and save one case (a top-level function: picklable for the process pool).
+
+    The process's first case checks the compiled preprocessing kernels first
+    (:func:`preprocessing.kernel_check.check_kernels`): a cache of miscompiled tensors would train a model that
+    no correct service serves.
+    """
+    global _kernels_checked
+    if not _kernels_checked:
+        from preprocessing.kernel_check import check_kernels
+
+        check_kernels()
+        _kernels_checked = True
     save_case(path, prepare_synthetic_case(seed, index, grid))
 
 
