@@ -46,7 +46,10 @@ def _title(config: dict[str, Any]) -> str:
 def _machine_words(invocation: dict[str, Any]) -> str:
     device = invocation.get("device", "cpu")
     where = platform.machine() if device == "cpu" else f"{device} GPU (the device machine)"
-    return f"{where}, {invocation.get('cpus')} logical CPUs, torch threads {invocation.get('threads')}"
+    words = f"{where}, {invocation.get('cpus')} logical CPUs, torch threads {invocation.get('threads')}"
+    if invocation.get("cpu_model"):  # recorded since the CPU-target fix (preprocessing.numba_target)
+        words += f"; CPU {invocation['cpu_model']}, preprocessing kernels compiled for {invocation['numba_target']}"
+    return words
 
 
 def _load_words(invocation: dict[str, Any]) -> str:

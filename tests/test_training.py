@@ -304,6 +304,8 @@ def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_
     assert "— from an empty cache" in text and "--epochs-localization 1" in text
     assert "--fused-loss-trains-fusion-only" in text  # the recorded command reproduces the run's loss setting
     assert "synthetic studies only" in text
+    # where the tensors were preprocessed: the CPU and the kernels' target (a compiler bug was CPU-specific)
+    assert "; CPU " in text and "preprocessing kernels compiled for " in text
 
 
 def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_validated(

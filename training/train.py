@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import math
 import os
+import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from contract import NAMED_GRIDS, pirads_category
 from contract.errors import MpmriError
 from networks.checkpoint import load_checkpoint, load_training_state, save_checkpoint
 from networks.models import PROFILES, Classification, MpmriNetworks, build_networks_from_profile
+from preprocessing import numba_target
 from training.calibration import calibrate
 from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_cases, missing_cases
 
@@ -554,6 +556,8 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         "load_average_1_5_15_start": [round(v, 2) for v in load_start],
         "load_average_1_5_15_end": [round(v, 2) for v in os.getloadavg()],
         "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "numba_target": numba_target.compiled_target(),
         "threads": config.threads,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
@@ -561,6 +565,22 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
     if config.checkpoint_out is not None:
         save_checkpoint(Path(config.checkpoint_out), nets, meta)
     return final
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``) and LLVM's name for it, e.g. ``AMD EPYC (znver5)``: a run
+    records where its tensors were preprocessed (preprocessing.numba_target: a compiler bug was CPU-specific)."""
+    from llvmlite import binding as llvm
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()} ({llvm.get_host_cpu_name()})"
 
 
 def _calibration_data(config: TrainConfig, n_train: int) -> str:
