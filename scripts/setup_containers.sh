@@ -2,7 +2,9 @@
 # Idempotent set-up for building and running the deploy/ images with podman, as root, without Docker and
 # without an image registry (CI runs this through `make test` on a fresh Debian 12 machine):
 #
-#   1. podman, buildah, runc and debootstrap from Debian's archive (apt-get) when missing;
+#   1. podman, buildah, runc, debootstrap and catatonit (the pause process `podman kube play` builds its
+#      infra image from; only a Recommends of podman, so a podman installed without recommends lacks it)
+#      from Debian's archive (apt-get) when missing;
 #   2. /etc/containers/containers.conf when absent: runc (crun fails on cgroups/rlimits here), cgroupfs,
 #      explicit nofile/nproc ulimits;
 #   3. the local base image $MPMRI_BASE_IMAGE (default localhost/mpmri-base:bookworm-py3.11): Debian 12
@@ -17,7 +19,7 @@ SUITE="bookworm"
 INCLUDE="python3,python3-venv,libpython3.11,ca-certificates"
 
 missing=()
-for tool in podman buildah runc debootstrap; do
+for tool in podman buildah runc debootstrap catatonit; do
   command -v "$tool" >/dev/null 2>&1 || [[ -x "/usr/sbin/$tool" ]] || missing+=("$tool")
 done
 if ((${#missing[@]})); then

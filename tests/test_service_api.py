@@ -9,8 +9,8 @@ import io
 import json
 import subprocess
 import threading
-import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -393,17 +393,31 @@ def test_cancelled_call_frees_its_slot_and_the_service_keeps_serving(
     from mpmri_client import request_stream
 
     instances = read_instances(service_studies["cancer"] / "dicom")
-    with grpc.insecure_channel(serve_stack.target) as channel:
-        stub = pb_grpc.AnalysisServiceStub(channel)
-        future = stub.Analyze.future(request_stream(instances, "to-cancel"), timeout=120)
-        time.sleep(0.1)
-        future.cancel()
-        assert future.cancelled() or future.code() == grpc.StatusCode.CANCELLED
 
     def in_flight() -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{serve_stack.metrics_port}/metrics", timeout=10) as reply:
             line = next(x for x in reply.read().decode().splitlines() if x.startswith("mpmri_requests_in_flight "))
         return float(line.split()[-1])
+
+    # The stream stalls after its first messages, so the call is surely in flight when it is cancelled (a
+    # sleep-then-cancel raced a fast machine: the whole analysis finished within the sleep).
+    release = threading.Event()
+
+    def stalled_stream() -> Iterator[pb.AnalyzeRequest]:
+        for i, message in enumerate(request_stream(instances, "to-cancel")):
+            yield message
+            if i == 1:
+                release.wait(60)
+
+    with grpc.insecure_channel(serve_stack.target) as channel:
+        stub = pb_grpc.AnalysisServiceStub(channel)
+        future = stub.Analyze.future(stalled_stream(), timeout=120)
+        try:
+            wait_for(lambda: in_flight() == 1.0, 30, "the call in flight at the service")
+            future.cancel()
+        finally:
+            release.set()
+        assert future.cancelled() or future.code() == grpc.StatusCode.CANCELLED
 
     wait_for(lambda: in_flight() == 0.0, 30, "in-flight gauge back to 0 after the cancel")
     assert client.analyze(instances, timeout_s=120).lesions
