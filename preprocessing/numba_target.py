@@ -2,7 +2,7 @@
 
 By default numba compiles for the host's CPU model (``llvmlite.binding.get_host_cpu_name()``), with that
 model's scheduling and vectorization choices. On AMD Zen 4 and Zen 5 hosts (``znver4``, ``znver5``; measured
-with numba 0.68.1 / llvmlite 0.50.0, LLVM 20) those choices miscompile the resampling kernels: the inside-FOV
+with numba 0.68.1 / llvmlite 0.50.0, LLVM 22.1) those choices miscompile the resampling kernels: the inside-FOV
 mask comes out wrong, the golden study's ADC read 56 % inside its field of view instead of 100 %, and a model
 served on such a host read AUROC 0.84 where it reads 0.97 elsewhere (docs/preprocessing.md, "The compiled
 kernels' CPU target"). The same instructions scheduled for the generic ISA level ``x86-64-v4`` are right.
@@ -25,11 +25,11 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
-#: features each x86-64 ISA level adds (LLVM's definitions of the psABI levels), highest level first
+#: features each x86-64 ISA level adds to the one before (LLVM's definitions of the psABI levels), lowest first
 ISA_LEVELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
-    ("x86-64-v3", ("avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe", "xsave")),
     ("x86-64-v2", ("cx16", "popcnt", "sse4.1", "sse4.2", "ssse3", "sahf")),
+    ("x86-64-v3", ("avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe", "xsave")),
+    ("x86-64-v4", ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")),
 )
 BASELINE_LEVEL = "x86-64"
 
@@ -41,12 +41,9 @@ def isa_level(features: Mapping[str, bool]) -> str:
 
     ``features`` maps LLVM feature names to whether the host has them (``llvmlite.binding.get_host_cpu_features()``).
     """
-    levels = [name for name, _ in ISA_LEVELS][::-1]  # v2, v3, v4
-    required: list[str] = []
     best = BASELINE_LEVEL
-    for name in levels:
-        required += dict(ISA_LEVELS)[name]
-        if not all(features.get(f, False) for f in required):
+    for name, added in ISA_LEVELS:
+        if not all(features.get(f, False) for f in added):
             break
         best = name
     return best

@@ -1,6 +1,6 @@
 """The compiled preprocessing kernels are checked against their Python definitions, on an x86-64 ISA level target.
 
-LLVM 20 miscompiled the resampling kernels for AMD Zen 4/5 CPU models (the golden study's ADC read 56 % inside
+LLVM 22.1 miscompiled the resampling kernels for AMD Zen 4/5 CPU models (the golden study's ADC read 56 % inside
 its field of view); :mod:`preprocessing.numba_target` compiles for the host's ISA level instead, and
 :mod:`preprocessing.kernel_check` catches any target that still disagrees.
 """
