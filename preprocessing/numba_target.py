@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 #: features each x86-64 ISA level adds to the one before (LLVM's definitions of the psABI levels), lowest first
@@ -47,6 +48,17 @@ def isa_level(features: Mapping[str, bool]) -> str:
             break
         best = name
     return best
+
+
+def cpu_model_name() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``'s first ``model name``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _codegen_started() -> bool:

@@ -587,15 +587,9 @@ def server_stats_delta_ms(
 
 def machine_description() -> str:
     """CPU model, logical CPUs and kernel of this machine (for benchmark reports)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+    from preprocessing.numba_target import cpu_model_name
+
+    return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
 @dataclasses.dataclass(frozen=True)

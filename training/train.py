@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -568,19 +567,11 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
 
 
 def cpu_model() -> str:
-    """The host CPU's model name (``/proc/cpuinfo``) and LLVM's name for it, e.g. ``AMD EPYC (znver5)``: a run
-    records where its tensors were preprocessed (preprocessing.numba_target: a compiler bug was CPU-specific)."""
+    """The host CPU's model name and LLVM's name for it, e.g. ``AMD EPYC (znver5)``: a run records where its tensors
+    were preprocessed (preprocessing.numba_target: a compiler bug was CPU-specific)."""
     from llvmlite import binding as llvm
 
-    name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name or platform.processor() or platform.machine()} ({llvm.get_host_cpu_name()})"
+    return f"{numba_target.cpu_model_name()} ({llvm.get_host_cpu_name()})"
 
 
 def _calibration_data(config: TrainConfig, n_train: int) -> str:
