@@ -12,6 +12,13 @@ Later this package also hosts the gRPC preprocessing service that calls the Trit
 #: tensors from miscompiled kernels (``preprocessing.numba_target``), so no version 2 cache is read again.
 PREPROCESSING_VERSION = "3"
 
+from preprocessing import numba_target  # noqa: E402
+
+# numba fixes its CPU target at the first decorated function of the process, and every kernel module of this
+# package is imported after this line: the kernels are compiled for the host's x86-64 ISA level, not its CPU
+# model (LLVM miscompiled them for AMD Zen 4/5 models; preprocessing.numba_target)
+numba_target.configure()
+
 from preprocessing.pipeline import PreprocessedStudy, PreprocessSettings, preprocess_study  # noqa: E402
 
 __all__ = ["PREPROCESSING_VERSION", "PreprocessSettings", "PreprocessedStudy", "preprocess_study"]

@@ -16,8 +16,6 @@ import numba
 import numpy as np
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
-from preprocessing import numba_target
-
 #: VR names by code (code 0: not a VR); two-letter ones only (pydicom also lists ambiguous ones such as
 #: "US or SS", which never occur in a file)
 VR_NAMES: tuple[str, ...] = ("",) + tuple(sorted(str(v) for v in VR if len(str(v)) == 2))
@@ -46,11 +44,6 @@ def _tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _VR_KIND, _VR_CODE = _tables()
-
-
-# numba fixes its CPU target at the first decorated function of the process: the host's x86-64 ISA level,
-# not its CPU model (miscompiles on Zen 4/5; preprocessing.numba_target)
-numba_target.configure()
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False, inline="always")

@@ -37,7 +37,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from contract import GridGeometry
-from preprocessing import numba_target
 
 #: inside-FOV tolerance of the mask definition, in source voxels (:func:`preprocessing.grid.inside_fov_mask`)
 FOV_EPS = 1e-6
@@ -70,11 +69,6 @@ def is_diagonal(steps: np.ndarray) -> bool:
     """Whether grid axis ``a`` moves source axis ``a`` only (exact zeros off the diagonal): the grid and the
     source share their axes up to scale and sign, as T2W and its model grid do."""
     return bool(np.all(steps[~np.eye(3, dtype=bool)] == 0.0))
-
-
-# numba fixes its CPU target at the first decorated function of the process: the host's x86-64 ISA level,
-# not its CPU model (miscompiles on Zen 4/5; preprocessing.numba_target)
-numba_target.configure()
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

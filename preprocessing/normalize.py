@@ -22,7 +22,6 @@ from contract import (
     NormalizationSpec,
     PercentileNormalization,
 )
-from preprocessing import numba_target
 
 
 def normalize_channel(
@@ -100,11 +99,6 @@ def normalize_channel(
     )
     params.update({"clip_min": spec.clip_min, "clip_max": spec.clip_max, "outside_fov_value": OUTSIDE_FOV_VALUE})
     return out, params
-
-
-# numba fixes its CPU target at the first decorated function of the process: the host's x86-64 ISA level,
-# not its CPU model (miscompiles on Zen 4/5; preprocessing.numba_target)
-numba_target.configure()
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)

@@ -13,9 +13,9 @@ the host supports (``x86-64-v4``: AVX-512; ``x86-64-v3``: AVX2 and FMA; ``x86-64
 on one machine of a level (the service image's build) also load on another. An explicit ``NUMBA_CPU_NAME``
 in the environment always wins. Hosts that are not x86-64 keep numba's default.
 
-numba fixes its target when the first function is decorated in the process, so every module that defines
-kernels calls :func:`configure` before its decorators; :mod:`preprocessing.kernel_check` verifies the
-compiled kernels against their interpreted definitions whatever the target turned out to be.
+numba fixes its target when the first function is decorated in the process, so the package's ``__init__`` calls
+:func:`configure` before any kernel module of the package is imported; :mod:`preprocessing.kernel_check`
+verifies the compiled kernels against their interpreted definitions whatever the target turned out to be.
 """
 
 from __future__ import annotations
