@@ -24,8 +24,9 @@ rounding differs, so about 6 % of the values differ from SimpleITK's by 1-8 floa
 realistic-grid channel it took 3-5x less time than ``sitk.ResampleImageFilter`` plus the separate mask
 (measured side by side on the benchmark study), and it needs no SimpleITK images.
 
-The kernels are compiled by numba on first use (``cache=True``: once per machine; the service image warms
-them at build time). They release the GIL (``nogil``), so the pipeline's channel threads run them in parallel.
+The kernels are compiled by numba on first use (``cache=True``: once per machine and CPU target; the service
+compiles or loads them at start-up, before it accepts calls, and checks them: :mod:`preprocessing.kernel_check`).
+They release the GIL (``nogil``), so the pipeline's channel threads run them in parallel.
 """
 
 from __future__ import annotations
