@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from preprocessing.numba_target import cpu_description
+
 MARK_BEGIN, MARK_END = "<!-- kernel-target:begin -->", "<!-- kernel-target:end -->"
 
 #: what one process measures (prints one JSON line)
@@ -88,12 +90,6 @@ def _run(env: dict[str, str]) -> dict[str, object]:
     return result
 
 
-def _cpu_model() -> str:
-    from training.train import cpu_model
-
-    return cpu_model()
-
-
 def _spread(values: list[float]) -> str:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return f"{statistics.median(values):.1f} ({q[0]:.1f}–{q[2]:.1f})"
@@ -123,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "Written by the script (no hand edits). One realistic-grid channel (24 x 256 x 256 voxels from a random 30 x"
         " 384 x 384 float32 source, one thread), best of 3 calls per process, one process per target and round,"
         f" {args.rounds} interleaved rounds; median (IQR) over rounds, ms. Machine: {platform.machine()}, CPU"
-        f" {_cpu_model()}, {os.cpu_count()} logical CPUs; load average {load_start[0]:.2f} at the start,"
+        f" {cpu_description()}, {os.cpu_count()} logical CPUs; load average {load_start[0]:.2f} at the start,"
         f" {load_end[0]:.2f} at the end; {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}."
         f" Command: `.venv/bin/python {command}`. Grid voxels inside the source:"
         f" {100 * float(first['general_inside']):.1f} % (oblique), {100 * float(first['separable_inside']):.1f} %"  # type: ignore[arg-type]

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 import contract
+from preprocessing.numba_target import cpu_model_name
 
 #: the demo's study; a single high-b DWI series so both methods read the same three series
 DEFAULT_SEED = 7
@@ -235,16 +236,6 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
@@ -299,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         "Written by the script (no hand edits). Synthetic study `mpmri synth` seed "
         f"{args.seed} index {args.index} (no patient data); both methods produce `[3, D, H, W]` on the same grid.",
         "",
-        f"- Machine: {platform.node() or 'unknown'}, {_cpu_model()} ({platform.machine()}), {cores} cores available; "
+        f"- Machine: {platform.node() or 'unknown'}, {cpu_model_name()} ({platform.machine()}),"
+        f" {cores} cores available; "
         f"Python {platform.python_version()}, numpy {np.__version__}, SimpleITK {_version('SimpleITK')}, "
         f"MONAI {_version('monai')}, pydicom {_version('pydicom')}",
         f"- Date (UTC): {started:%Y-%m-%d %H:%M}–{finished:%H:%M}; command: `{command}`",

@@ -61,6 +61,13 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_description() -> str:
+    """The host CPU's model name and LLVM's name for it, e.g. ``AMD EPYC (znver5)``."""
+    from llvmlite import binding as llvm
+
+    return f"{cpu_model_name()} ({llvm.get_host_cpu_name()})"
+
+
 def _codegen_started() -> bool:
     """Whether numba has already fixed its CPU target in this process (a function was decorated)."""
     from numba.core.registry import cpu_target

@@ -567,11 +567,9 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
 
 
 def cpu_model() -> str:
-    """The host CPU's model name and LLVM's name for it, e.g. ``AMD EPYC (znver5)``: a run records where its tensors
-    were preprocessed (preprocessing.numba_target: a compiler bug was CPU-specific)."""
-    from llvmlite import binding as llvm
-
-    return f"{numba_target.cpu_model_name()} ({llvm.get_host_cpu_name()})"
+    """:func:`preprocessing.numba_target.cpu_description`: a run records where its tensors were preprocessed (a
+    compiler bug was CPU-specific)."""
+    return numba_target.cpu_description()
 
 
 def _calibration_data(config: TrainConfig, n_train: int) -> str:
