@@ -44,3 +44,19 @@ def test_every_lesion_is_counted_by_zone_and_kind_and_the_rates_follow_the_maps(
         for name in ("t2w", "adc", "dwi", "fused", "fused_reaches_floor"):
             assert group[name] == responds, name
         assert 0.0 <= group["cspca"] <= 1.0
+
+
+def test_the_no_map_column_reads_the_images_alone_whatever_the_localization_says(
+    records: list[CaseRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cspca_without_map`` is the classification network given an all-zero fused map. With a network whose score
+    is the map itself (5 where the map is 1, 1 where it is 0), a localization that fires everywhere makes every
+    lesion answer in ``cspca`` and none in ``cspca_without_map``."""
+    nets = build_networks("cpu").eval()
+    monkeypatch.setattr(nets.classification, "raw_score", lambda images, fused_map: 1.0 + 4.0 * fused_map)
+    with torch.no_grad():
+        nets.localization.logit_bias.fill_(30.0)
+    response = lesion_map_response(nets, records)
+    assert response
+    for key, group in response.items():
+        assert (group["cspca"], group["cspca_without_map"]) == (1.0, 0.0), key

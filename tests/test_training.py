@@ -35,8 +35,10 @@ from training.train import (
     TrainingError,
     _batches,
     _forward,
+    drop_fused_map,
     load_records,
     per_lesion_mean,
+    score_loss,
     train,
 )
 
@@ -227,6 +229,31 @@ def test_with_fusion_only_the_fused_map_loss_trains_the_fusion_and_each_map_lear
     assert not all(torch.allclose(attached[k], own[k], atol=1e-7) for k in localization)
     assert all(float(detached[k].abs().sum()) > 0 for k in fusion)
     assert all(torch.allclose(detached[k], attached[k]) for k in fusion)
+
+
+def test_map_dropout_zeroes_whole_studies_maps_and_the_classification_loss_then_reads_the_images_alone(
+    records: list[CaseRecord],
+) -> None:
+    """``--map-dropout``: each study's fused map reaches the classification network either untouched or all zero;
+    0 changes nothing, and with 1 the classification phase's loss is that of an all-zero map."""
+    fused = torch.rand(64, 1, 2, 3, 3) + 0.1
+    assert drop_fused_map(fused, 0.0) is fused
+    assert not drop_fused_map(fused, 1.0).any()
+    torch.manual_seed(0)
+    half = drop_fused_map(fused, 0.5)
+    dropped = (half == 0).flatten(1).all(dim=1)
+    kept = (half == fused).flatten(1).all(dim=1)
+    assert bool((dropped ^ kept).all()) and 10 < int(dropped.sum()) < 54
+    torch.manual_seed(0)
+    nets = build_networks("cpu").eval()  # no dropout inside the networks: the two losses are comparable
+    batch = next(iter(torch.utils.data.DataLoader(CaseDataset(records[:2]), batch_size=2)))
+    with torch.no_grad():
+        loss = _forward(nets, batch, "classification", LocalizationLoss(), map_dropout=1.0)
+        zero_map = torch.zeros_like(batch["images"][:, :1])
+        expected = score_loss(nets.classification, nets.classification.score(batch["images"], zero_map), batch)
+        with_map = _forward(nets, batch, "classification", LocalizationLoss(), map_dropout=0.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(with_map) != pytest.approx(float(expected), rel=1e-6)
 
 
 def test_an_unavailable_training_device_is_refused_before_any_data_work(tmp_path: Path) -> None:

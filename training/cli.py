@@ -65,6 +65,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="the fused-map loss terms train the fusion only, not the localization (sequence maps detached there)",
     )
+    p.add_argument(
+        "--map-dropout",
+        type=float,
+        default=defaults.map_dropout,
+        help="probability that a training study's fused map reaches the classification network as zeros (default 0)",
+    )
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop early (continue later with --resume)")
     p.add_argument("--resume", type=Path, default=None, help="continue from a run's last.pt")
@@ -135,6 +141,7 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device,
         loader_workers=args.loader_workers,
         fused_loss_trains_localization=not args.fused_loss_trains_fusion_only,
+        map_dropout=args.map_dropout,
         max_steps_per_epoch=args.max_steps_per_epoch,
         stop_after_epochs=args.stop_after_epochs,
     )

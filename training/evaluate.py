@@ -19,7 +19,9 @@ csPCa map, a csPCa likelihood and PI-RADS-like category per lesion). Scores (doc
 * ``fusion_weights``: the mean per-voxel fusion weight of each sequence inside the truth lesions of each zone
   (and over the whole grid);
 * ``lesion_map_response``: per zone and lesion kind (cancers and mimics), the fraction of truth lesions whose
-  peak reaches 0.5 in each sequence map, the fused map and ``cspca_map`` (detection or false-alarm rates);
+  peak reaches 0.5 in each sequence map, the fused map and ``cspca_map`` (detection or false-alarm rates), and in
+  ``cspca_map`` computed with the fused map zeroed (``cspca_without_map``: what the classification network
+  concludes from the images alone);
 * ``ablation``: AUROC / AP with each sequence removed at inference (availability 0, channel filled), and with
   T2W only and T2W + ADC (the missing-sequence paths), each with its change from the full model.
 
@@ -232,14 +234,18 @@ def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[
     (``t2w``, ``adc``, ``dwi``, ``fused``, ``cspca``; for a cancer a detection rate, for a mimic a false-alarm
     rate), and ``fused_reaches_floor``: the fraction whose fused peak reaches the candidate floor
     (``DEFAULT_CANDIDATES.floor_likelihood``), without which no candidate can find the lesion.
+    ``cspca_without_map``: the same rate for ``cspca_map`` when the classification network reads the images with
+    an all-zero fused map; far below ``cspca``, it says that the scores follow the map rather than the images.
     """
     peaks: dict[str, list[np.ndarray]] = {}
-    maps_order = (*SEQUENCES, "fused", "cspca")
+    maps_order = (*SEQUENCES, "fused", "cspca", "cspca_without_map")
     for record in records:
         if float(record.availability.min()) < 0.5:
             continue
         out = network_outputs(nets, record.images.astype(np.float32), record.availability.astype(np.float32))
-        stack = np.concatenate([out["sequence_maps"], out["fused_map"], out["cspca_map"]])  # [S + 2, D, H, W]
+        images = torch.from_numpy(np.ascontiguousarray(record.images[None], dtype=np.float32))
+        without_map = nets.classification(images, torch.zeros_like(images[:, :1]))[2][0].numpy()
+        stack = np.concatenate([out["sequence_maps"], out["fused_map"], out["cspca_map"], without_map])
         for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
             mask = record.lesion_index == i
             if not mask.any():

@@ -154,15 +154,18 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
             "Map response per lesion kind (fraction of truth lesions whose peak inside the lesion reaches"
             f" {metrics.get('lesion_map_response_threshold', 0.5):g} in each map: a detection rate for cancers, a"
             " false-alarm rate for mimics; last column: fused peak at or above the candidate floor; studies with"
-            " every sequence; synthetic studies):",
+            ' every sequence; synthetic studies; "csPCa, no map": the classification network given an all-zero'
+            " fused map, i.e. what it reads from the images alone):",
             "",
-            "| zone, kind | lesions | T2W map | ADC map | DWI map | fused map | csPCa map | fused >= floor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| zone, kind | lesions | T2W map | ADC map | DWI map | fused map | csPCa map | csPCa, no map"
+            " | fused >= floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in response.items():
             lines.append(
                 f"| {name} | {r.get('lesions')} | {_fmt(r.get('t2w'))} | {_fmt(r.get('adc'))} | {_fmt(r.get('dwi'))} "
-                f"| {_fmt(r.get('fused'))} | {_fmt(r.get('cspca'))} | {_fmt(r.get('fused_reaches_floor'))} |"
+                f"| {_fmt(r.get('fused'))} | {_fmt(r.get('cspca'))} | {_fmt(r.get('cspca_without_map'))} "
+                f"| {_fmt(r.get('fused_reaches_floor'))} |"
             )
         lines.append("")
     ablation = metrics.get("ablation") or {}

@@ -76,8 +76,9 @@ class TrainConfig:
 
     Attributes:
         profile: network profile (``networks.models.PROFILES``).
-        grid: model grid by name (``contract.NAMED_GRIDS``: ``default`` 16x64x64 at 3x1.5x1.5 mm, ``realistic``
-            24x256x256 at 3x0.5x0.5 mm); the data are preprocessed onto it and the checkpoint records it.
+        grid: model grid by name (``contract.NAMED_GRIDS``: ``default`` 16x64x64 at 3x1.5x1.5 mm, ``fine``
+            16x96x96 at 3x1x1 mm, ``realistic`` 24x256x256 at 3x0.5x0.5 mm); the data are preprocessed onto it and
+            the checkpoint records it.
         localization_weights: override of the profile's ``localization_weights`` (``"shared"`` or
             ``"per_sequence"``; for the ablation in docs/networks.md). The checkpoint records the result.
         data_seed: synthetic data seed; cases ``0..cases-1`` of this seed are used.
@@ -106,6 +107,9 @@ class TrainConfig:
             sequence maps enter those terms detached, so each map is trained by its own sequence's loss alone and
             the fusion cannot push a map it weighs little towards 0). The classification loss of the joint phase
             trains everything either way.
+        map_dropout: probability that a training study's fused map reaches the classification network as zeros
+            (classification and joint phases; ``0``: never, releases 1-6), so that the network learns to score
+            lesions from the images and does not merely copy the map (see :func:`drop_fused_map`).
         max_steps_per_epoch: cap on steps per epoch (smoke tests); ``None`` = full epochs.
         stop_after_epochs: stop this invocation after so many epochs (the run continues with
             ``--resume run_dir/last.pt``); ``None`` = run to the end.
@@ -132,6 +136,7 @@ class TrainConfig:
     device: str = "cpu"
     loader_workers: int = 0
     fused_loss_trains_localization: bool = True
+    map_dropout: float = 0.0
     max_steps_per_epoch: int | None = None
     stop_after_epochs: int | None = None
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -210,17 +215,32 @@ def per_lesion_mean(values: torch.Tensor, lesion_index: torch.Tensor, inside: to
     return (sums[present] / counts[present]).mean()
 
 
+def drop_fused_map(fused: torch.Tensor, probability: float) -> torch.Tensor:
+    """``fused [B, 1, D, H, W]`` with each study's map set to 0 with ``probability`` (training only).
+
+    The classification network reads the images and the fused map. Trained on the localization's maps of its own
+    training studies, which are cleaner than on new ones, it learns to copy the map (scores follow the map, not the
+    images) and cannot veto a mimic the map fires on. A study without its map must be scored from the images.
+    """
+    if probability <= 0.0:
+        return fused
+    keep = torch.rand(fused.shape[0], device=fused.device) >= probability
+    return fused * keep.to(fused.dtype).view(-1, *([1] * (fused.dim() - 1)))
+
+
 def _forward(
     nets: MpmriNetworks,
     batch: dict[str, torch.Tensor],
     phase: str,
     loc_loss: LocalizationLoss,
     fused_loss_trains_localization: bool = True,
+    map_dropout: float = 0.0,
 ) -> torch.Tensor:
     images, availability = batch["images"], batch["availability"]
     if phase == "classification":
         with torch.no_grad():
             fused = nets.fusion(nets.localization(images), availability, images)
+        fused = drop_fused_map(fused, map_dropout)
         return score_loss(nets.classification, nets.classification.score(images, fused), batch)
     seq_logits = nets.localization.forward_logits(images)
     sequence_maps = torch.sigmoid(seq_logits)
@@ -233,6 +253,7 @@ def _forward(
         if phase == "joint":
             fused = nets.fusion(sequence_maps, availability, images)
     if phase == "joint":
+        fused = drop_fused_map(fused, map_dropout)
         loss = loss + score_loss(nets.classification, nets.classification.score(images, fused), batch)
     return loss
 
@@ -414,6 +435,8 @@ def training_device(config: TrainConfig) -> torch.device:
         raise TrainingError(f"training device {config.device!r}: only cpu and cuda are supported")
     if config.loader_workers < 0:
         raise TrainingError(f"loader_workers must be >= 0, not {config.loader_workers}")
+    if not 0.0 <= config.map_dropout <= 1.0:
+        raise TrainingError(f"map_dropout is a probability (0 to 1), not {config.map_dropout}")
     return device
 
 
@@ -494,7 +517,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
             batch = to_device(batch, device)
             if channels_last:
                 batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last_3d)
-            loss = _forward(nets, batch, phase, loc_loss, config.fused_loss_trains_localization)
+            loss = _forward(nets, batch, phase, loc_loss, config.fused_loss_trains_localization, config.map_dropout)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
