@@ -232,10 +232,11 @@ def test_with_fusion_only_the_fused_map_loss_trains_the_fusion_and_each_map_lear
 
 
 def test_map_dropout_zeroes_whole_studies_maps_and_the_classification_loss_then_reads_the_images_alone(
-    records: list[CaseRecord],
+    records: list[CaseRecord], tmp_path: Path
 ) -> None:
     """``--map-dropout``: each study's fused map reaches the classification network either untouched or all zero;
-    0 changes nothing, and with 1 the classification phase's loss is that of an all-zero map."""
+    0 changes nothing, and with 1 the classification phase's loss is that of an all-zero map; a value that is no
+    probability is refused before any data work."""
     fused = torch.rand(64, 1, 2, 3, 3) + 0.1
     assert drop_fused_map(fused, 0.0) is fused
     assert not drop_fused_map(fused, 1.0).any()
@@ -254,6 +255,10 @@ def test_map_dropout_zeroes_whole_studies_maps_and_the_classification_loss_then_
         with_map = _forward(nets, batch, "classification", LocalizationLoss(), map_dropout=0.0)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert float(with_map) != pytest.approx(float(expected), rel=1e-6)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(TrainingError, match="map_dropout is a probability"):
+            train(_config(tmp_path / "cache", tmp_path / "run", map_dropout=bad), progress=False)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_an_unavailable_training_device_is_refused_before_any_data_work(tmp_path: Path) -> None:

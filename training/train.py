@@ -435,13 +435,13 @@ def training_device(config: TrainConfig) -> torch.device:
         raise TrainingError(f"training device {config.device!r}: only cpu and cuda are supported")
     if config.loader_workers < 0:
         raise TrainingError(f"loader_workers must be >= 0, not {config.loader_workers}")
-    if not 0.0 <= config.map_dropout <= 1.0:
-        raise TrainingError(f"map_dropout is a probability (0 to 1), not {config.map_dropout}")
     return device
 
 
 def train(config: TrainConfig, resume: Path | None = None, progress: bool = True) -> Path:
     """Run (or resume) training; returns the final checkpoint ``run_dir/final.pt`` (``last.pt`` when stopped early)."""
+    if not 0.0 <= config.map_dropout <= 1.0:
+        raise TrainingError(f"map_dropout is a probability (0 to 1), not {config.map_dropout}")
     device = training_device(config)
     torch.set_num_threads(config.threads)
     if device.type == "cuda":
