@@ -242,9 +242,10 @@ def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[
     for record in records:
         if float(record.availability.min()) < 0.5:
             continue
-        out = network_outputs(nets, record.images.astype(np.float32), record.availability.astype(np.float32))
-        images = torch.from_numpy(np.ascontiguousarray(record.images[None], dtype=np.float32))
-        without_map = nets.classification(images, torch.zeros_like(images[:, :1]))[2][0].numpy()
+        images = np.ascontiguousarray(record.images, dtype=np.float32)
+        out = network_outputs(nets, images, record.availability.astype(np.float32))
+        batch = torch.from_numpy(images[None])
+        without_map = nets.classification(batch, torch.zeros_like(batch[:, :1]))[2][0].numpy()
         stack = np.concatenate([out["sequence_maps"], out["fused_map"], out["cspca_map"], without_map])
         for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
             mask = record.lesion_index == i
