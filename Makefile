@@ -31,7 +31,7 @@ test: $(STAMP) system-packages
 # release). 21 min on 2 cores with the cache built; building the cache took 7.4 min in a fresh clone (the fifth
 # release's recipe took 24.1 min from an empty cache there, bit-identical weights either way).
 checkpoint: $(STAMP)
-	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --data-seed 1 \
+	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --scorer-cases 800 --data-seed 1 \
 	  --epochs-localization 4 --epochs-classification 4 --epochs-joint 3 --fused-loss-trains-fusion-only --seed 0 --threads 2 \
 	  --cache .cache/train --out build/runs/cpu_default --checkpoint-out checkpoints/cpu_default.pt --no-progress
 

@@ -79,7 +79,10 @@ def _fused_loss_flag(config: dict[str, Any]) -> str:
 
 def _calibration_flag(config: dict[str, Any]) -> str:
     extra = int(config.get("calibration_cases", 0))
-    return f" --calibration-cases {extra}" if extra else ""
+    scorer = config.get("scorer_cases")
+    return (f" --calibration-cases {extra}" if extra else "") + (
+        "" if scorer is None else f" --scorer-cases {int(scorer)}"
+    )
 
 
 def _data_words(config: dict[str, Any], data: dict[str, Any]) -> str:
@@ -91,6 +94,10 @@ def _data_words(config: dict[str, Any], data: dict[str, Any]) -> str:
     if extra:
         last = config["cases"] + extra - 1
         text += f"; cases {config['cases']}–{last}: {extra} calibration-only (never trained on, never used to select)"
+    scorer = config.get("scorer_cases")
+    if scorer:
+        first = config["cases"] + extra
+        text += f"; cases {first}–{first + int(scorer) - 1}: {scorer} scorer-only (the lesion scorer's fit alone)"
     return text + "."
 
 
@@ -168,6 +175,15 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
         ]
     elif calibration:
         lines += ["", f"Calibration skipped: {calibration.get('skipped')}."]
+    scorer = (meta.get("lesion_scoring") or {}).get("fitted_on")
+    if scorer:
+        lines += [
+            "",
+            f"Lesion scorer ({scorer.get('data')}): {len(meta['lesion_scoring']['trees'])} boosted trees on"
+            f" {scorer.get('candidates')} candidates ({scorer.get('cspca_candidates')} on csPCa lesions) of"
+            f" {scorer.get('studies')} studies in {scorer.get('study_passes')} passes with all and with fewer"
+            " sequences; its held-out figures are in the evaluation sections.",
+        ]
     lines.append(end)
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,8 @@ from export.repository import (
     render_configs,
     write_configs,
 )
-from networks.checkpoint import load_checkpoint
+from networks.checkpoint import CheckpointError, load_checkpoint
+from postprocessing.lesion_scoring import LesionScorer, scorer_from_metadata
 
 Progress = Callable[[str], None]
 #: onnxruntime vs torch max abs diff accepted by the export
@@ -85,10 +87,19 @@ def repository_is_current(checkpoint: Path, repository: Path) -> bool:
             has_plans = has_plans or len(files) > 1
             if any(sha256_file(repository / f["file"]) != f["sha256"] for f in files):
                 return False
-        configs = render_configs(grid, tensorrt=has_plans)
+        _, metadata = load_checkpoint(checkpoint)
+        configs = render_configs(grid, tensorrt=has_plans, lesion_scorer=scorer_from_metadata(metadata))
         return all((repository / rel).read_text() == text for rel, text in configs.items())
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError, TypeError, ValueError, CheckpointError):
         return False
+
+
+def _lesion_scorer(checkpoint: Path, metadata: dict[str, Any]) -> LesionScorer | None:
+    """The checkpoint's lesion scorer, or ``None``; :class:`ExportError` naming the problem when it is unusable."""
+    try:
+        return scorer_from_metadata(metadata)
+    except ValueError as err:
+        raise ExportError(f"checkpoint {checkpoint}: {err}") from None
 
 
 def export_repository(
@@ -116,12 +127,14 @@ def export_repository(
     progress(f"load checkpoint {checkpoint}")
     nets, metadata = load_checkpoint(checkpoint)  # refuses a recorded contract other than the code's, by name
     progress(f"recorded contract matches the code's (version {CONTRACT_VERSION}, grid {list(nets.grid.size_dhw)})")
+    scorer = _lesion_scorer(checkpoint, metadata)
+    progress("lesion scorer: " + ("none" if scorer is None else f"{len(scorer.trees)} trees, {scorer.fitted_on}"))
     repository.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{repository.name}.staging-", dir=repository.parent))
     staging.chmod(0o755)  # mkdtemp makes it 0700; the server (another user in a container) must read it
     try:
         progress(f"write configs (contract version {CONTRACT_VERSION})")
-        write_configs(staging, nets.grid, tensorrt=tensorrt)
+        write_configs(staging, nets.grid, tensorrt=tensorrt, lesion_scorer=scorer)
         onnx_paths, parity = export_onnx_models(nets, staging, MODEL_VERSION, ONNX_FILENAME, tolerance, progress)
         plans: list[Any] = []
         trt_version = None
@@ -153,6 +166,13 @@ def export_repository(
             },
             "contract_version": CONTRACT_VERSION,
             "contract": contract_dict(nets.grid),
+            "lesion_scoring": None
+            if scorer is None
+            else {
+                "sha256": hashlib.sha256(scorer.to_json().encode()).hexdigest(),
+                "trees": len(scorer.trees),
+                "fitted_on": scorer.fitted_on,
+            },
             "versions": _versions(trt_version),
             "models": models,
             "parity_vs_torch": {

@@ -40,6 +40,7 @@ from contract import (
     contract_dict,
     tensor_specs,
 )
+from postprocessing.lesion_scoring import LESION_SCORING_PARAMETER, LesionScorer
 
 #: the three networks exported to ONNX, in ensemble order
 NETWORK_MODELS: tuple[str, ...] = (LOCALIZATION_MODEL, FUSION_MODEL, CLASSIFICATION_MODEL)
@@ -136,7 +137,8 @@ _ENSEMBLE_HEADER = """\
 # localization -> map_fusion -> classification. The ensemble has no batcher or instances of its own:
 # requests go straight to the composing models, whose own dynamic batchers form batches.
 # parameters.mpmri_contract: the served contract (grid, sequences, normalization); the analysis service
-# reads it from Triton and preprocesses to match.
+# reads it from Triton and preprocesses to match. parameters.mpmri_lesion_scoring (when the checkpoint has one):
+# the second-stage lesion scorer (boosted trees, JSON) the service applies to each candidate.
 """
 
 
@@ -188,16 +190,24 @@ def network_config_tensorrt(
     return config
 
 
-def ensemble_config(grid: GridSpec = DEFAULT_GRID, settings: RepositorySettings = DEFAULT_SETTINGS) -> mc.ModelConfig:
+def ensemble_config(
+    grid: GridSpec = DEFAULT_GRID,
+    settings: RepositorySettings = DEFAULT_SETTINGS,
+    lesion_scorer: LesionScorer | None = None,
+) -> mc.ModelConfig:
     """``mpmri_ensemble/config.pbtxt``: the three networks chained by tensor name (names from MODEL_IO).
 
     The parameter ``mpmri_contract`` carries the served contract (:func:`contract.contract_dict` as JSON):
-    the analysis service reads grid, sequences and normalization from it over Triton's model-config API.
+    the analysis service reads grid, sequences and normalization from it over Triton's model-config API. The
+    parameter ``mpmri_lesion_scoring`` carries the checkpoint's second-stage lesion scorer (JSON,
+    :mod:`postprocessing.lesion_scoring`) when it has one; the service scores each candidate with it.
     """
     config = mc.ModelConfig(name=ENSEMBLE_MODEL, platform="ensemble", max_batch_size=settings.max_batch_size)
     config.parameters[CONTRACT_PARAMETER].string_value = json.dumps(
         contract_dict(grid), sort_keys=True, separators=(",", ":")
     )
+    if lesion_scorer is not None:
+        config.parameters[LESION_SCORING_PARAMETER].string_value = lesion_scorer.to_json()
     _add_tensors(config, ENSEMBLE_MODEL, grid)
     for model in NETWORK_MODELS:
         inputs, outputs = MODEL_IO[model]
@@ -214,12 +224,16 @@ def _render(header: str, config: mc.ModelConfig) -> str:
 
 
 def render_configs(
-    grid: GridSpec = DEFAULT_GRID, settings: RepositorySettings = DEFAULT_SETTINGS, tensorrt: bool = False
+    grid: GridSpec = DEFAULT_GRID,
+    settings: RepositorySettings = DEFAULT_SETTINGS,
+    tensorrt: bool = False,
+    lesion_scorer: LesionScorer | None = None,
 ) -> dict[str, str]:
     """All generated config files: ``{path relative to the repository root: text}``.
 
     Args:
         tensorrt: also render ``configs/tensorrt.pbtxt`` (only when TensorRT plans are exported).
+        lesion_scorer: the checkpoint's lesion scorer, carried by the ensemble config (see :func:`ensemble_config`).
     """
     files: dict[str, str] = {}
     gpu_header = _GPU_HEADER.format(
@@ -240,7 +254,7 @@ def render_configs(
                 _TENSORRT_HEADER.format(max_batch=settings.max_batch_size),
                 network_config_tensorrt(model, grid, settings),
             )
-    files[f"{ENSEMBLE_MODEL}/config.pbtxt"] = _render(_ENSEMBLE_HEADER, ensemble_config(grid, settings))
+    files[f"{ENSEMBLE_MODEL}/config.pbtxt"] = _render(_ENSEMBLE_HEADER, ensemble_config(grid, settings, lesion_scorer))
     return files
 
 
@@ -249,10 +263,11 @@ def write_configs(
     grid: GridSpec = DEFAULT_GRID,
     settings: RepositorySettings = DEFAULT_SETTINGS,
     tensorrt: bool = False,
+    lesion_scorer: LesionScorer | None = None,
 ) -> list[Path]:
     """Write the generated configs and the version folders into ``repository``; return the written files."""
     written = []
-    for rel, text in render_configs(grid, settings, tensorrt).items():
+    for rel, text in render_configs(grid, settings, tensorrt, lesion_scorer).items():
         path = repository / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -2,21 +2,36 @@
 
 Torch-free: used by the analysis service, the demo and evaluation alike (one path, so they cannot differ).
 Lesion candidates are the blobs of the fused localization map (``fused_map``: where the lesions are); each
-lesion carries its own csPCa likelihood (the peak of ``cspca_map``, the calibrated csPCa probability per voxel,
-inside the lesion) and its PI-RADS-like category (from the highest ``score_map`` value in the lesion, by the
+lesion carries its own csPCa likelihood (the served model's second-stage lesion scorer where it has one,
+:mod:`postprocessing.lesion_scoring`; otherwise the peak of ``cspca_map``, the calibrated csPCa probability per
+voxel, inside the lesion) and its PI-RADS-like category (from the highest ``score_map`` value in the lesion, by the
 contract's cut points). :class:`contract.CandidateSettings` names both maps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, CandidateSettings, GridGeometry, pirads_category
+from contract import (
+    CSPCA_MIN_PIRADS,
+    DEFAULT_CANDIDATES,
+    PIRADS_CATEGORIES,
+    CandidateSettings,
+    GridGeometry,
+    pirads_category,
+)
 from postprocessing.candidates import extract_candidate_labels
+from postprocessing.lesion_scoring import (
+    LesionScorer,
+    candidate_features,
+    coherent_category,
+    coherent_distribution,
+)
 
 MM3_PER_ML = 1000.0
 
@@ -29,10 +44,12 @@ class Lesion:
         id: 1..N by decreasing likelihood; the segment number in the DICOM SEG.
         center_lps_mm: likelihood-weighted centroid, DICOM patient coordinates (LPS) in mm.
         volume_ml: candidate volume in millilitres.
-        likelihood: calibrated csPCa probability of this lesion in [0, 1] (the peak of ``cspca_map`` in it).
+        likelihood: calibrated csPCa probability of this lesion in [0, 1]: the served model's lesion scorer's
+            probability where it has one (:mod:`postprocessing.lesion_scoring`), else the peak of ``cspca_map`` in it.
         pirads: PI-RADS-like category 1-5 of this lesion, ``pirads_category`` of ``score`` (1: the calibrated score
-            puts the candidate below the first cut point, clinically significant cancer highly unlikely).
-        score: the continuous PI-RADS-like score of this lesion (the highest ``score_map`` value in it).
+            puts the candidate below the first cut point, clinically significant cancer highly unlikely); with a
+            lesion scorer brought into agreement with ``likelihood`` (>= 4 exactly when it is >= 0.5).
+        score: the network's continuous PI-RADS-like score of this lesion (the highest ``score_map`` value in it).
     """
 
     id: int
@@ -59,14 +76,17 @@ class Findings:
 
     Attributes:
         cspca_probability: calibrated probability of clinically significant cancer in [0, 1] (the highest
-            lesion evidence: the maximum of ``cspca_map``).
-        pirads_distribution: probabilities of PI-RADS-like categories 1..5 at the study's highest score.
+            lesion evidence: with a lesion scorer the highest lesion likelihood, or the scorer's probability for a
+            study without candidates; without one the maximum of ``cspca_map``).
+        pirads_distribution: probabilities of PI-RADS-like categories 1..5 at the study's highest score (with a
+            lesion scorer rescaled so that ``P(>= 4)`` is ``cspca_probability``).
         pirads_score: the study category: ``pirads_category`` of the highest score, so never below a lesion's
-            category (the highest lesion category, or a mimic's that is no csPCa candidate; 1-2 without a lesion).
+            category (the highest lesion category, or a mimic's that is no csPCa candidate; 1-2 without a lesion);
+            with a lesion scorer the highest lesion category, and at most 2 from the voxels outside the lesions.
         lesions: candidates by decreasing likelihood.
         labels: uint8 ``[D, H, W]`` on the model grid, lesion ``n`` -> ``n`` (0 background).
         fused_map: float32 ``[D, H, W]`` fused localization map on the model grid.
-        cspca_map: float32 ``[D, H, W]`` calibrated csPCa probability per voxel (the lesions' likelihoods).
+        cspca_map: float32 ``[D, H, W]`` the network's calibrated csPCa probability per voxel.
         geometry: the model grid in patient space.
     """
 
@@ -105,6 +125,9 @@ def build_findings(
     outputs: Mapping[str, np.ndarray],
     geometry: GridGeometry,
     settings: CandidateSettings = DEFAULT_CANDIDATES,
+    scorer: LesionScorer | None = None,
+    images: np.ndarray | None = None,
+    availability: np.ndarray | None = None,
 ) -> Findings:
     """Findings from the ensemble outputs of one unbatched study.
 
@@ -115,9 +138,20 @@ def build_findings(
         geometry: the model grid of that study.
         settings: candidate extraction settings (``settings.source_map`` names the map whose blobs are the
             candidates, ``settings.likelihood_map`` the map whose peak in a blob is its likelihood).
+        scorer: the served model's second-stage lesion scorer (:mod:`postprocessing.lesion_scoring`), or
+            ``None``. With one, each lesion's likelihood is the scorer's probability from ``images`` and the maps
+            inside its blob (lesions renumbered by it), and the study csPCa probability is the highest lesion
+            likelihood, or the scorer's ``no_candidate_probability`` when there is no candidate: derived from the
+            lesions, so the two cannot contradict each other. Each lesion's category is its score's, brought into
+            agreement with its likelihood (:func:`~postprocessing.lesion_scoring.coherent_category`: >= 4 exactly
+            when the likelihood is >= 0.5); the study category is the highest lesion category (1-2 outside
+            lesions), and the distribution is rescaled so that ``P(>= 4)`` is the study probability.
+        images: the preprocessed study ``[S, D, H, W]`` the ensemble read (required with ``scorer``).
+        availability: ``[S]`` sequence availability of that study (absent sequences do not count in the scorer).
 
     Raises:
-        ValueError: an output is missing or has the wrong size (names it and its shape).
+        ValueError: an output is missing or has the wrong size (names it and its shape), or ``scorer`` is given
+            without ``images``.
     """
     for name in FINDINGS_OUTPUTS:
         if name not in outputs:
@@ -139,24 +173,49 @@ def build_findings(
     candidates, _, labels = extract_candidate_labels(
         source, geometry, settings, likelihood_map=None if likelihood is source else likelihood
     )
+    likelihoods = [float(c.likelihood) for c in candidates]
+    study_probability = float(prob[0])
+    if scorer is not None:
+        if images is None:
+            raise ValueError("a lesion scorer needs the preprocessed images of the study")
+        ids = [c.label for c in candidates]
+        features = candidate_features(images, labels, ids, cspca_map, score_map, fused)
+        likelihoods = [float(p) for p in scorer.probability(features, availability)]
+        study_probability = max(likelihoods, default=float(scorer.no_candidate_probability))
+        order = sorted(range(len(candidates)), key=lambda i: -likelihoods[i])
+        relabel = np.zeros(len(candidates) + 1, dtype=labels.dtype)
+        for new_id, i in enumerate(order, start=1):
+            relabel[candidates[i].label] = new_id
+        labels = relabel[labels]
+        candidates = [dataclasses.replace(candidates[i], label=new_id) for new_id, i in enumerate(order, start=1)]
+        likelihoods = [likelihoods[i] for i in order]
     lesions = []
-    for c in candidates:
+    for c, lesion_likelihood in zip(candidates, likelihoods, strict=True):
         score = float(score_map[labels == c.label].max())
+        category = pirads_category(score)
+        if scorer is not None:
+            category = coherent_category(category, lesion_likelihood)
         lesions.append(
             Lesion(
                 id=c.label,
                 center_lps_mm=tuple(round(float(v), 3) for v in c.center_lps_mm),  # type: ignore[arg-type]
                 volume_ml=round(c.volume_mm3 / MM3_PER_ML, 5),
-                likelihood=round(float(c.likelihood), 6),
-                pirads=pirads_category(score),
+                likelihood=round(lesion_likelihood, 6),
+                pirads=category,
                 score=round(score, 4),
             )
         )
+    # every lesion's score is at most the highest, so no lesion outranks the study
+    study_category = pirads_category(float(score_map.max()))
+    distribution = [float(v) for v in dist]
+    if scorer is not None:
+        # the highest lesion category; outside the lesions the network's reading counts up to 2 (no lesion)
+        study_category = max([les.pirads for les in lesions] + [min(study_category, CSPCA_MIN_PIRADS - 2)])
+        distribution = coherent_distribution(distribution, study_probability)
     return Findings(
-        cspca_probability=float(prob[0]),
-        pirads_distribution=[float(v) for v in dist],
-        # every lesion's score is at most the highest, so no lesion outranks the study
-        pirads_score=pirads_category(float(score_map.max())),
+        cspca_probability=study_probability,
+        pirads_distribution=distribution,
+        pirads_score=study_category,
         lesions=lesions,
         labels=labels,
         fused_map=fused,

@@ -22,6 +22,7 @@ import pydicom
 
 from contract import SEQUENCES, sequence_index
 from postprocessing.dicom_outputs import DicomOutputs, build_dicom_outputs
+from postprocessing.lesion_scoring import LesionScorer
 from postprocessing.report import Findings, build_findings
 from preprocess_service.settings import ServiceSettings
 from preprocess_service.triton import ServedModel, TritonEnsemble
@@ -125,6 +126,17 @@ def warm_up_dicom_outputs() -> float:
     return time.perf_counter() - t
 
 
+def _findings(
+    outputs: dict[str, np.ndarray],
+    geometry: Any,
+    scorer: LesionScorer | None,
+    images: np.ndarray,
+    availability: np.ndarray,
+) -> Findings:
+    """:func:`build_findings` with the served model's lesion scorer (evaluation calls it the same way)."""
+    return build_findings(outputs, geometry, scorer=scorer, images=images, availability=availability)
+
+
 class Analyzer:
     """Runs studies against one :class:`TritonEnsemble` with a shared worker pool."""
 
@@ -183,7 +195,9 @@ class Analyzer:
         timings["infer"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        findings: Findings = await self.run_in_pool(build_findings, outputs, pre.geometry)
+        findings: Findings = await self.run_in_pool(
+            _findings, outputs, pre.geometry, model.lesion_scorer, pre.tensor, pre.availability
+        )
         timings["candidates"] = time.perf_counter() - t
 
         t = time.perf_counter()

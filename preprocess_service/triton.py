@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from contract import ENSEMBLE_MODEL, MODEL_IO, ContractMismatchError, ServedContract, tensor_specs
 from contract.errors import MpmriError
+from postprocessing.lesion_scoring import LESION_SCORING_PARAMETER, LesionScorer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class ServedModel:
     name: str
     version: str
     contract: ServedContract
+    #: the second-stage lesion scorer the ensemble config carries (``mpmri_lesion_scoring``), or ``None``
+    lesion_scorer: LesionScorer | None = None
 
 
 def _is_unavailable(err: InferenceServerException) -> bool:
@@ -69,7 +72,8 @@ async def load_served_model(client: Any, model_name: str = ENSEMBLE_MODEL) -> Se
     Raises:
         TritonUnavailableError: Triton or the model is not reachable/ready.
         ServedModelError: no recorded contract, or one this code cannot produce tensors for; or the
-            ensemble's input tensors do not match the contract's grid.
+            ensemble's input tensors do not match the contract's grid; or a lesion scorer this code cannot apply
+            (malformed, or fitted on other features: the message names the difference).
     """
     try:
         response = await client.get_model_config(model_name, as_json=True)
@@ -94,8 +98,16 @@ async def load_served_model(client: Any, model_name: str = ENSEMBLE_MODEL) -> Se
             raise ServedModelError(
                 f"model {model_name}: input {name} has dims {inputs.get(name)}, its contract's grid needs {want}"
             )
+    scorer = None
+    raw_scorer = (config.get("parameters", {}).get(LESION_SCORING_PARAMETER) or {}).get("string_value")
+    if raw_scorer:
+        try:
+            scorer = LesionScorer.from_json(raw_scorer)
+            scorer.check_features()
+        except ValueError as err:
+            raise ServedModelError(f"model {model_name}: {err}") from None
     versions = metadata.get("versions") or ["1"]
-    return ServedModel(name=model_name, version=str(max(versions, key=int)), contract=contract)
+    return ServedModel(name=model_name, version=str(max(versions, key=int)), contract=contract, lesion_scorer=scorer)
 
 
 class _ShmSet:

@@ -28,11 +28,13 @@ from contract import (
     contract_dict,
     recorded_contract_differences,
 )
+from export.onnx_export import ExportError
 from export.pipeline import export_repository
 from export.repository import CONTRACT_PARAMETER, parse_config
 from mpmri.cli import main
 from networks import CheckpointContractError, build_networks, load_checkpoint, save_checkpoint
 from networks.checkpoint import DEFAULT_CHECKPOINT, contract_problems
+from postprocessing.lesion_scoring import LESION_SCORING_PARAMETER, LesionScorer, scorer_from_metadata
 
 OTHER_GRID = GridSpec(size_dhw=(12, 48, 48), spacing_mm_dhw=(3.5, 2.0, 2.0))
 
@@ -154,7 +156,9 @@ def test_a_contract_recorded_without_candidates_is_refused() -> None:
     assert recorded_contract_differences(changed) == ["candidates.num_lesions_to_extract: 3 -> 5"]
 
 
-def test_shipped_checkpoint_satisfies_the_contract_and_exports_it_with_candidates(shipped_repository: Path) -> None:
+def test_shipped_checkpoint_satisfies_the_contract_and_exports_it_with_candidates_and_scorer(
+    shipped_repository: Path,
+) -> None:
     nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
     assert meta["contract"]["candidates"] == DEFAULT_CANDIDATES.to_dict()
     assert meta["calibration"]["slope"] > 0  # calibrated on the validation split, stored with the weights
@@ -166,6 +170,22 @@ def test_shipped_checkpoint_satisfies_the_contract_and_exports_it_with_candidate
     served = json.loads(config.parameters[CONTRACT_PARAMETER].string_value)
     assert served["candidates"] == DEFAULT_CANDIDATES.to_dict()
     assert ServedContract.from_dict(served).grid == nets.grid
+    # the lesion scorer travels with the checkpoint into the ensemble config, unchanged
+    scorer = scorer_from_metadata(meta)
+    assert scorer is not None
+    assert LesionScorer.from_json(config.parameters[LESION_SCORING_PARAMETER].string_value) == scorer
+    assert manifest["lesion_scoring"]["trees"] == len(scorer.trees)
+
+
+def test_export_refuses_a_lesion_scorer_fitted_on_other_features(tmp_path: Path) -> None:
+    nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    scorer = meta["lesion_scoring"]
+    meta["lesion_scoring"] = {**scorer, "feature_names": [*scorer["feature_names"][:-1], "extent_t"]}
+    checkpoint = tmp_path / "other_features.pt"
+    save_checkpoint(checkpoint, nets, meta)
+    with pytest.raises(ExportError, match=r"missing \['extent_w'\], unknown \['extent_t'\]"):
+        export_repository(checkpoint, tmp_path / "repo", progress=lambda m: None)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_served_contract_refuses_other_candidate_settings_and_cut_points_by_name() -> None:

@@ -19,14 +19,18 @@ from export.repository import (
 )
 
 
-def test_committed_configs_equal_regenerated_configs() -> None:
-    rendered = render_configs()
+def test_committed_configs_equal_regenerated_configs_of_the_shipped_checkpoint() -> None:
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from postprocessing.lesion_scoring import scorer_from_metadata
+
+    _, meta = load_checkpoint(DEFAULT_CHECKPOINT)  # the ensemble config carries the shipped lesion scorer
+    rendered = render_configs(lesion_scorer=scorer_from_metadata(meta))
     committed = {
         str(p.relative_to(DEFAULT_REPOSITORY)): p.read_text()
         for p in DEFAULT_REPOSITORY.rglob("*.pbtxt")
         if "tensorrt" not in p.name  # only written by export --tensorrt
     }
-    assert committed == rendered, "model_repository/ is stale: run write_configs (mpmri export) and commit"
+    assert committed == rendered, "model_repository/ is stale: run `mpmri export` (the shipped checkpoint) and commit"
     assert (DEFAULT_REPOSITORY / ENSEMBLE_MODEL / "1").is_dir()
 
 

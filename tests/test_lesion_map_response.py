@@ -60,3 +60,22 @@ def test_the_no_map_column_reads_the_images_alone_whatever_the_localization_says
     assert response
     for key, group in response.items():
         assert (group["cspca"], group["cspca_without_map"]) == (1.0, 0.0), key
+
+
+@pytest.mark.parametrize(("logit", "responds"), [(5.0, 1.0), (-5.0, 0.0)])
+def test_the_lesion_scorer_column_is_the_served_likelihood_of_the_candidate_on_each_lesion(
+    records: list[CaseRecord], logit: float, responds: float
+) -> None:
+    """With a localization that fires everywhere, one candidate covers every lesion; a scorer that gives every
+    candidate ``sigmoid(logit)`` makes every lesion answer (or none). Without a scorer there is no such column."""
+    from postprocessing.lesion_scoring import FEATURE_NAMES, LesionScorer, Tree
+
+    nets = build_networks("cpu").eval()
+    with torch.no_grad():
+        nets.localization.logit_bias.fill_(30.0)
+    leaf = Tree(feature=(-1,), threshold=(0.0,), left=(0,), right=(0,), value=(logit,), missing_left=(False,))
+    scorer = LesionScorer(FEATURE_NAMES, 0.0, (leaf,), 0.02)
+    response = lesion_map_response(nets, records, scorer)
+    assert response
+    assert all(group["scorer"] == responds for group in response.values())
+    assert "scorer" not in next(iter(lesion_map_response(nets, records).values()))

@@ -27,6 +27,7 @@ from mpmri_client import AnalysisClient, ChannelOptions, read_instances
 from mpmri_client.results import grid_volume_array
 from mpmri_client.v1 import analysis_pb2 as pb
 from mpmri_client.v1 import analysis_pb2_grpc as pb_grpc
+from postprocessing.lesion_scoring import coherent_category
 from preprocess_service.metrics import STAGES
 
 pytestmark = [pytest.mark.triton, pytest.mark.service]
@@ -89,10 +90,16 @@ def test_analyze_answers_study_findings_series_and_timings(
     assert min(np.linalg.norm(top - c) for c in significant) < 5.0
     assert [les.id for les in r.lesions] == list(range(1, len(r.lesions) + 1))
     assert all(0 < les.volume_ml < 50 and 0 < les.likelihood <= 1 for les in r.lesions)
-    # every lesion carries its own category; the study category is the highest, the probability the highest evidence
-    assert all(1 <= les.pirads <= 5 and les.pirads == pirads_category(les.score) for les in r.lesions)
-    assert r.pirads_score >= max(les.pirads for les in r.lesions)
+    # every lesion carries its own category, the network's brought into agreement with the lesion's likelihood
+    # (the shipped checkpoint has a lesion scorer); the study category is the highest, the probability too
+    assert all(
+        1 <= les.pirads <= 5 and les.pirads == coherent_category(pirads_category(les.score), les.likelihood)
+        for les in r.lesions
+    )
+    assert all((les.pirads >= 4) == (les.likelihood >= 0.5) for les in r.lesions)
+    assert r.pirads_score == max(les.pirads for les in r.lesions)
     assert r.cspca_probability == pytest.approx(max(les.likelihood for les in r.lesions), abs=1e-5)
+    assert sum(r.pirads_distribution[3:]) == pytest.approx(r.cspca_probability, abs=1e-5)
 
 
 def test_fused_map_and_preview_come_as_float16_on_the_model_grid(cancer_reference: pb.AnalyzeResponse) -> None:
@@ -104,7 +111,35 @@ def test_fused_map_and_preview_come_as_float16_on_the_model_grid(cancer_referenc
     assert t2w.std() > 0.05
     cspca = grid_volume_array(cancer_reference.cspca_map)
     assert cspca.shape == (16, 64, 64) and cspca.min() >= 0.0
-    assert cspca.max() == pytest.approx(cancer_reference.lesions[0].likelihood, abs=1e-2)  # float16 rounding
+    assert cspca.max() > 0.5  # the network's own csPCa map marks this study's cancer
+
+
+def test_served_findings_equal_the_evaluation_of_the_shipped_checkpoint(
+    cancer_reference: pb.AnalyzeResponse, service_studies: dict[str, Path]
+) -> None:
+    """Triton (ONNX) + the service's lesion scorer give what `mpmri evaluate` computes in-process (torch)."""
+    import torch
+
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from postprocessing.lesion_scoring import scorer_from_metadata
+    from training.data import prepare_case_dir
+    from training.evaluate import predict_record
+
+    torch.set_grad_enabled(False)
+    nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    scorer = scorer_from_metadata(meta)
+    assert scorer is not None, "the shipped checkpoint carries its lesion scorer"
+    result = predict_record(nets, prepare_case_dir(service_studies["cancer"]), baselines=False, scorer=scorer)
+    served = cancer_reference
+    assert [les.likelihood for les in served.lesions] == pytest.approx(
+        [les.likelihood for les in result.candidates], abs=1e-4
+    )
+    assert [les.pirads for les in served.lesions] == [les.pirads for les in result.candidates]
+    assert served.pirads_score == result.pirads_predicted
+    assert [list(les.center_lps_mm) for les in served.lesions] == [
+        pytest.approx(list(les.center_lps_mm), abs=1e-2) for les in result.candidates
+    ]
+    assert served.cspca_probability == pytest.approx(result.cspca_probability, abs=1e-4)
 
 
 def test_seg_and_sr_reference_the_t2w_series_and_hold_the_lesions(cancer_reference: pb.AnalyzeResponse) -> None:

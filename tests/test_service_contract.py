@@ -143,6 +143,36 @@ def test_service_refuses_to_start_on_a_contract_it_cannot_produce(shipped_reposi
 
 @pytest.mark.triton
 @pytest.mark.service
+def test_service_refuses_to_start_on_a_lesion_scorer_fitted_on_other_features(
+    shipped_repository: Path, tmp_path: Path
+) -> None:
+    from postprocessing.lesion_scoring import LESION_SCORING_PARAMETER
+
+    dest = tmp_path / "repo"
+    shutil.copytree(shipped_repository, dest)
+    path = dest / "mpmri_ensemble" / "config.pbtxt"
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    scorer = json.loads(config.parameters[LESION_SCORING_PARAMETER].string_value)
+    scorer["feature_names"] = ["t2w_texture" if n == "t2w_std" else n for n in scorer["feature_names"]]
+    config.parameters[LESION_SCORING_PARAMETER].string_value = json.dumps(scorer)
+    path.write_text(text_format.MessageToString(config))
+    with EmbeddedTriton(
+        dest, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), build_dir=tmp_path / "b"
+    ) as triton:
+        run = subprocess.run(
+            [str(BIN / "mpmri-service"), "--triton-url", triton.grpc_url, "--port", "0", "--metrics-port", "-1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: refusing to start: model mpmri_ensemble: the lesion scorer"), run.stderr
+    assert "missing ['t2w_std'], unknown ['t2w_texture']" in last
+
+
+@pytest.mark.triton
+@pytest.mark.service
 def test_health_follows_triton_not_serving_while_down_serving_once_up(
     shipped_repository: Path, service_studies: dict[str, Path], tmp_path: Path
 ) -> None:

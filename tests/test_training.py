@@ -350,10 +350,10 @@ def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_valida
         epochs={"localization": 1, "classification": 0, "joint": 0},
         max_steps_per_epoch=1,
     )
-    train_records, val_records, calibration_records = load_records(config, progress=False)
+    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=False)
     # cases 6 and 7 of the seed: after the training and validation cases
     assert [r.case_id for r in calibration_records] == [f"seed{DATA_SEED}_0006", f"seed{DATA_SEED}_0007"]
-    assert len(train_records) == 4 and len(val_records) == 2
+    assert len(train_records) == 4 and len(val_records) == 2 and scorer_records == []
     _, meta = load_checkpoint(train(config, progress=False))
     data = meta["training"]["data"]
     assert (data["train_cases"], data["val_cases"], data["calibration_cases"]) == (4, 2, 2)

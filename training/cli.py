@@ -39,6 +39,13 @@ def register(subparsers: Any) -> None:
         default=defaults.calibration_cases,
         help="further cases (after --cases) used only to calibrate, with the validation split (default 0)",
     )
+    p.add_argument(
+        "--scorer-cases",
+        type=int,
+        default=defaults.scorer_cases,
+        help="fit the second-stage lesion scorer on the validation, calibration-only and this many further cases "
+        "(after the calibration-only ones); default: no lesion scorer",
+    )
     p.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
     p.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
     p.add_argument("--out", type=Path, default=defaults.run_dir, help="run folder (history.csv, curves.png, *.pt)")
@@ -107,6 +114,21 @@ def register(subparsers: Any) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)
 
+    f = subparsers.add_parser(
+        "fit-lesion-scorer",
+        help="fit the second-stage lesion scorer of a checkpoint on studies its networks never trained on",
+        description="Run the checkpoint's chain on synthetic studies FIRST..LAST of --data-seed, fit the lesion "
+        "scorer on their candidates and write the checkpoint with it (weights unchanged).",
+    )
+    f.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    f.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
+    f.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
+    f.add_argument("--cases", required=True, help="FIRST-LAST case indices (inclusive), e.g. 700-1899")
+    f.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_run_fit_scorer)
+
 
 def _train_defaults() -> Any:
     from training.train import TrainConfig
@@ -125,6 +147,7 @@ def _run_train(args: argparse.Namespace) -> int:
         cases=args.cases,
         val_cases=args.val_cases,
         calibration_cases=args.calibration_cases,
+        scorer_cases=args.scorer_cases,
         cache_dir=args.cache,
         run_dir=args.out,
         checkpoint_out=args.checkpoint_out,
@@ -192,6 +215,36 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         )
         write_benchmarks_section(args.benchmarks_md, metrics, command, role=args.role)
         print(f"benchmarks: {args.benchmarks_md} ({args.role} section)")
+    return 0
+
+
+def _case_range(text: str) -> range:
+    from training.lesion_scoring import LesionScoringError
+
+    first, sep, last = text.partition("-")
+    try:
+        start, stop = int(first), int(last) + 1
+    except ValueError:
+        raise LesionScoringError(f"--cases must be FIRST-LAST (e.g. 700-1899), not {text!r}") from None
+    if not sep or start < 0 or stop <= start:
+        raise LesionScoringError(f"--cases must be FIRST-LAST with 0 <= FIRST <= LAST, not {text!r}")
+    return range(start, stop)
+
+
+def _run_fit_scorer(args: argparse.Namespace) -> int:
+    from training.lesion_scoring import fit_checkpoint_scorer
+
+    scorer = fit_checkpoint_scorer(
+        args.checkpoint,
+        args.out,
+        args.data_seed,
+        _case_range(args.cases),
+        args.cache,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(scorer.fitted_on, indent=2))
+    print(f"checkpoint: {args.out}")
     return 0
 
 

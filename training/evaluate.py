@@ -53,6 +53,7 @@ from contract.errors import MpmriError
 from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from networks.models import MpmriNetworks
 from postprocessing.candidates import extract_candidates
+from postprocessing.lesion_scoring import LesionScorer, scorer_from_metadata
 from postprocessing.report import MM3_PER_ML, Lesion, build_findings
 from training.baseline import BASELINES, baseline_likelihood_map
 from training.data import CaseRecord, prepare_case_dir
@@ -143,12 +144,17 @@ def network_outputs(nets: MpmriNetworks, images: np.ndarray, availability: np.nd
 
 
 def predict_record(
-    nets: MpmriNetworks, record: CaseRecord, availability: np.ndarray | None = None, baselines: bool = True
+    nets: MpmriNetworks,
+    record: CaseRecord,
+    availability: np.ndarray | None = None,
+    baselines: bool = True,
+    scorer: LesionScorer | None = None,
 ) -> CaseResult:
     """The full chain on one case: networks -> :func:`postprocessing.report.build_findings` -> matching.
 
     ``availability`` overrides the record's (a sequence set to 0 gets the contract's missing-channel value),
-    for the sequence ablation. A record preprocessed onto another grid than the networks' is refused.
+    for the sequence ablation. ``scorer``: the checkpoint's lesion scorer (the served path applies it the same
+    way). A record preprocessed onto another grid than the networks' is refused.
     """
     images, avail = record.images, record.availability
     if tuple(images.shape[1:]) != tuple(nets.grid.size_dhw):
@@ -160,7 +166,7 @@ def predict_record(
         avail = np.minimum(avail, np.asarray(availability, dtype=np.float32))
         images = np.where(avail[:, None, None, None] > 0.5, images, np.float32(MISSING_CHANNEL_FILL_VALUE))
     out = network_outputs(nets, images.astype(np.float32), avail.astype(np.float32))
-    findings = build_findings(out, record.geometry)
+    findings = build_findings(out, record.geometry, scorer=scorer, images=images, availability=avail)
     candidate_map = np.zeros(findings.labels.shape, dtype=np.float32)
     for lesion in findings.lesions:
         candidate_map[findings.labels == lesion.id] = lesion.likelihood
@@ -225,7 +231,9 @@ RESPONSE_THRESHOLD = 0.5
 
 
 @torch.no_grad()
-def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[str, dict[str, Any]]:
+def lesion_map_response(
+    nets: MpmriNetworks, records: list[CaseRecord], scorer: LesionScorer | None = None
+) -> dict[str, dict[str, Any]]:
     """How each map answers each kind of truth lesion, by zone: the evidence behind the fusion and the candidates.
 
     For every truth lesion (cancers and mimics) of the studies with every sequence, the peak inside the lesion of
@@ -236,9 +244,11 @@ def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[
     (``DEFAULT_CANDIDATES.floor_likelihood``), without which no candidate can find the lesion.
     ``cspca_without_map``: the same rate for ``cspca_map`` when the classification network reads the images with
     an all-zero fused map; far below ``cspca``, it says that the scores follow the map rather than the images.
+    ``scorer`` (the checkpoint's lesion scorer): ``scorer`` is then the rate at which a candidate overlapping the
+    lesion gets a likelihood of at least the threshold from it (the served lesion likelihood).
     """
     peaks: dict[str, list[np.ndarray]] = {}
-    maps_order = (*SEQUENCES, "fused", "cspca", "cspca_without_map")
+    maps_order = (*SEQUENCES, "fused", "cspca", "cspca_without_map", *(("scorer",) if scorer is not None else ()))
     for record in records:
         if float(record.availability.min()) < 0.5:
             continue
@@ -246,7 +256,16 @@ def lesion_map_response(nets: MpmriNetworks, records: list[CaseRecord]) -> dict[
         out = network_outputs(nets, images, record.availability.astype(np.float32))
         batch = torch.from_numpy(images[None])
         without_map = nets.classification(batch, torch.zeros_like(batch[:, :1]))[2][0].numpy()
-        stack = np.concatenate([out["sequence_maps"], out["fused_map"], out["cspca_map"], without_map])
+        layers = [out["sequence_maps"], out["fused_map"], out["cspca_map"], without_map]
+        if scorer is not None:  # each candidate's blob holds its served likelihood
+            findings = build_findings(
+                out, record.geometry, scorer=scorer, images=images, availability=record.availability
+            )
+            scored = np.zeros(findings.labels.shape, dtype=np.float32)
+            for candidate in findings.lesions:
+                scored[findings.labels == candidate.id] = candidate.likelihood
+            layers.append(scored[None])
+        stack = np.concatenate(layers)
         for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
             mask = record.lesion_index == i
             if not mask.any():
@@ -274,12 +293,18 @@ ABLATIONS: dict[str, tuple[float, ...]] = {
 
 
 def sequence_ablation(
-    nets: MpmriNetworks, records: list[CaseRecord], full: Any, subjects: list[str]
+    nets: MpmriNetworks,
+    records: list[CaseRecord],
+    full: Any,
+    subjects: list[str],
+    scorer: LesionScorer | None = None,
 ) -> dict[str, dict[str, Any]]:
     """AUROC / AP with sequences removed at inference, and their change from the full model ``full``."""
     out: dict[str, dict[str, Any]] = {}
     for name, mask in ABLATIONS.items():
-        results = [predict_record(nets, r, np.asarray(mask, np.float32), baselines=False) for r in records]
+        results = [
+            predict_record(nets, r, np.asarray(mask, np.float32), baselines=False, scorer=scorer) for r in records
+        ]
         metrics = _picai([r.candidate_map for r in results], [r.target for r in results], subjects)
         auroc, ap = _finite(metrics.auroc), _finite(metrics.AP)
         out[name] = {
@@ -439,12 +464,19 @@ def evaluate(
     torch.set_num_threads(threads)
     t0 = time.monotonic()
     nets, meta = load_checkpoint(checkpoint)  # first: a checkpoint under another contract is refused by name
+    try:
+        scorer = scorer_from_metadata(meta)
+    except ValueError as err:
+        raise EvaluationError(f"checkpoint {checkpoint}: {err}") from None
     cases = find_cases(data_dir)
     records = [  # onto the grid the checkpoint records (its contract), not the default one
         prepare_case_dir(case_dir, nets.grid)
         for case_dir in tqdm(cases, desc="preprocess", disable=not progress, mininterval=5)
     ]
-    results = [predict_record(nets, r) for r in tqdm(records, desc="evaluate", disable=not progress, mininterval=5)]
+    results = [
+        predict_record(nets, r, scorer=scorer)
+        for r in tqdm(records, desc="evaluate", disable=not progress, mininterval=5)
+    ]
 
     subjects = [r.case_id for r in results]
     y_true = [r.target for r in results]
@@ -458,9 +490,9 @@ def evaluate(
         for rule in BASELINES
     }
     base = baselines["adc_min"]
-    ablation = sequence_ablation(nets, records, model, subjects) if ablations else {}
+    ablation = sequence_ablation(nets, records, model, subjects, scorer) if ablations else {}
     fusion = fusion_weights_by_zone(nets, records)
-    response = lesion_map_response(nets, records)
+    response = lesion_map_response(nets, records, scorer)
 
     proto = _Protocol(results)
     all_idx = np.arange(len(results))
@@ -525,6 +557,7 @@ def evaluate(
         "lesion_map_response_threshold": RESPONSE_THRESHOLD,
         "ablation": ablation,
         "calibration": meta.get("calibration"),
+        "lesion_scorer": None if scorer is None else scorer.fitted_on,
         "bootstrap": {
             "resamples": resamples,
             "seed": bootstrap_seed,

@@ -93,7 +93,7 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
         f" {metrics.get('num_cases')} studies, {metrics.get('num_significant_cases')} with csPCa,"
         f" {metrics.get('lesions_total')} csPCa lesions.",
         f"- Checkpoint: `{metrics.get('checkpoint')}` (profile {metrics.get('checkpoint_profile')}, training data seed"
-        f" {metrics.get('checkpoint_training_data_seed')}).",
+        f" {metrics.get('checkpoint_training_data_seed')}; {_scorer_text(metrics.get('lesion_scorer'))}).",
         f"- Intervals: 95 %, case-level bootstrap ({boot.get('resamples')} resamples of the studies with"
         f" replacement, seed {boot.get('seed')}, 2.5th–97.5th percentiles).",
         f"- Command: `{command}`; {metrics.get('seconds')} s; {date}.",
@@ -155,17 +155,18 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
             f" {metrics.get('lesion_map_response_threshold', 0.5):g} in each map: a detection rate for cancers, a"
             " false-alarm rate for mimics; last column: fused peak at or above the candidate floor; studies with"
             ' every sequence; synthetic studies; "csPCa, no map": the classification network given an all-zero'
-            " fused map, i.e. what it reads from the images alone):",
+            ' fused map, i.e. what it reads from the images alone; "lesion scorer": a candidate on the lesion gets'
+            " a served likelihood at or above the threshold from the checkpoint's lesion scorer):",
             "",
             "| zone, kind | lesions | T2W map | ADC map | DWI map | fused map | csPCa map | csPCa, no map"
-            " | fused >= floor |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            " | lesion scorer | fused >= floor |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in response.items():
             lines.append(
                 f"| {name} | {r.get('lesions')} | {_fmt(r.get('t2w'))} | {_fmt(r.get('adc'))} | {_fmt(r.get('dwi'))} "
                 f"| {_fmt(r.get('fused'))} | {_fmt(r.get('cspca'))} | {_fmt(r.get('cspca_without_map'))} "
-                f"| {_fmt(r.get('fused_reaches_floor'))} |"
+                f"| {_fmt(r.get('scorer'))} | {_fmt(r.get('fused_reaches_floor'))} |"
             )
         lines.append("")
     ablation = metrics.get("ablation") or {}
@@ -186,6 +187,17 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
         lines.append("")
     lines.append(end)
     return "\n".join(lines)
+
+
+def _scorer_text(fitted_on: dict[str, Any] | None) -> str:
+    """How the checkpoint's lesion scorer was fitted, for the section header."""
+    if not fitted_on:
+        return "no lesion scorer: lesion likelihoods are the peaks of `cspca_map`"
+    return (
+        f"lesion likelihoods from its lesion scorer, fitted on {fitted_on.get('data')}:"
+        f" {fitted_on.get('studies')} studies, {fitted_on.get('candidates')} candidates in"
+        f" {fitted_on.get('study_passes')} passes with all and with fewer sequences"
+    )
 
 
 def write_benchmarks_section(path: Path, metrics: dict[str, Any], command: str, role: str = "validation") -> None:

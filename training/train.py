@@ -48,6 +48,7 @@ from networks.models import PROFILES, Classification, MpmriNetworks, build_netwo
 from preprocessing import numba_target
 from training.calibration import calibrate
 from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_cases, missing_cases
+from training.lesion_scoring import candidate_table, fit_lesion_scorer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class TrainConfig:
         calibration_cases: further cases ``cases .. cases + calibration_cases - 1`` of ``data_seed``, used only to
             calibrate (category thresholds and Platt scaling, together with the validation split): neither
             trained on nor used for model selection. 0 = calibrate on the validation split alone.
+        scorer_cases: ``None``: no second-stage lesion scorer. ``N >= 0``: after the calibration, fit the lesion
+            scorer (:mod:`training.lesion_scoring`) on the validation split, the calibration-only cases and ``N``
+            further cases of ``data_seed`` that only the scorer sees (``cases + calibration_cases ..``).
         cache_dir: npz cache of preprocessed cases.
         run_dir: run folder (history.csv, curves.png, last.pt, final.pt).
         checkpoint_out: optional extra copy of the final checkpoint (e.g. checkpoints/cpu_default.pt).
@@ -123,6 +127,7 @@ class TrainConfig:
     cases: int = 200
     val_cases: int = 20
     calibration_cases: int = 0
+    scorer_cases: int | None = None
     cache_dir: Path = Path(".cache/train")
     run_dir: Path = Path("build/runs/cpu_default")
     checkpoint_out: Path | None = None
@@ -385,25 +390,34 @@ def _lr(config: TrainConfig, phase: str, epoch: int) -> float:
 
 
 def _case_indices(config: TrainConfig) -> range:
-    """Every case index of ``config.data_seed`` the run reads (training, validation, calibration-only)."""
-    return range(config.cases + config.calibration_cases)
+    """Every case index of ``config.data_seed`` the run reads (training, validation, calibration-only, scorer-only)."""
+    return range(config.cases + config.calibration_cases + (config.scorer_cases or 0))
 
 
 def load_records(
     config: TrainConfig, progress: bool = True
-) -> tuple[list[CaseRecord], list[CaseRecord], list[CaseRecord]]:
-    """Cached ``(training, validation, calibration-only)`` records of ``config`` (building the cache where needed)."""
+) -> tuple[list[CaseRecord], list[CaseRecord], list[CaseRecord], list[CaseRecord]]:
+    """Cached ``(training, validation, calibration-only, scorer-only)`` records of ``config`` (building the cache
+    where needed)."""
     if config.cases <= config.val_cases:
         raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
     if config.calibration_cases < 0:
         raise TrainingError(f"calibration_cases must be >= 0, not {config.calibration_cases}")
+    if config.scorer_cases is not None and config.scorer_cases < 0:
+        raise TrainingError(f"scorer_cases must be >= 0 (or None: no lesion scorer), not {config.scorer_cases}")
     grid = NAMED_GRIDS[config.grid]
     paths = build_cache(
         config.cache_dir, config.data_seed, _case_indices(config), progress=progress, grid=grid, workers=config.threads
     )
     records = load_cases(paths, workers=config.threads)
     split = config.cases - config.val_cases
-    return records[:split], records[split : config.cases], records[config.cases :]
+    calibration_end = config.cases + config.calibration_cases
+    return (
+        records[:split],
+        records[split : config.cases],
+        records[config.cases : calibration_end],
+        records[calibration_end:],
+    )
 
 
 def _batches(dataset: CaseDataset, config: TrainConfig, global_epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -456,7 +470,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         raise TrainingError("no epochs to run (all --epochs-* are 0)")
     to_build = len(missing_cases(config.cache_dir, config.data_seed, _case_indices(config), NAMED_GRIDS[config.grid]))
     cache_started = time.monotonic()
-    train_records, val_records, calibration_records = load_records(config, progress=progress)
+    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=progress)
     cache_seconds = time.monotonic() - cache_started
     if len(train_records) < config.batch_size:
         raise TrainingError(f"{len(train_records)} training cases are fewer than one batch ({config.batch_size})")
@@ -570,6 +584,12 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         "data": _calibration_data(config, len(train_records)),
     }
     log.info("calibration: %s", meta["calibration"])
+    if config.scorer_cases is not None:
+        scorer_started = time.monotonic()
+        table = candidate_table(nets, [*val_records, *calibration_records, *scorer_records], missing_sequences=True)
+        scorer = fit_lesion_scorer(table, fitted_on={"data": _scorer_data(config, len(train_records))})
+        meta["lesion_scoring"] = scorer.to_dict()
+        log.info("lesion scorer fitted in %.1f s", time.monotonic() - scorer_started)
     meta["training"]["invocation"] = {
         "wall_seconds": round(time.monotonic() - started, 1),
         "cache_cases_built": to_build,
@@ -604,6 +624,12 @@ def _calibration_data(config: TrainConfig, n_train: int) -> str:
     return text
 
 
+def _scorer_data(config: TrainConfig, n_train: int) -> str:
+    """Which studies the lesion scorer was fitted on (recorded in the checkpoint)."""
+    first, last = n_train, config.cases + config.calibration_cases + (config.scorer_cases or 0) - 1
+    return f"seed {config.data_seed} cases {first}-{last} (validation, calibration-only and scorer-only cases)"
+
+
 def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: int, n_val: int) -> dict[str, Any]:
     last = dict(history[-1]) if history else {}
     return {
@@ -616,7 +642,8 @@ def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: i
                 "train_cases": n_train,
                 "val_cases": n_val,
                 "calibration_cases": config.calibration_cases,
-                "case_indices": [0, config.cases + config.calibration_cases - 1],
+                "scorer_cases": config.scorer_cases,
+                "case_indices": [0, config.cases + config.calibration_cases + (config.scorer_cases or 0) - 1],
             },
             "epochs_done": len(history),
             "final_validation": {k: last.get(k) for k in ("val_loss", "val_dice", "val_auroc", "val_pirads_accuracy")},

@@ -1,0 +1,350 @@
+"""Second-stage csPCa likelihood of each lesion candidate, from image and map features in and around its blob.
+
+Torch-free (numpy + scipy), like the rest of postprocessing: the analysis service, the demo and evaluation call
+the same :func:`candidate_features` and :meth:`LesionScorer.probability`, so they cannot differ.
+
+Why a second stage: the classification network copies the fused map and barely reads the images
+(docs/networks.md, "The classification network follows the fused map"). Yet simple statistics of the
+preprocessed tensors inside and around a lesion separate transition-zone cancers from BPH nodules well
+(docs/networks.md, "Candidate rescoring"). The scorer reads such statistics of each candidate
+blob plus the network's own evidence (peak csPCa logit, highest score, fused-map peak, volume): a
+small ensemble of gradient-boosted trees, fitted with the log-loss on studies the networks never trained on
+(``training.lesion_scoring``), so its output is directly a calibrated probability. It travels in the checkpoint
+(``metadata["lesion_scoring"]``) and in the model repository (the ensemble's ``mpmri_lesion_scoring`` config
+parameter, which the service reads from Triton).
+
+Missing sequences: every feature of an absent sequence is missing (NaN), which the trees route as fitted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from contract import CSPCA_MIN_PIRADS, PIRADS_CATEGORIES, SEQUENCES
+
+#: the ensemble config parameter that carries the served lesion scorer (:meth:`LesionScorer.to_json`)
+LESION_SCORING_PARAMETER = "mpmri_lesion_scoring"
+#: a lesion at or above this csPCa likelihood is reported as category >= 4 (csPCa), below it as <= 3
+CSPCA_LIKELIHOOD_THRESHOLD = 0.5
+#: features of the network's evidence in a blob
+NETWORK_FEATURES: tuple[str, ...] = ("cspca_logit", "score_max", "fused_peak", "log_voxels")
+#: statistics of each preprocessed sequence in a blob (``<sequence>_<name>``)
+SEQUENCE_STATISTICS: tuple[str, ...] = (
+    "mean",  # mean inside the blob
+    "std",  # standard deviation inside the blob
+    "ring_mean",  # mean over the ring of 2 voxels around the blob
+    "ring_std",
+    "contrast",  # mean - ring_mean
+    "core_mean",  # mean over the blob eroded by one voxel (the blob itself when that is empty)
+    "edge_gradient",  # mean in-plane gradient magnitude over the blob's outer voxel layer (per voxel)
+    "min",
+    "max",
+)
+#: the blob's extent along D, H, W in voxels
+SHAPE_FEATURES: tuple[str, ...] = ("extent_d", "extent_h", "extent_w")
+FEATURE_NAMES: tuple[str, ...] = (
+    NETWORK_FEATURES + tuple(f"{s}_{n}" for s in SEQUENCES for n in SEQUENCE_STATISTICS) + SHAPE_FEATURES
+)
+_LOGIT_CLIP = 1e-6
+_RING_VOXELS = 2
+_MARGIN = _RING_VOXELS + 2
+
+
+def _logit(p: float) -> float:
+    q = min(max(float(p), _LOGIT_CLIP), 1.0 - _LOGIT_CLIP)
+    return float(np.log(q / (1.0 - q)))
+
+
+def candidate_features(
+    images: np.ndarray,
+    labels: np.ndarray,
+    lesion_ids: Sequence[int],
+    cspca_map: np.ndarray,
+    score_map: np.ndarray,
+    fused_map: np.ndarray,
+) -> np.ndarray:
+    """Feature vectors ``[N, len(FEATURE_NAMES)]`` float64 of the candidates ``lesion_ids`` (in that order).
+
+    Args:
+        images: the preprocessed study ``[S, D, H, W]`` (the tensor the ensemble read, contract order of sequences).
+        labels: ``[D, H, W]`` integer label map of the candidates (candidate ``n`` -> ``n``, 0 background).
+        lesion_ids: the candidates to describe (each must have at least one voxel in ``labels``).
+        cspca_map, score_map, fused_map: the ensemble's maps ``[D, H, W]`` on the same grid.
+
+    Raises:
+        ValueError: the shapes disagree or a candidate has no voxel (names it).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or images.shape[0] != len(SEQUENCES):
+        raise ValueError(f"images must be [{len(SEQUENCES)}, D, H, W], got {images.shape}")
+    shape = images.shape[1:]
+    for name, volume in (
+        ("labels", labels),
+        ("cspca_map", cspca_map),
+        ("score_map", score_map),
+        ("fused_map", fused_map),
+    ):
+        if tuple(np.shape(volume)) != shape:
+            raise ValueError(f"{name} has shape {np.shape(volume)}, images {shape}")
+    rows = np.zeros((len(lesion_ids), len(FEATURE_NAMES)), dtype=np.float64)
+    for row, lesion_id in enumerate(lesion_ids):
+        where = np.nonzero(labels == lesion_id)
+        if where[0].size == 0:
+            raise ValueError(f"candidate {lesion_id} has no voxel in the label map")
+        lo = [max(0, int(w.min()) - _MARGIN) for w in where]
+        hi = [min(n, int(w.max()) + _MARGIN + 1) for w, n in zip(where, shape, strict=True)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        blob = labels[box] == lesion_id
+        ring = ndimage.binary_dilation(blob, iterations=_RING_VOXELS) & ~blob
+        core = ndimage.binary_erosion(blob)
+        if not core.any():
+            core = blob
+        edge = blob & ~core
+        values = [
+            _logit(float(np.asarray(cspca_map)[box][blob].max())),
+            float(np.asarray(score_map)[box][blob].max()),
+            float(np.asarray(fused_map)[box][blob].max()),
+            float(np.log(blob.sum())),
+        ]
+        for k in range(len(SEQUENCES)):
+            crop = images[k][box]
+            gradient = np.hypot(np.gradient(crop, axis=1), np.gradient(crop, axis=2))
+            inside, around = crop[blob], crop[ring]
+            values += [
+                float(inside.mean()),
+                float(inside.std()),
+                float(around.mean()) if around.size else float(inside.mean()),
+                float(around.std()) if around.size else 0.0,
+                float(inside.mean() - around.mean()) if around.size else 0.0,
+                float(crop[core].mean()),
+                float(gradient[edge].mean()) if edge.any() else 0.0,
+                float(inside.min()),
+                float(inside.max()),
+            ]
+        values += [float(int(w.max()) - int(w.min()) + 1) for w in where]
+        rows[row] = values
+    return rows
+
+
+def missing_as_nan(features: np.ndarray, availability: np.ndarray, names: Sequence[str] = FEATURE_NAMES) -> np.ndarray:
+    """A copy of ``features [N, F]`` with every feature of a sequence absent in ``availability [S]`` set to NaN."""
+    x = np.array(features, dtype=np.float64, copy=True).reshape(-1, len(names))
+    present = np.asarray(availability, dtype=np.float64).reshape(-1)
+    for k, sequence in enumerate(SEQUENCES):
+        if present[k] <= 0.5:
+            x[:, [j for j, name in enumerate(names) if name.startswith(sequence + "_")]] = np.nan
+    return x
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One regression tree of the boosted ensemble, as flat arrays indexed by node (node 0 is the root).
+
+    A node with ``feature[i] < 0`` is a leaf with value ``value[i]``; otherwise a sample goes to ``left[i]`` when
+    its feature ``feature[i]`` is ``<= threshold[i]``, to ``right[i]`` when it is larger, and to the left child
+    when the feature is missing (NaN) and ``missing_left[i]``, else to the right one.
+    """
+
+    feature: tuple[int, ...]
+    threshold: tuple[float, ...]
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+    value: tuple[float, ...]
+    missing_left: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.feature)
+        if not n or any(len(a) != n for a in (self.threshold, self.left, self.right, self.value, self.missing_left)):
+            raise ValueError("lesion scorer: a tree's node arrays must be non-empty and of equal length")
+        for i, f in enumerate(self.feature):
+            if f >= 0 and not (0 < self.left[i] < n and 0 < self.right[i] < n):
+                raise ValueError(f"lesion scorer: node {i} points outside its tree")
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Leaf values ``[N]`` of feature rows ``x [N, F]`` (vectorised descent, one level per step)."""
+        feature = np.asarray(self.feature, dtype=np.int64)
+        threshold = np.asarray(self.threshold, dtype=np.float64)
+        left, right = np.asarray(self.left, dtype=np.int64), np.asarray(self.right, dtype=np.int64)
+        missing_left = np.asarray(self.missing_left, dtype=bool)
+        node = np.zeros(x.shape[0], dtype=np.int64)
+        for _ in range(len(self.feature)):
+            inner = feature[node] >= 0
+            if not inner.any():
+                break
+            at = node[inner]
+            v = x[np.nonzero(inner)[0], feature[at]]
+            go_left = np.where(np.isnan(v), missing_left[at], v <= threshold[at])
+            node[inner] = np.where(go_left, left[at], right[at])
+        return np.asarray(self.value, dtype=np.float64)[node]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature": list(self.feature),
+            "threshold": list(self.threshold),
+            "left": list(self.left),
+            "right": list(self.right),
+            "value": list(self.value),
+            "missing_left": [int(v) for v in self.missing_left],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Tree:
+        return cls(
+            feature=tuple(int(v) for v in data["feature"]),
+            threshold=tuple(float(v) for v in data["threshold"]),
+            left=tuple(int(v) for v in data["left"]),
+            right=tuple(int(v) for v in data["right"]),
+            value=tuple(float(v) for v in data["value"]),
+            missing_left=tuple(bool(v) for v in data["missing_left"]),
+        )
+
+
+@dataclass(frozen=True)
+class LesionScorer:
+    """Gradient-boosted trees (binary log-loss) for "this candidate is a csPCa lesion" on :data:`FEATURE_NAMES`.
+
+    ``P = sigmoid(baseline + sum_t tree_t(x))``: the trees of scikit-learn's ``HistGradientBoostingClassifier``
+    (``training.lesion_scoring``), evaluated here with numpy alone so the service needs no scikit-learn (a test
+    checks the two agree). The features of sequences that are absent from a study are missing (NaN); each node
+    sends a missing value the way the fit learned, or to its larger child.
+
+    Attributes:
+        feature_names: the features, in order (must equal :data:`FEATURE_NAMES` of the code that applies it).
+        baseline: the ensemble's initial log-odds.
+        trees: the boosted trees (leaf values include the learning rate).
+        no_candidate_probability: the study csPCa probability of a study without any candidate (the share of
+            csPCa among such studies of the fitting data, smoothed).
+        fitted_on: where and how it was fitted (for the record: seeds, cases, counts, settings).
+    """
+
+    feature_names: tuple[str, ...]
+    baseline: float
+    trees: tuple[Tree, ...]
+    no_candidate_probability: float
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.feature_names)
+        for tree in self.trees:
+            if max(tree.feature) >= n:
+                raise ValueError(f"lesion scorer: a tree splits on feature {max(tree.feature)} of {n}")
+        if not 0.0 <= self.no_candidate_probability <= 1.0:
+            raise ValueError(f"lesion scorer: no_candidate_probability {self.no_candidate_probability} not in [0, 1]")
+
+    def check_features(self, names: Sequence[str] = FEATURE_NAMES) -> None:
+        """Raise ``ValueError`` naming the difference when the scorer's features are not ``names``."""
+        if tuple(self.feature_names) != tuple(names):
+            missing = [n for n in names if n not in self.feature_names]
+            extra = [n for n in self.feature_names if n not in names]
+            raise ValueError(
+                "the lesion scorer was fitted on other features than this code computes"
+                f" (missing {missing}, unknown {extra}, or another order): refit it (`mpmri fit-lesion-scorer`)"
+            )
+
+    def logits(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
+        """Log-odds ``[N]`` of feature rows ``[N, F]``; the features of sequences absent in ``availability [S]``
+        are treated as missing."""
+        x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
+        if availability is not None:
+            x = missing_as_nan(x, availability, self.feature_names)
+        raw = np.full(x.shape[0], self.baseline, dtype=np.float64)
+        for tree in self.trees:
+            raw += tree.predict(x)
+        return raw
+
+    def probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
+        """csPCa probabilities ``[N]`` in (0, 1) of feature rows ``[N, F]`` (see :meth:`logits`)."""
+        return np.asarray(1.0 / (1.0 + np.exp(-self.logits(features, availability))), dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "gradient-boosted trees, binary log-loss (scikit-learn HistGradientBoostingClassifier)",
+            "feature_names": list(self.feature_names),
+            "baseline": self.baseline,
+            "trees": [tree.to_dict() for tree in self.trees],
+            "no_candidate_probability": self.no_candidate_probability,
+            "fitted_on": dict(self.fitted_on),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LesionScorer:
+        """Inverse of :meth:`to_dict`; ``ValueError`` naming the missing key or bad value."""
+        try:
+            return cls(
+                feature_names=tuple(str(n) for n in data["feature_names"]),
+                baseline=float(data["baseline"]),
+                trees=tuple(Tree.from_dict(t) for t in data["trees"]),
+                no_candidate_probability=float(data["no_candidate_probability"]),
+                fitted_on=dict(data.get("fitted_on", {})),
+            )
+        except KeyError as err:
+            raise ValueError(f"the lesion scorer lacks {err.args[0]!r}") from err
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"the lesion scorer is malformed: {err}") from err
+
+    @classmethod
+    def from_json(cls, text: str) -> LesionScorer:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the lesion scorer is not JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError("the lesion scorer must be a JSON object")
+        return cls.from_dict(data)
+
+
+def scorer_from_metadata(metadata: dict[str, Any]) -> LesionScorer | None:
+    """The lesion scorer a checkpoint's metadata carries (``metadata["lesion_scoring"]``), or ``None``.
+
+    Raises:
+        ValueError: it is malformed, or fitted on other features than this code computes (names the difference).
+    """
+    data = metadata.get("lesion_scoring")
+    if not data:
+        return None
+    scorer = LesionScorer.from_dict(data)
+    scorer.check_features()
+    return scorer
+
+
+def coherent_category(category: int, likelihood: float) -> int:
+    """A lesion's PI-RADS-like category brought into agreement with its csPCa likelihood.
+
+    csPCa means category ``>= CSPCA_MIN_PIRADS`` (4) in this contract, so a lesion the scorer calls more likely
+    csPCa than not (``likelihood >= 0.5``) is at least category 4, and one it calls less likely is at most 3; the
+    network's own category (:func:`contract.pirads_category` of its score) stands where it already agrees.
+    """
+    if likelihood >= CSPCA_LIKELIHOOD_THRESHOLD:
+        return max(int(category), CSPCA_MIN_PIRADS)
+    return min(int(category), CSPCA_MIN_PIRADS - 1)
+
+
+def coherent_distribution(distribution: Sequence[float], cspca_probability: float) -> list[float]:
+    """The categories' distribution ``[5]`` rescaled so that ``P(category >= 4)`` is ``cspca_probability``.
+
+    Within the csPCa categories (4-5) and within the others (1-3) the network's proportions stay; where the
+    network puts no mass on a side, that side's mass goes to category 4, or 2 (the categories the contract
+    reports for a csPCa lesion and for a study without one).
+    """
+    dist = np.clip(np.asarray(distribution, dtype=np.float64).reshape(-1), 0.0, None)
+    if dist.size != len(PIRADS_CATEGORIES):
+        raise ValueError(f"pirads_distribution must have {len(PIRADS_CATEGORIES)} values, got {dist.size}")
+    p = min(max(float(cspca_probability), 0.0), 1.0)
+    split = PIRADS_CATEGORIES.index(CSPCA_MIN_PIRADS)
+    out = np.zeros_like(dist)
+    for side, mass, fallback in ((slice(0, split), 1.0 - p, 1), (slice(split, None), p, split)):
+        total = float(dist[side].sum())
+        if total > 1e-12:
+            out[side] = dist[side] / total * mass
+        else:
+            out[fallback] = mass
+    return [float(v) for v in out]

@@ -1,0 +1,234 @@
+"""The second-stage lesion scorer: features, the numpy evaluation of the trees, findings built with it, fitting.
+
+Every study here is synthetic; no patient data reaches these tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from contract import GridGeometry
+from postprocessing.lesion_scoring import (
+    FEATURE_NAMES,
+    LesionScorer,
+    Tree,
+    candidate_features,
+    coherent_category,
+    coherent_distribution,
+    missing_as_nan,
+    scorer_from_metadata,
+)
+from postprocessing.report import build_findings
+
+SHAPE = (6, 16, 16)
+GEOMETRY = GridGeometry((0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (1.5, 1.5, 3.0), SHAPE[::-1])
+
+
+def _leaf(value: float) -> dict[str, list[float]]:
+    return {"feature": [-1], "threshold": [0.0], "left": [0], "right": [0], "value": [value], "missing_left": [0]}
+
+
+def _stump(feature: str, threshold: float, below: float, above: float, missing_left: bool = False) -> Tree:
+    """One split on ``feature``: ``below`` at or under ``threshold``, ``above`` over it."""
+    return Tree(
+        feature=(FEATURE_NAMES.index(feature), -1, -1),
+        threshold=(threshold, 0.0, 0.0),
+        left=(1, 0, 0),
+        right=(2, 0, 0),
+        value=(0.0, below, above),
+        missing_left=(missing_left, False, False),
+    )
+
+
+def _scorer(*trees: Tree, no_candidate: float = 0.03) -> LesionScorer:
+    return LesionScorer(FEATURE_NAMES, 0.0, trees, no_candidate, {"data": "hand-made for tests"})
+
+
+def _two_blob_study() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Ensemble outputs with two fused-map blobs: A (stronger map, bright T2W) and B (weaker map, dark T2W)."""
+    fused = np.zeros(SHAPE, np.float32)
+    fused[2:4, 3:6, 3:6] = 0.9  # A
+    fused[2:4, 10:13, 10:13] = 0.5  # B
+    images = np.zeros((3, *SHAPE), np.float32)
+    images[0][2:4, 3:6, 3:6] = 1.0
+    images[0][2:4, 10:13, 10:13] = -1.0
+    cspca = fused * 0.8
+    outputs = {
+        "fused_map": fused[None],
+        "cspca_map": cspca[None],
+        "score_map": (1.0 + 4.0 * fused)[None],
+        "cspca_probability": np.array([float(cspca.max())], np.float32),
+        "pirads_distribution": np.full(5, 0.2, np.float32),
+    }
+    return outputs, images
+
+
+def test_candidate_features_measure_the_blob_its_ring_and_the_network_evidence() -> None:
+    images = np.zeros((3, *SHAPE), np.float32)
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:5, 5:10, 5:10] = 1
+    images[0][labels == 1] = -2.0  # a dark T2W lesion in tissue at 0
+    images[1][labels == 1] = 3.0
+    cspca = np.where(labels == 1, 0.75, 0.01).astype(np.float32)
+    score = np.where(labels == 1, 4.2, 1.0).astype(np.float32)
+    fused = np.where(labels == 1, 0.6, 0.0).astype(np.float32)
+    (row,) = candidate_features(images, labels, [1], cspca, score, fused)
+    f = dict(zip(FEATURE_NAMES, row, strict=True))
+    assert f["cspca_logit"] == pytest.approx(np.log(0.75 / 0.25))
+    assert (f["score_max"], f["fused_peak"]) == pytest.approx((4.2, 0.6))
+    assert f["log_voxels"] == pytest.approx(np.log(75))
+    assert (f["t2w_mean"], f["t2w_ring_mean"], f["t2w_contrast"], f["t2w_std"]) == pytest.approx((-2.0, 0.0, -2.0, 0.0))
+    assert (f["adc_contrast"], f["dwi_contrast"]) == pytest.approx((3.0, 0.0))
+    assert f["t2w_edge_gradient"] > 0 and f["dwi_edge_gradient"] == 0.0
+    assert (f["extent_d"], f["extent_h"], f["extent_w"]) == (3, 5, 5)
+
+
+def test_candidate_features_name_a_candidate_without_voxels_and_wrong_shapes() -> None:
+    images = np.zeros((3, *SHAPE), np.float32)
+    maps = np.zeros(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="candidate 2 has no voxel"):
+        candidate_features(images, np.zeros(SHAPE, np.uint8), [2], maps, maps, maps)
+    with pytest.raises(ValueError, match="score_map has shape"):
+        candidate_features(images, np.zeros(SHAPE, np.uint8), [], maps, maps[:-1], maps)
+
+
+def test_trees_route_by_threshold_and_missing_values_as_recorded() -> None:
+    scorer = _scorer(_stump("adc_mean", 0.5, -2.0, 2.0, missing_left=True))
+    x = np.zeros((3, len(FEATURE_NAMES)))
+    x[:, FEATURE_NAMES.index("adc_mean")] = [0.5, 0.6, np.nan]
+    assert scorer.logits(x).tolist() == [-2.0, 2.0, -2.0]  # <= goes left; NaN as recorded
+    # a study without ADC: its ADC features are missing, whatever the (fill-value) image said
+    assert scorer.logits(x[1:2], availability=np.array([1.0, 0.0, 1.0])).tolist() == [-2.0]
+    assert np.isnan(missing_as_nan(x, np.array([1.0, 1.0, 0.0]))[:, FEATURE_NAMES.index("dwi_max")]).all()
+
+
+def test_scorer_round_trips_through_json_and_refuses_other_features() -> None:
+    scorer = _scorer(_stump("t2w_contrast", 0.0, 1.0, -1.0), _stump("log_voxels", 2.0, -0.5, 0.5))
+    again = LesionScorer.from_json(scorer.to_json())
+    x = np.random.default_rng(0).normal(size=(20, len(FEATURE_NAMES)))
+    assert again == scorer and np.array_equal(again.probability(x), scorer.probability(x))
+    assert scorer_from_metadata({"lesion_scoring": scorer.to_dict()}) == scorer
+    assert scorer_from_metadata({}) is None
+    other = {**scorer.to_dict(), "feature_names": ["t2w_texture", *FEATURE_NAMES[1:]]}
+    with pytest.raises(ValueError, match=r"missing \['cspca_logit'\], unknown \['t2w_texture'\].*refit"):
+        scorer_from_metadata({"lesion_scoring": other})
+    with pytest.raises(ValueError, match="lacks 'trees'"):
+        LesionScorer.from_dict({k: v for k, v in scorer.to_dict().items() if k != "trees"})
+    with pytest.raises(ValueError, match="points outside its tree"):
+        LesionScorer.from_dict({**scorer.to_dict(), "trees": [{**_leaf(0.0), "feature": [3]}]})
+    with pytest.raises(ValueError, match="not JSON"):
+        LesionScorer.from_json("{")
+
+
+def test_findings_with_a_scorer_rank_lesions_by_it_and_derive_the_study_probability() -> None:
+    outputs, images = _two_blob_study()
+    plain = build_findings(outputs, GEOMETRY)
+    assert [round(les.likelihood, 2) for les in plain.lesions] == [0.72, 0.4]  # A first: the network's map
+    # a scorer that calls dark T2W lesions csPCa (logit +2) and bright ones benign (logit -3)
+    scorer = _scorer(_stump("t2w_mean", 0.0, 2.0, -3.0))
+    scored = build_findings(outputs, GEOMETRY, scorer=scorer, images=images, availability=np.ones(3, np.float32))
+    likelihoods = [les.likelihood for les in scored.lesions]
+    assert likelihoods == pytest.approx([1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(3.0))], abs=1e-6)
+    assert [les.id for les in scored.lesions] == [1, 2]
+    # B is lesion 1 now, in the lesion list and in the label map (the SEG's segment numbers)
+    assert scored.lesions[0].center_lps_mm == plain.lesions[1].center_lps_mm
+    assert np.array_equal(scored.labels == 1, plain.labels == 2)
+    assert np.array_equal(scored.labels == 2, plain.labels == 1)
+    assert scored.cspca_probability == pytest.approx(max(likelihoods))
+    # categories agree with the likelihoods: B (score 3.0, category 3) is csPCa by the scorer -> 4; A (score 4.6,
+    # category 5) is not -> 3. The study is the highest lesion category; P(>= 4) is the study probability.
+    assert [plain.lesions[1].pirads, plain.lesions[0].pirads] == [3, 5]
+    assert [les.pirads for les in scored.lesions] == [4, 3] and plain.pirads_score == 5
+    assert scored.pirads_score == 4
+    assert sum(scored.pirads_distribution[3:]) == pytest.approx(scored.cspca_probability)
+    assert scored.pirads_distribution[3] == pytest.approx(scored.pirads_distribution[4])  # network's proportions
+    with pytest.raises(ValueError, match="needs the preprocessed images"):
+        build_findings(outputs, GEOMETRY, scorer=scorer)
+
+
+def test_a_study_without_candidates_gets_the_scorers_probability_and_at_most_category_2() -> None:
+    outputs, images = _two_blob_study()
+    empty = {**outputs, "fused_map": np.zeros_like(outputs["fused_map"])}
+    findings = build_findings(empty, GEOMETRY, scorer=_scorer(no_candidate=0.04), images=images)
+    assert findings.lesions == [] and findings.cspca_probability == pytest.approx(0.04)
+    assert findings.pirads_score == 2  # the network's highest score (4.6) lies outside any lesion
+    assert sum(findings.pirads_distribution) == pytest.approx(1.0)
+
+
+def test_coherent_categories_and_distribution() -> None:
+    assert [coherent_category(c, 0.5) for c in range(1, 6)] == [4, 4, 4, 4, 5]
+    assert [coherent_category(c, 0.49) for c in range(1, 6)] == [1, 2, 3, 3, 3]
+    assert coherent_distribution([0.1, 0.2, 0.1, 0.4, 0.2], 0.3) == pytest.approx([0.175, 0.35, 0.175, 0.2, 0.1])
+    # no mass on a side: it goes to category 4 (csPCa) or 2
+    assert coherent_distribution([0.5, 0.5, 0.0, 0.0, 0.0], 0.8) == pytest.approx([0.1, 0.1, 0.0, 0.8, 0.0])
+    assert coherent_distribution([0.0, 0.0, 0.0, 0.0, 1.0], 0.1) == pytest.approx([0.0, 0.9, 0.0, 0.0, 0.1])
+
+
+def test_served_tree_evaluation_equals_scikit_learn(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from training.lesion_scoring import CandidateTable, ScorerSettings, fit_lesion_scorer
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, len(FEATURE_NAMES)))
+    x[rng.random(x.shape) < 0.05] = np.nan  # some missing values, so the fit learns where they go
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 5]) ** 2 + 0.3 * rng.normal(size=400)) > 1.0
+    table = CandidateTable(x, y, np.arange(400) // 2, np.zeros(250, dtype=bool))
+    settings = ScorerSettings(iterations=30)
+    scorer = fit_lesion_scorer(table, settings)
+    reference = HistGradientBoostingClassifier(
+        max_iter=30, learning_rate=0.05, max_depth=3, min_samples_leaf=20, early_stopping=False, random_state=0
+    ).fit(x, y.astype(int))
+    test = rng.normal(size=(200, len(FEATURE_NAMES)))
+    test[rng.random(test.shape) < 0.1] = np.nan
+    assert np.allclose(scorer.probability(test), reference.predict_proba(test)[:, 1], atol=1e-12, rtol=0)
+    # 50 studies without a candidate, none csPCa: (0 + 1) / (50 + 2)
+    assert scorer.no_candidate_probability == pytest.approx(1 / 52)
+    assert json.loads(scorer.to_json())["fitted_on"]["candidates"] == 400
+
+
+def test_fitting_refuses_too_few_candidates_of_a_class() -> None:
+    from training.lesion_scoring import CandidateTable, LesionScoringError, fit_lesion_scorer
+
+    x = np.zeros((10, len(FEATURE_NAMES)))
+    table = CandidateTable(x, np.array([True] * 3 + [False] * 7), np.arange(10), np.ones(10, dtype=bool))
+    with pytest.raises(LesionScoringError, match="at least 5 csPCa and 5 other candidates, got 3 and 7"):
+        fit_lesion_scorer(table)
+
+
+def test_fit_lesion_scorer_command_adds_a_scorer_and_keeps_the_weights(tmp_path: Path) -> None:
+    import torch
+
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from training.cli import main
+
+    out = tmp_path / "scored.pt"
+    args = ["fit-lesion-scorer", "--checkpoint", str(DEFAULT_CHECKPOINT), "--out", str(out), "--no-progress"]
+    assert main([*args, "--data-seed", "1", "--cases", "700-739", "--cache", str(tmp_path / "cache")]) == 0
+    nets, meta = load_checkpoint(out)
+    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    for name, module in nets.modules().items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+    scorer = scorer_from_metadata(meta)
+    assert scorer is not None and scorer.fitted_on["data"] == "seed 1 cases 700-739"
+    assert scorer.fitted_on["studies"] == 40 and scorer.fitted_on["cspca_candidates"] >= 5
+
+
+def test_fit_lesion_scorer_command_refuses_the_networks_training_studies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from networks.checkpoint import DEFAULT_CHECKPOINT
+    from training.cli import main
+
+    args = ["fit-lesion-scorer", "--checkpoint", str(DEFAULT_CHECKPOINT), "--out", str(tmp_path / "x.pt")]
+    assert main([*args, "--data-seed", "1", "--cases", "690-709", "--cache", str(tmp_path / "cache")]) == 2
+    assert "cases 690-699 of seed 1 are training studies" in capsys.readouterr().err
+    assert main([*args, "--cases", "709-690"]) == 2
+    assert "FIRST-LAST with 0 <= FIRST <= LAST" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
