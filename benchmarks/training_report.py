@@ -182,7 +182,13 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
             f"Lesion scorer ({scorer.get('data')}): {len(meta['lesion_scoring']['trees'])} boosted trees on"
             f" {scorer.get('candidates')} candidates ({scorer.get('cspca_candidates')} on csPCa lesions) of"
             f" {scorer.get('studies')} studies in {scorer.get('study_passes')} passes with all and with fewer"
-            " sequences; its held-out figures are in the evaluation sections.",
+            " sequences"
+            + (
+                f", fitted in {invocation['lesion_scorer_seconds'] / 60:.1f} min of the wall clock"
+                if invocation.get("lesion_scorer_seconds")
+                else ""
+            )
+            + "; its held-out figures are in the evaluation sections.",
         ]
     lines.append(end)
     return "\n".join(lines)

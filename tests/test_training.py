@@ -340,6 +340,21 @@ def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_
     assert "; CPU " in text and "preprocessing kernels compiled for " in text
 
 
+def test_scorer_only_cases_follow_the_calibration_only_ones_and_nothing_trains_on_them(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    from training.train import _scorer_data
+
+    config = _config(cache_dir, tmp_path / "run", calibration_cases=1, scorer_cases=2)
+    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=False)
+    assert [r.case_id for r in calibration_records] == [f"seed{DATA_SEED}_0006"]
+    assert [r.case_id for r in scorer_records] == [f"seed{DATA_SEED}_0007", f"seed{DATA_SEED}_0008"]
+    assert len(train_records) == 4 and len(val_records) == 2
+    assert _scorer_data(config, len(train_records)).startswith(f"seed {DATA_SEED} cases 4-8 ")
+    with pytest.raises(TrainingError, match="scorer_cases must be >= 0"):
+        load_records(dataclasses.replace(config, scorer_cases=-1), progress=False)
+
+
 def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_validated(
     cache_dir: Path, tmp_path: Path
 ) -> None:

@@ -584,16 +584,19 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         "data": _calibration_data(config, len(train_records)),
     }
     log.info("calibration: %s", meta["calibration"])
+    scorer_seconds = None
     if config.scorer_cases is not None:
         scorer_started = time.monotonic()
         table = candidate_table(nets, [*val_records, *calibration_records, *scorer_records], missing_sequences=True)
         scorer = fit_lesion_scorer(table, fitted_on={"data": _scorer_data(config, len(train_records))})
         meta["lesion_scoring"] = scorer.to_dict()
-        log.info("lesion scorer fitted in %.1f s", time.monotonic() - scorer_started)
+        scorer_seconds = round(time.monotonic() - scorer_started, 1)
+        log.info("lesion scorer fitted in %.1f s", scorer_seconds)
     meta["training"]["invocation"] = {
         "wall_seconds": round(time.monotonic() - started, 1),
         "cache_cases_built": to_build,
         "cache_seconds": round(cache_seconds, 1),
+        "lesion_scorer_seconds": scorer_seconds,
         "resumed": resume is not None,
         "load_average_1_5_15_start": [round(v, 2) for v in load_start],
         "load_average_1_5_15_end": [round(v, 2) for v in os.getloadavg()],
