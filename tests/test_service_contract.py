@@ -109,23 +109,20 @@ def test_a_model_with_another_grid_is_served_without_code_change_and_sigterm_sto
     assert "stopped" in stack.process.log()
 
 
-def _repository_with_contract(source: Path, dest: Path, change: Any) -> Path:
+def _repository_with_parameter(source: Path, dest: Path, parameter: str, change: Any) -> Path:
+    """A copy of ``source`` whose ensemble config parameter ``parameter`` (JSON) was changed by ``change(dict)``."""
     shutil.copytree(source, dest)
     path = dest / "mpmri_ensemble" / "config.pbtxt"
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    recorded = json.loads(config.parameters[CONTRACT_PARAMETER].string_value)
+    recorded = json.loads(config.parameters[parameter].string_value)
     change(recorded)
-    config.parameters[CONTRACT_PARAMETER].string_value = json.dumps(recorded)
+    config.parameters[parameter].string_value = json.dumps(recorded)
     path.write_text(text_format.MessageToString(config))
     return dest
 
 
-@pytest.mark.triton
-@pytest.mark.service
-def test_service_refuses_to_start_on_a_contract_it_cannot_produce(shipped_repository: Path, tmp_path: Path) -> None:
-    repository = _repository_with_contract(
-        shipped_repository, tmp_path / "repo", lambda d: d.update(sequences=["t2w", "adc", "dwi", "dce"])
-    )
+def _refusal(repository: Path, tmp_path: Path) -> str:
+    """Start ``mpmri-service`` against a real Triton serving ``repository``; it must refuse: its last stderr line."""
     with EmbeddedTriton(
         repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), build_dir=tmp_path / "b"
     ) as triton:
@@ -135,9 +132,21 @@ def test_service_refuses_to_start_on_a_contract_it_cannot_produce(shipped_reposi
             text=True,
             timeout=120,
         )
-    assert run.returncode == 2
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: refusing to start: model mpmri_ensemble: sequences"), run.stderr
+    assert run.returncode == 2, run.stderr
+    return run.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.triton
+@pytest.mark.service
+def test_service_refuses_to_start_on_a_contract_it_cannot_produce(shipped_repository: Path, tmp_path: Path) -> None:
+    repository = _repository_with_parameter(
+        shipped_repository,
+        tmp_path / "repo",
+        CONTRACT_PARAMETER,
+        lambda d: d.update(sequences=["t2w", "adc", "dwi", "dce"]),
+    )
+    last = _refusal(repository, tmp_path)
+    assert last.startswith("error: refusing to start: model mpmri_ensemble: sequences"), last
     assert "dce" in last
 
 
@@ -148,26 +157,12 @@ def test_service_refuses_to_start_on_a_lesion_scorer_fitted_on_other_features(
 ) -> None:
     from postprocessing.lesion_scoring import LESION_SCORING_PARAMETER
 
-    dest = tmp_path / "repo"
-    shutil.copytree(shipped_repository, dest)
-    path = dest / "mpmri_ensemble" / "config.pbtxt"
-    config = text_format.Parse(path.read_text(), mc.ModelConfig())
-    scorer = json.loads(config.parameters[LESION_SCORING_PARAMETER].string_value)
-    scorer["feature_names"] = ["t2w_texture" if n == "t2w_std" else n for n in scorer["feature_names"]]
-    config.parameters[LESION_SCORING_PARAMETER].string_value = json.dumps(scorer)
-    path.write_text(text_format.MessageToString(config))
-    with EmbeddedTriton(
-        dest, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), build_dir=tmp_path / "b"
-    ) as triton:
-        run = subprocess.run(
-            [str(BIN / "mpmri-service"), "--triton-url", triton.grpc_url, "--port", "0", "--metrics-port", "-1"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert run.returncode == 2
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: refusing to start: model mpmri_ensemble: the lesion scorer"), run.stderr
+    def rename(scorer: dict[str, Any]) -> None:
+        scorer["feature_names"] = ["t2w_texture" if n == "t2w_std" else n for n in scorer["feature_names"]]
+
+    repository = _repository_with_parameter(shipped_repository, tmp_path / "repo", LESION_SCORING_PARAMETER, rename)
+    last = _refusal(repository, tmp_path)
+    assert last.startswith("error: refusing to start: model mpmri_ensemble: the lesion scorer"), last
     assert "missing ['t2w_std'], unknown ['t2w_texture']" in last
 
 

@@ -331,6 +331,20 @@ def lr_array_axis(geometry: GridGeometry) -> int:
     return 2 - itk_axis
 
 
+def remove_sequences(
+    images: np.ndarray, availability: np.ndarray, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(images [S, D, H, W] float32, availability [S] float32)`` with the sequences absent from ``availability``
+    (or not kept by the mask ``keep [S]``, 1 = keep) set to the contract's missing-channel value, as preprocessing
+    fills a sequence a study lacks: a study seen without some of its sequences (the ablation, the lesion scorer's
+    missing-sequence passes)."""
+    present = np.asarray(availability, dtype=np.float32)
+    if keep is not None:
+        present = np.minimum(present, np.asarray(keep, dtype=np.float32))
+    images = np.where(present[:, None, None, None] > 0.5, images, np.float32(MISSING_CHANNEL_FILL_VALUE))
+    return images.astype(np.float32, copy=False), present
+
+
 def augment_case(
     images: np.ndarray,
     availability: np.ndarray,

@@ -48,7 +48,7 @@ import torch
 from sklearn.metrics import confusion_matrix, roc_curve
 from tqdm import tqdm
 
-from contract import DEFAULT_CANDIDATES, MISSING_CHANNEL_FILL_VALUE, PIRADS_CATEGORIES, SEQUENCES, GridGeometry
+from contract import DEFAULT_CANDIDATES, PIRADS_CATEGORIES, SEQUENCES, GridGeometry
 from contract.errors import MpmriError
 from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
 from networks.models import MpmriNetworks
@@ -56,7 +56,7 @@ from postprocessing.candidates import extract_candidates
 from postprocessing.lesion_scoring import LesionScorer, scorer_from_metadata
 from postprocessing.report import MM3_PER_ML, Lesion, build_findings
 from training.baseline import BASELINES, baseline_likelihood_map
-from training.data import CaseRecord, prepare_case_dir
+from training.data import CaseRecord, prepare_case_dir, remove_sequences
 from training.scoring import (
     BOOTSTRAP_RESAMPLES,
     BOOTSTRAP_SEED,
@@ -163,8 +163,7 @@ def predict_record(
             f" checkpoint's networks read {'x'.join(map(str, nets.grid.size_dhw))} (contract grid)"
         )
     if availability is not None:
-        avail = np.minimum(avail, np.asarray(availability, dtype=np.float32))
-        images = np.where(avail[:, None, None, None] > 0.5, images, np.float32(MISSING_CHANNEL_FILL_VALUE))
+        images, avail = remove_sequences(images, avail, availability)
     out = network_outputs(nets, images.astype(np.float32), avail.astype(np.float32))
     findings = build_findings(out, record.geometry, scorer=scorer, images=images, availability=avail)
     candidate_map = np.zeros(findings.labels.shape, dtype=np.float32)

@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from contract import MISSING_CHANNEL_FILL_VALUE
 from contract.errors import MpmriError
 from networks.models import MpmriNetworks
 from postprocessing.lesion_scoring import FEATURE_NAMES, LesionScorer, Tree, candidate_features, missing_as_nan
 from postprocessing.report import build_findings
-from training.data import CaseRecord
+from training.data import CaseRecord, remove_sequences
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +86,13 @@ def candidate_table(
     labels: list[bool] = []
     study: list[int] = []
     significant: list[bool] = []
-    passes: list[tuple[CaseRecord, np.ndarray, bool]] = []
+    passes: list[tuple[CaseRecord, np.ndarray | None]] = []
     for index, record in enumerate(records):
-        passes.append((record, record.availability.astype(np.float32), True))
+        passes.append((record, None))
         if missing_sequences:
-            mask = np.asarray(MISSING_SEQUENCE_MASKS[index % len(MISSING_SEQUENCE_MASKS)], dtype=np.float32)
-            passes.append((record, np.minimum(record.availability.astype(np.float32), mask), False))
-    for index, (record, availability, _) in enumerate(passes):
-        images = np.where(
-            availability[:, None, None, None] > 0.5, record.images, np.float32(MISSING_CHANNEL_FILL_VALUE)
-        ).astype(np.float32)
+            passes.append((record, np.asarray(MISSING_SEQUENCE_MASKS[index % len(MISSING_SEQUENCE_MASKS)])))
+    for index, (record, keep) in enumerate(passes):
+        images, availability = remove_sequences(record.images, record.availability, keep)
         out = nets(torch.from_numpy(images[None]), torch.from_numpy(availability[None]))
         outputs = {name: value[0].numpy() for name, value in out.items()}
         findings = build_findings(outputs, record.geometry)
@@ -122,7 +118,7 @@ def candidate_table(
         is_cspca=np.asarray(labels, dtype=bool),
         study=np.asarray(study, dtype=np.int64),
         study_significant=np.asarray(significant, dtype=bool),
-        all_sequences=np.asarray([full for _, _, full in passes], dtype=bool),
+        all_sequences=np.asarray([keep is None for _, keep in passes], dtype=bool),
     )
 
 
