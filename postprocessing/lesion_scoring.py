@@ -18,6 +18,7 @@ Missing sequences: every feature of an absent sequence is missing (NaN), which t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -166,23 +167,6 @@ class Tree:
             if f >= 0 and not (0 < self.left[i] < n and 0 < self.right[i] < n):
                 raise ValueError(f"lesion scorer: node {i} points outside its tree")
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Leaf values ``[N]`` of feature rows ``x [N, F]`` (vectorised descent, one level per step)."""
-        feature = np.asarray(self.feature, dtype=np.int64)
-        threshold = np.asarray(self.threshold, dtype=np.float64)
-        left, right = np.asarray(self.left, dtype=np.int64), np.asarray(self.right, dtype=np.int64)
-        missing_left = np.asarray(self.missing_left, dtype=bool)
-        node = np.zeros(x.shape[0], dtype=np.int64)
-        for _ in range(len(self.feature)):
-            inner = feature[node] >= 0
-            if not inner.any():
-                break
-            at = node[inner]
-            v = x[np.nonzero(inner)[0], feature[at]]
-            go_left = np.where(np.isnan(v), missing_left[at], v <= threshold[at])
-            node[inner] = np.where(go_left, left[at], right[at])
-        return np.asarray(self.value, dtype=np.float64)[node]
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "feature": list(self.feature),
@@ -253,10 +237,35 @@ class LesionScorer:
         x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
         if availability is not None:
             x = missing_as_nan(x, availability, self.feature_names)
-        raw = np.full(x.shape[0], self.baseline, dtype=np.float64)
-        for tree in self.trees:
-            raw += tree.predict(x)
-        return raw
+        feature, threshold, left, right, value, missing_left = self._packed
+        rows = np.arange(x.shape[0])[:, None]
+        trees = np.arange(feature.shape[0])[None, :]
+        node = np.zeros((x.shape[0], feature.shape[0]), dtype=np.int64)  # every sample in every tree, at once
+        for _ in range(feature.shape[1]):  # at most one level per node
+            split = feature[trees, node]
+            inner = split >= 0
+            if not inner.any():
+                break
+            v = x[rows, np.where(inner, split, 0)]
+            go_left = np.where(np.isnan(v), missing_left[trees, node], v <= threshold[trees, node])
+            node = np.where(inner, np.where(go_left, left[trees, node], right[trees, node]), node)
+        return np.asarray(self.baseline + value[trees, node].sum(axis=1), dtype=np.float64)
+
+    @functools.cached_property
+    def _packed(self) -> tuple[np.ndarray, ...]:
+        """The trees as ``[T, max nodes]`` arrays (feature, threshold, left, right, value, missing_left), padded
+        with leaves; built once per scorer."""
+        width = max((len(tree.feature) for tree in self.trees), default=1)
+        shape = (len(self.trees), width)
+        feature = np.full(shape, -1, dtype=np.int64)
+        threshold, value = np.zeros(shape), np.zeros(shape)
+        left, right = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+        missing_left = np.zeros(shape, dtype=bool)
+        for t, tree in enumerate(self.trees):
+            n = len(tree.feature)
+            feature[t, :n], threshold[t, :n], value[t, :n] = tree.feature, tree.threshold, tree.value
+            left[t, :n], right[t, :n], missing_left[t, :n] = tree.left, tree.right, tree.missing_left
+        return feature, threshold, left, right, value, missing_left
 
     def probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
         """csPCa probabilities ``[N]`` in (0, 1) of feature rows ``[N, F]`` (see :meth:`logits`)."""
