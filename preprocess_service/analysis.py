@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -22,7 +23,6 @@ import pydicom
 
 from contract import SEQUENCES, sequence_index
 from postprocessing.dicom_outputs import DicomOutputs, build_dicom_outputs
-from postprocessing.lesion_scoring import LesionScorer
 from postprocessing.report import Findings, build_findings
 from preprocess_service.settings import ServiceSettings
 from preprocess_service.triton import ServedModel, TritonEnsemble
@@ -126,17 +126,6 @@ def warm_up_dicom_outputs() -> float:
     return time.perf_counter() - t
 
 
-def _findings(
-    outputs: dict[str, np.ndarray],
-    geometry: Any,
-    scorer: LesionScorer | None,
-    images: np.ndarray,
-    availability: np.ndarray,
-) -> Findings:
-    """:func:`build_findings` with the served model's lesion scorer (evaluation calls it the same way)."""
-    return build_findings(outputs, geometry, scorer=scorer, images=images, availability=availability)
-
-
 class Analyzer:
     """Runs studies against one :class:`TritonEnsemble` with a shared worker pool."""
 
@@ -195,9 +184,10 @@ class Analyzer:
         timings["infer"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        findings: Findings = await self.run_in_pool(
-            _findings, outputs, pre.geometry, model.lesion_scorer, pre.tensor, pre.availability
+        score = functools.partial(
+            build_findings, scorer=model.lesion_scorer, images=pre.tensor, availability=pre.availability
         )
+        findings: Findings = await self.run_in_pool(score, outputs, pre.geometry)
         timings["candidates"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 
 from networks.models import build_networks
 from training.data import CaseRecord, prepare_synthetic_case
-from training.evaluate import lesion_map_response
+from training.evaluate import lesion_map_response, predict_record
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,8 @@ def test_the_lesion_scorer_column_is_the_served_likelihood_of_the_candidate_on_e
         nets.localization.logit_bias.fill_(30.0)
     leaf = Tree(feature=(-1,), threshold=(0.0,), left=(0,), right=(0,), value=(logit,), missing_left=(False,))
     scorer = LesionScorer(FEATURE_NAMES, 0.0, (leaf,), 0.02)
-    response = lesion_map_response(nets, records, scorer)
+    scored = [predict_record(nets, r, baselines=False, scorer=scorer).candidate_map for r in records]
+    response = lesion_map_response(nets, records, scored)
     assert response
     assert all(group["scorer"] == responds for group in response.values())
     assert "scorer" not in next(iter(lesion_map_response(nets, records).values()))

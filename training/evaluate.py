@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ RESPONSE_THRESHOLD = 0.5
 
 @torch.no_grad()
 def lesion_map_response(
-    nets: MpmriNetworks, records: list[CaseRecord], scorer: LesionScorer | None = None
+    nets: MpmriNetworks, records: list[CaseRecord], scored_maps: Sequence[np.ndarray] | None = None
 ) -> dict[str, dict[str, Any]]:
     """How each map answers each kind of truth lesion, by zone: the evidence behind the fusion and the candidates.
 
@@ -243,12 +244,13 @@ def lesion_map_response(
     (``DEFAULT_CANDIDATES.floor_likelihood``), without which no candidate can find the lesion.
     ``cspca_without_map``: the same rate for ``cspca_map`` when the classification network reads the images with
     an all-zero fused map; far below ``cspca``, it says that the scores follow the map rather than the images.
-    ``scorer`` (the checkpoint's lesion scorer): ``scorer`` is then the rate at which a candidate overlapping the
-    lesion gets a likelihood of at least the threshold from it (the served lesion likelihood).
+    ``scored_maps`` (one per record: :attr:`CaseResult.candidate_map` of the checkpoint's lesion scorer, each
+    candidate's blob holding its served likelihood): ``scorer`` is then the rate at which a candidate overlapping
+    the lesion gets a likelihood of at least the threshold.
     """
     peaks: dict[str, list[np.ndarray]] = {}
-    maps_order = (*SEQUENCES, "fused", "cspca", "cspca_without_map", *(("scorer",) if scorer is not None else ()))
-    for record in records:
+    maps_order = (*SEQUENCES, "fused", "cspca", "cspca_without_map", *(("scorer",) if scored_maps is not None else ()))
+    for index, record in enumerate(records):
         if float(record.availability.min()) < 0.5:
             continue
         images = np.ascontiguousarray(record.images, dtype=np.float32)
@@ -256,14 +258,8 @@ def lesion_map_response(
         batch = torch.from_numpy(images[None])
         without_map = nets.classification(batch, torch.zeros_like(batch[:, :1]))[2][0].numpy()
         layers = [out["sequence_maps"], out["fused_map"], out["cspca_map"], without_map]
-        if scorer is not None:  # each candidate's blob holds its served likelihood
-            findings = build_findings(
-                out, record.geometry, scorer=scorer, images=images, availability=record.availability
-            )
-            scored = np.zeros(findings.labels.shape, dtype=np.float32)
-            for candidate in findings.lesions:
-                scored[findings.labels == candidate.id] = candidate.likelihood
-            layers.append(scored[None])
+        if scored_maps is not None:
+            layers.append(np.asarray(scored_maps[index], dtype=np.float32)[None])
         stack = np.concatenate(layers)
         for i, lesion in enumerate(record.truth.get("lesions", []), start=1):
             mask = record.lesion_index == i
@@ -491,7 +487,7 @@ def evaluate(
     base = baselines["adc_min"]
     ablation = sequence_ablation(nets, records, model, subjects, scorer) if ablations else {}
     fusion = fusion_weights_by_zone(nets, records)
-    response = lesion_map_response(nets, records, scorer)
+    response = lesion_map_response(nets, records, [r.candidate_map for r in results] if scorer is not None else None)
 
     proto = _Protocol(results)
     all_idx = np.arange(len(results))
