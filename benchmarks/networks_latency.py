@@ -24,6 +24,7 @@ import torch
 
 from contract import CLASSIFICATION_MODEL, FUSION_MODEL, LOCALIZATION_MODEL
 from networks import build_networks, example_inputs, export_kwargs, load_checkpoint
+from postprocessing.lesion_scoring import scorer_from_metadata
 from postprocessing.report import build_findings
 
 
@@ -57,7 +58,8 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="also write the marked section of this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    nets = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build_networks(args.profile).eval()
+    nets, meta = load_checkpoint(args.checkpoint) if args.checkpoint else (build_networks(args.profile).eval(), {})
+    scorer = scorer_from_metadata(meta)  # the checkpoint's lesion scorer, applied as the service applies it
 
     # a real (synthetic) study, so the fused map has lesions and candidate extraction does real work
     from preprocessing.pipeline import PreprocessSettings, preprocess_study
@@ -99,7 +101,9 @@ def main() -> None:
         state["classification"] = {o.name: v for o, v in zip(session.get_outputs(), values, strict=True)}
 
     def cand() -> int:  # what the service does with the outputs (candidates per contract.CandidateSettings)
-        return len(build_findings({"fused_map": state["fused"], **state["classification"]}, geometry).lesions)
+        outputs = {"sequence_maps": state["maps"], "fused_map": state["fused"], **state["classification"]}
+        findings = build_findings(outputs, geometry, scorer=scorer, images=img[0], availability=av[0])
+        return len(findings.lesions)
 
     def chain() -> None:
         loc()
@@ -166,7 +170,7 @@ def _write_section(path: Path, result: dict, args: argparse.Namespace) -> None: 
         "localization": "localization (3 sequences)",
         "map_fusion": "map fusion (per-voxel gate)",
         "classification": "classification (score U-Net)",
-        "candidates": "findings: candidates (fused-map blobs, cspca_map likelihoods) + lesion scores",
+        "candidates": "findings: candidates (fused-map + DWI-map blobs) + the lesion scorer (as served)",
         "chain_with_candidates": "whole chain incl. candidates",
     }
     for key, label in labels.items():

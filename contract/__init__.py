@@ -298,6 +298,21 @@ class CandidateSettings:
             ``floor / factor`` join no candidate. ``"voxel"`` (releases 1-4 of contract 2): every voxel below
             the floor is set to 0 before the extraction, which cut a faint lesion's blob into fragments at the
             floor (extra false positives) or below ``min_voxels_detection`` (missed).
+        secondary_sequence: a sequence whose own localization map (its channel of the ensemble output
+            ``sequence_maps``) proposes further candidates outside the ``source_map`` ones, with the same
+            extraction, floor and limit; ``None``: none. ``"dwi"``: in the transition zone the fusion leans on T2W
+            (PI-RADS' zone logic: BPH nodules are DWI-bright too), so on small transition-zone cancers that only
+            the DWI map sees the fused map stays below the floor; the lesion scorer, which reads every sequence in
+            and around the blob, decides how suspicious they are (docs/networks.md, "Secondary candidates"). None
+            are proposed when that sequence is absent from the study.
+        secondary_exclusion_voxels: the ``source_map`` candidates grown by this many voxels (26-connected) are
+            zeroed in the secondary map first, so that a secondary candidate is a new finding, not the rim of a
+            primary one, and no two candidates touch (a PI-CAI detection map needs separate blobs).
+        min_scored_likelihood: with a lesion scorer, candidates it scores below this are not reported as lesions
+            (not in the findings, the SEG or the SR); the study probability is still the highest likelihood of
+            all candidates. On validation seeds 9101-9103 (400 synthetic studies) such candidates were about 60 %
+            of all and located no csPCa lesion; the lowest likelihood of a locating candidate was 0.17
+            (docs/networks.md, "Secondary candidates").
     """
 
     source_map: str = "fused_map"
@@ -309,6 +324,9 @@ class CandidateSettings:
     min_likelihood: float = 0.0
     floor_likelihood: float = 0.05
     floor_mode: str = "peak"
+    secondary_sequence: str | None = "dwi"
+    secondary_exclusion_voxels: int = 1
+    min_scored_likelihood: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

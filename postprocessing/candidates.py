@@ -4,7 +4,8 @@ the demo and the service).
 :func:`report_guided_annotation.extract_lesion_candidates` turns the map into non-overlapping
 connected blobs, each filled with one likelihood (the blob's peak). The result is the *candidate
 map* (a PI-CAI "detection map", the input of ``picai_eval``) plus one :class:`LesionCandidate` per
-blob with its centre in LPS mm.
+blob with its centre in LPS mm. :func:`extract_study_candidates` adds the *secondary* candidates that one
+sequence's own localization map proposes outside those blobs (``CandidateSettings.secondary_sequence``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from contract import DEFAULT_CANDIDATES, CandidateSettings, GridGeometry
+from contract import DEFAULT_CANDIDATES, SEQUENCES, CandidateSettings, GridGeometry
 
 with contextlib.redirect_stdout(io.StringIO()):  # the package prints a citation banner on import
     from report_guided_annotation import extract_lesion_candidates
@@ -41,6 +42,8 @@ class LesionCandidate:
         center_index_dhw: the same centroid as continuous grid index ``(d, h, w)``.
         label: the candidate's number (1-based, by decreasing likelihood): its value in the label map of
             :func:`extract_candidate_labels` and its segment number in the DICOM SEG.
+        source: the map whose blob it is: ``CandidateSettings.source_map`` (a primary candidate) or
+            ``"<sequence>_map"`` (a secondary one, :func:`extract_study_candidates`).
     """
 
     center_lps_mm: tuple[float, float, float]
@@ -48,6 +51,7 @@ class LesionCandidate:
     likelihood: float
     center_index_dhw: tuple[float, float, float]
     label: int = 0
+    source: str = DEFAULT_CANDIDATES.source_map
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,8 +153,10 @@ def _static_blobs(volume: np.ndarray, threshold: float, min_voxels_detection: in
     index, count = ndimage.label(clipped, structure=_CONNECTIVITY)
     sizes = np.bincount(index.ravel(), minlength=count + 1)
     peaks = np.zeros(count + 1, dtype=np.float64)
-    if count:
-        peaks[1:] = ndimage.maximum(clipped, index, np.arange(1, count + 1))
+    if count:  # each blob's peak (np.maximum.at: about half the time of ndimage.maximum, which sorts)
+        flat = index.ravel()
+        inside = np.flatnonzero(flat)
+        np.maximum.at(peaks, flat[inside], clipped.ravel()[inside])
     kept = sizes > min_voxels_detection
     kept[0] = False
     peaks[~kept] = 0.0
@@ -203,6 +209,7 @@ def extract_candidate_labels(
     settings: CandidateSettings = DEFAULT_CANDIDATES,
     crop: bool = True,
     likelihood_map: np.ndarray | None = None,
+    source_name: str | None = None,
 ) -> tuple[list[LesionCandidate], np.ndarray, np.ndarray]:
     """Candidates, candidate map and a label map ``[D, H, W]`` uint8 (0 background, candidate ``n`` -> ``n``).
 
@@ -217,6 +224,7 @@ def extract_candidate_labels(
             inside its blob (how suspicious the lesion is) instead of the blob's peak in ``fused_map``.
             ``settings.min_likelihood`` applies to that likelihood. The centre stays the ``fused_map``-weighted
             centroid of the blob.
+        source_name: what the candidates record as their ``source`` (default ``settings.source_map``).
 
     report_guided_annotation's ``"dynamic"`` extraction (its version 1, PI-CAI's default) records a blob of
     confidence 0 covering the *empty* region when the map's maximum lies in a blob of at most
@@ -250,6 +258,7 @@ def extract_candidate_labels(
         )
         indexed[window] = np.asarray(indexed_window)
     found: list[tuple[LesionCandidate, np.ndarray]] = []
+    source = source_name or settings.source_map
     grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
     for blob, confidence in confidences:
         if confidence <= 0:  # the "dynamic" (version 1) artefact described in the docstring
@@ -268,6 +277,7 @@ def extract_candidate_labels(
             volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
             likelihood=likelihood,
             center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
+            source=source,
         )
         found.append((candidate, mask))
     found.sort(key=lambda item: -item[0].likelihood)
@@ -280,3 +290,85 @@ def extract_candidate_labels(
         labels[mask] = number
         candidates.append(candidate)
     return candidates, candidate_map, labels
+
+
+def secondary_map(
+    sequence_maps: np.ndarray, availability: np.ndarray | None, settings: CandidateSettings
+) -> np.ndarray | None:
+    """The map ``[D, H, W]`` that proposes secondary candidates, or ``None`` (no secondary sequence in
+    ``settings``, or that sequence absent: ``availability`` ``[S]`` 0; ``None`` counts every sequence present).
+
+    ``sequence_maps``: the ensemble output ``[S, D, H, W]`` (``[1, S, D, H, W]`` is accepted), contract order.
+    """
+    if settings.secondary_sequence is None:
+        return None
+    if settings.secondary_sequence not in SEQUENCES:
+        raise ValueError(f"secondary_sequence must be one of {SEQUENCES} or None, not {settings.secondary_sequence!r}")
+    maps = np.asarray(sequence_maps, dtype=np.float32)
+    if maps.ndim == 5 and maps.shape[0] == 1:
+        maps = maps[0]
+    if maps.ndim != 4 or maps.shape[0] != len(SEQUENCES):
+        raise ValueError(f"sequence_maps must be [{len(SEQUENCES)}, D, H, W], got shape {maps.shape}")
+    k = SEQUENCES.index(settings.secondary_sequence)
+    if availability is not None and float(np.asarray(availability, dtype=np.float64).reshape(-1)[k]) <= 0:
+        return None
+    return maps[k]
+
+
+def extract_study_candidates(
+    fused_map: np.ndarray,
+    sequence_maps: np.ndarray,
+    geometry: GridGeometry,
+    settings: CandidateSettings = DEFAULT_CANDIDATES,
+    likelihood_map: np.ndarray | None = None,
+    availability: np.ndarray | None = None,
+) -> tuple[list[LesionCandidate], np.ndarray]:
+    """A study's candidates: the blobs of ``fused_map`` (primary) plus those of the secondary sequence's map.
+
+    The secondary map (:func:`secondary_map`) is zeroed over the primary candidates grown by
+    ``settings.secondary_exclusion_voxels`` (26-connected), then extracted like the primary one
+    (:func:`extract_candidate_labels`, same settings: floor, threshold, at most ``num_lesions_to_extract``), each
+    blob centred on its own map's weighted centroid. With an exclusion of at least one voxel no two candidates
+    touch, so the candidate map is a valid PI-CAI detection map (one connected blob per candidate).
+
+    Args:
+        fused_map: ``[D, H, W]`` the primary source map.
+        sequence_maps: ``[S, D, H, W]`` the per-sequence localization maps (ensemble output ``sequence_maps``).
+        geometry: the grid geometry of the maps.
+        settings: extraction settings.
+        likelihood_map: ``[D, H, W]``: each candidate's likelihood is its peak in the blob (see
+            :func:`extract_candidate_labels`).
+        availability: ``[S]`` the study's sequence availability (``None``: all present).
+
+    Returns:
+        ``(candidates, labels)``: candidates numbered 1..N by decreasing likelihood (primary before secondary on
+        ties) and the uint8 label map ``[D, H, W]`` (candidate ``n`` -> ``n``, 0 background).
+    """
+    primary, _, labels = extract_candidate_labels(fused_map, geometry, settings, likelihood_map=likelihood_map)
+    aux = secondary_map(sequence_maps, availability, settings)
+    if aux is None:
+        return primary, labels
+    if aux.shape != labels.shape:
+        raise ValueError(f"the {settings.secondary_sequence} map has shape {aux.shape}, fused_map {labels.shape}")
+    taken = labels > 0
+    if taken.any() and settings.secondary_exclusion_voxels > 0:
+        taken = ndimage.binary_dilation(taken, structure=_CONNECTIVITY, iterations=settings.secondary_exclusion_voxels)
+    secondary, _, secondary_labels = extract_candidate_labels(
+        np.where(taken, np.float32(0.0), aux),
+        geometry,
+        settings,
+        likelihood_map=likelihood_map,
+        source_name=f"{settings.secondary_sequence}_map",
+    )
+    if not secondary:
+        return primary, labels
+    found = [(c, labels == c.label) for c in primary] + [(c, secondary_labels == c.label) for c in secondary]
+    order = sorted(range(len(found)), key=lambda i: -found[i][0].likelihood)  # stable: primary first on ties
+    merged = np.zeros(labels.shape, dtype=np.uint8)
+    candidates: list[LesionCandidate] = []
+    for number, i in enumerate(order, start=1):
+        candidate, mask = found[i]
+        candidate.label = number
+        merged[mask] = number
+        candidates.append(candidate)
+    return candidates, merged

@@ -49,8 +49,11 @@ SEQUENCE_STATISTICS: tuple[str, ...] = (
 )
 #: the blob's extent along D, H, W in voxels
 SHAPE_FEATURES: tuple[str, ...] = ("extent_d", "extent_h", "extent_w")
+#: the peak of each sequence's own localization map in the blob (``sequence_maps``), and whether the blob is a
+#: secondary candidate (1) or a fused-map one (0) (``CandidateSettings.secondary_sequence``)
+MAP_FEATURES: tuple[str, ...] = tuple(f"{s}_map_peak" for s in SEQUENCES) + ("secondary",)
 FEATURE_NAMES: tuple[str, ...] = (
-    NETWORK_FEATURES + tuple(f"{s}_{n}" for s in SEQUENCES for n in SEQUENCE_STATISTICS) + SHAPE_FEATURES
+    NETWORK_FEATURES + tuple(f"{s}_{n}" for s in SEQUENCES for n in SEQUENCE_STATISTICS) + SHAPE_FEATURES + MAP_FEATURES
 )
 _LOGIT_CLIP = 1e-6
 _RING_VOXELS = 2
@@ -69,6 +72,8 @@ def candidate_features(
     cspca_map: np.ndarray,
     score_map: np.ndarray,
     fused_map: np.ndarray,
+    sequence_maps: np.ndarray,
+    secondary: Sequence[bool],
 ) -> np.ndarray:
     """Feature vectors ``[N, len(FEATURE_NAMES)]`` float64 of the candidates ``lesion_ids`` (in that order).
 
@@ -77,6 +82,9 @@ def candidate_features(
         labels: ``[D, H, W]`` integer label map of the candidates (candidate ``n`` -> ``n``, 0 background).
         lesion_ids: the candidates to describe (each must have at least one voxel in ``labels``).
         cspca_map, score_map, fused_map: the ensemble's maps ``[D, H, W]`` on the same grid.
+        sequence_maps: the ensemble's per-sequence localization maps ``[S, D, H, W]``.
+        secondary: per candidate of ``lesion_ids``, whether it is a secondary candidate
+            (:func:`postprocessing.candidates.extract_study_candidates`).
 
     Raises:
         ValueError: the shapes disagree or a candidate has no voxel (names it).
@@ -93,6 +101,11 @@ def candidate_features(
     ):
         if tuple(np.shape(volume)) != shape:
             raise ValueError(f"{name} has shape {np.shape(volume)}, images {shape}")
+    maps = np.asarray(sequence_maps, dtype=np.float32)
+    if maps.shape != images.shape:
+        raise ValueError(f"sequence_maps has shape {maps.shape}, images {images.shape}")
+    if len(secondary) != len(lesion_ids):
+        raise ValueError(f"secondary has {len(secondary)} flags for {len(lesion_ids)} candidates")
     rows = np.zeros((len(lesion_ids), len(FEATURE_NAMES)), dtype=np.float64)
     for row, lesion_id in enumerate(lesion_ids):
         where = np.nonzero(labels == lesion_id)
@@ -129,6 +142,8 @@ def candidate_features(
                 float(inside.max()),
             ]
         values += [float(int(w.max()) - int(w.min()) + 1) for w in where]
+        values += [float(maps[k][box][blob].max()) for k in range(len(SEQUENCES))]
+        values.append(1.0 if secondary[row] else 0.0)
         rows[row] = values
     return rows
 

@@ -1,7 +1,8 @@
 """Findings of one study from the ensemble outputs: study scores plus lesions in LPS millimetres.
 
 Torch-free: used by the analysis service, the demo and evaluation alike (one path, so they cannot differ).
-Lesion candidates are the blobs of the fused localization map (``fused_map``: where the lesions are); each
+Lesion candidates are the blobs of the fused localization map (``fused_map``: where the lesions are), plus those
+that the DWI localization map proposes outside them (``CandidateSettings.secondary_sequence``); each
 lesion carries its own csPCa likelihood (the served model's second-stage lesion scorer where it has one,
 :mod:`postprocessing.lesion_scoring`; otherwise the peak of ``cspca_map``, the calibrated csPCa probability per
 voxel, inside the lesion) and its PI-RADS-like category (from the highest ``score_map`` value in the lesion, by the
@@ -21,11 +22,12 @@ from contract import (
     CSPCA_MIN_PIRADS,
     DEFAULT_CANDIDATES,
     PIRADS_CATEGORIES,
+    SEQUENCES,
     CandidateSettings,
     GridGeometry,
     pirads_category,
 )
-from postprocessing.candidates import extract_candidate_labels
+from postprocessing.candidates import extract_study_candidates
 from postprocessing.lesion_scoring import (
     LesionScorer,
     candidate_features,
@@ -50,6 +52,8 @@ class Lesion:
             puts the candidate below the first cut point, clinically significant cancer highly unlikely); with a
             lesion scorer brought into agreement with ``likelihood`` (>= 4 exactly when it is >= 0.5).
         score: the network's continuous PI-RADS-like score of this lesion (the highest ``score_map`` value in it).
+        source: the map that proposed it: ``"fused_map"``, or ``"dwi_map"`` for a secondary candidate
+            (:func:`~postprocessing.candidates.extract_study_candidates`).
     """
 
     id: int
@@ -58,6 +62,7 @@ class Lesion:
     likelihood: float
     pirads: int
     score: float
+    source: str = DEFAULT_CANDIDATES.source_map
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +72,7 @@ class Lesion:
             "likelihood": self.likelihood,
             "pirads": self.pirads,
             "score": self.score,
+            "source": self.source,
         }
 
 
@@ -109,7 +115,14 @@ class Findings:
 
 
 #: the ensemble outputs :func:`build_findings` reads
-FINDINGS_OUTPUTS: tuple[str, ...] = ("fused_map", "cspca_map", "score_map", "cspca_probability", "pirads_distribution")
+FINDINGS_OUTPUTS: tuple[str, ...] = (
+    "sequence_maps",
+    "fused_map",
+    "cspca_map",
+    "score_map",
+    "cspca_probability",
+    "pirads_distribution",
+)
 
 
 def _volume(outputs: Mapping[str, np.ndarray], name: str, shape_dhw: tuple[int, int, int]) -> np.ndarray:
@@ -132,22 +145,27 @@ def build_findings(
     """Findings from the ensemble outputs of one unbatched study.
 
     Args:
-        outputs: ``fused_map``, ``cspca_map``, ``score_map`` ``[1, D, H, W]`` (or ``[D, H, W]``),
-            ``cspca_probability`` ``[1]``, ``pirads_distribution`` ``[5]``; a leading batch dimension of 1 is
-            accepted.
+        outputs: ``sequence_maps`` ``[S, D, H, W]``, ``fused_map``, ``cspca_map``, ``score_map`` ``[1, D, H, W]``
+            (or ``[D, H, W]``), ``cspca_probability`` ``[1]``, ``pirads_distribution`` ``[5]``; a leading batch
+            dimension of 1 is accepted.
         geometry: the model grid of that study.
         settings: candidate extraction settings (``settings.source_map`` names the map whose blobs are the
-            candidates, ``settings.likelihood_map`` the map whose peak in a blob is its likelihood).
+            candidates, ``settings.likelihood_map`` the map whose peak in a blob is its likelihood,
+            ``settings.secondary_sequence`` the sequence whose map proposes further candidates:
+            :func:`~postprocessing.candidates.extract_study_candidates`).
         scorer: the served model's second-stage lesion scorer (:mod:`postprocessing.lesion_scoring`), or
             ``None``. With one, each lesion's likelihood is the scorer's probability from ``images`` and the maps
             inside its blob (lesions renumbered by it), and the study csPCa probability is the highest lesion
             likelihood, or the scorer's ``no_candidate_probability`` when there is no candidate: derived from the
-            lesions, so the two cannot contradict each other. Each lesion's category is its score's, brought into
+            lesions, so the two cannot contradict each other. Candidates scored below
+            ``settings.min_scored_likelihood`` are not reported as lesions (the study probability still counts
+            them). Each lesion's category is its score's, brought into
             agreement with its likelihood (:func:`~postprocessing.lesion_scoring.coherent_category`: >= 4 exactly
             when the likelihood is >= 0.5); the study category is the highest lesion category (1-2 outside
             lesions), and the distribution is rescaled so that ``P(>= 4)`` is the study probability.
         images: the preprocessed study ``[S, D, H, W]`` the ensemble read (required with ``scorer``).
-        availability: ``[S]`` sequence availability of that study (absent sequences do not count in the scorer).
+        availability: ``[S]`` sequence availability of that study (absent sequences do not count in the scorer, and
+            an absent secondary sequence proposes no candidate); ``None``: every sequence present.
 
     Raises:
         ValueError: an output is missing or has the wrong size (names it and its shape), or ``scorer`` is given
@@ -170,8 +188,19 @@ def build_findings(
     dist = np.asarray(outputs["pirads_distribution"], dtype=np.float64).reshape(-1)
     if prob.size != 1 or dist.size != len(PIRADS_CATEGORIES):
         raise ValueError(f"cspca_probability {prob.shape} / pirads_distribution {dist.shape}: expected [1] / [5]")
-    candidates, _, labels = extract_candidate_labels(
-        source, geometry, settings, likelihood_map=None if likelihood is source else likelihood
+    sequence_maps = np.asarray(outputs["sequence_maps"], dtype=np.float32)
+    if sequence_maps.size != len(SEQUENCES) * int(np.prod(shape)):
+        raise ValueError(
+            f"sequence_maps has shape {sequence_maps.shape}, expected {len(SEQUENCES)} x {list(shape)} voxels"
+        )
+    sequence_maps = sequence_maps.reshape((len(SEQUENCES), *shape))
+    candidates, labels = extract_study_candidates(
+        source,
+        sequence_maps,
+        geometry,
+        settings,
+        likelihood_map=None if likelihood is source else likelihood,
+        availability=availability,
     )
     likelihoods = [float(c.likelihood) for c in candidates]
     study_probability = float(prob[0])
@@ -179,10 +208,12 @@ def build_findings(
         if images is None:
             raise ValueError("a lesion scorer needs the preprocessed images of the study")
         ids = [c.label for c in candidates]
-        features = candidate_features(images, labels, ids, cspca_map, score_map, fused)
+        secondary = [c.source != settings.source_map for c in candidates]
+        features = candidate_features(images, labels, ids, cspca_map, score_map, fused, sequence_maps, secondary)
         likelihoods = [float(p) for p in scorer.probability(features, availability)]
         study_probability = max(likelihoods, default=float(scorer.no_candidate_probability))
         order = sorted(range(len(candidates)), key=lambda i: -likelihoods[i])
+        order = [i for i in order if likelihoods[i] >= settings.min_scored_likelihood]  # the reported lesions
         relabel = np.zeros(len(candidates) + 1, dtype=labels.dtype)
         for new_id, i in enumerate(order, start=1):
             relabel[candidates[i].label] = new_id
@@ -203,6 +234,7 @@ def build_findings(
                 likelihood=round(lesion_likelihood, 6),
                 pirads=category,
                 score=round(score, 4),
+                source=c.source,
             )
         )
     # every lesion's score is at most the highest, so no lesion outranks the study

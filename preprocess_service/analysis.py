@@ -115,6 +115,7 @@ def warm_up_dicom_outputs() -> float:
         (-8.0, -8.0, -6.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (2.0, 2.0, 4.0), (8, 8, 4)
     )
     outputs = {
+        "sequence_maps": np.repeat(labels[None], len(SEQUENCES), axis=0),
         "fused_map": labels[None],
         "cspca_map": labels[None],
         "score_map": 1.0 + 4.0 * labels[None],

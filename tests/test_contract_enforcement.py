@@ -183,7 +183,7 @@ def test_export_refuses_a_lesion_scorer_fitted_on_other_features(tmp_path: Path)
     meta["lesion_scoring"] = {**scorer, "feature_names": [*scorer["feature_names"][:-1], "extent_t"]}
     checkpoint = tmp_path / "other_features.pt"
     save_checkpoint(checkpoint, nets, meta)
-    with pytest.raises(ExportError, match=r"missing \['extent_w'\], unknown \['extent_t'\]"):
+    with pytest.raises(ExportError, match=r"missing \['secondary'\], unknown \['extent_t'\]"):
         export_repository(checkpoint, tmp_path / "repo", progress=lambda m: None)
     assert not (tmp_path / "repo").exists()
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from contract import GridGeometry
+from contract import DEFAULT_CANDIDATES, GridGeometry
 from postprocessing.lesion_scoring import (
     FEATURE_NAMES,
     LesionScorer,
@@ -58,6 +59,7 @@ def _two_blob_study() -> tuple[dict[str, np.ndarray], np.ndarray]:
     images[0][2:4, 10:13, 10:13] = -1.0
     cspca = fused * 0.8
     outputs = {
+        "sequence_maps": np.zeros((3, *SHAPE), np.float32),
         "fused_map": fused[None],
         "cspca_map": cspca[None],
         "score_map": (1.0 + 4.0 * fused)[None],
@@ -76,7 +78,9 @@ def test_candidate_features_measure_the_blob_its_ring_and_the_network_evidence()
     cspca = np.where(labels == 1, 0.75, 0.01).astype(np.float32)
     score = np.where(labels == 1, 4.2, 1.0).astype(np.float32)
     fused = np.where(labels == 1, 0.6, 0.0).astype(np.float32)
-    (row,) = candidate_features(images, labels, [1], cspca, score, fused)
+    sequence_maps = np.stack([fused * 0.5, fused * 0.25, fused])
+    sequence_maps[2][0, 0, 0] = 0.99  # outside the blob: not its peak
+    (row,) = candidate_features(images, labels, [1], cspca, score, fused, sequence_maps, [True])
     f = dict(zip(FEATURE_NAMES, row, strict=True))
     assert f["cspca_logit"] == pytest.approx(np.log(0.75 / 0.25))
     assert (f["score_max"], f["fused_peak"]) == pytest.approx((4.2, 0.6))
@@ -85,15 +89,22 @@ def test_candidate_features_measure_the_blob_its_ring_and_the_network_evidence()
     assert (f["adc_contrast"], f["dwi_contrast"]) == pytest.approx((3.0, 0.0))
     assert f["t2w_edge_gradient"] > 0 and f["dwi_edge_gradient"] == 0.0
     assert (f["extent_d"], f["extent_h"], f["extent_w"]) == (3, 5, 5)
+    assert (f["t2w_map_peak"], f["adc_map_peak"], f["dwi_map_peak"]) == pytest.approx((0.3, 0.15, 0.6))
+    assert f["secondary"] == 1.0
 
 
 def test_candidate_features_name_a_candidate_without_voxels_and_wrong_shapes() -> None:
     images = np.zeros((3, *SHAPE), np.float32)
     maps = np.zeros(SHAPE, np.float32)
+    labels = np.zeros(SHAPE, np.uint8)
     with pytest.raises(ValueError, match="candidate 2 has no voxel"):
-        candidate_features(images, np.zeros(SHAPE, np.uint8), [2], maps, maps, maps)
+        candidate_features(images, labels, [2], maps, maps, maps, images, [False])
     with pytest.raises(ValueError, match="score_map has shape"):
-        candidate_features(images, np.zeros(SHAPE, np.uint8), [], maps, maps[:-1], maps)
+        candidate_features(images, labels, [], maps, maps[:-1], maps, images, [])
+    with pytest.raises(ValueError, match="sequence_maps has shape"):
+        candidate_features(images, labels, [], maps, maps, maps, images[:2], [])
+    with pytest.raises(ValueError, match="2 flags for 1 candidates"):
+        candidate_features(images, labels, [2], maps, maps, maps, images, [False, True])
 
 
 def test_trees_route_by_threshold_and_missing_values_as_recorded() -> None:
@@ -128,11 +139,11 @@ def test_findings_with_a_scorer_rank_lesions_by_it_and_derive_the_study_probabil
     outputs, images = _two_blob_study()
     plain = build_findings(outputs, GEOMETRY)
     assert [round(les.likelihood, 2) for les in plain.lesions] == [0.72, 0.4]  # A first: the network's map
-    # a scorer that calls dark T2W lesions csPCa (logit +2) and bright ones benign (logit -3)
-    scorer = _scorer(_stump("t2w_mean", 0.0, 2.0, -3.0))
+    # a scorer that calls dark T2W lesions csPCa (logit +2) and bright ones benign (logit -2.5: 0.076, reported)
+    scorer = _scorer(_stump("t2w_mean", 0.0, 2.0, -2.5))
     scored = build_findings(outputs, GEOMETRY, scorer=scorer, images=images, availability=np.ones(3, np.float32))
     likelihoods = [les.likelihood for les in scored.lesions]
-    assert likelihoods == pytest.approx([1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(3.0))], abs=1e-6)
+    assert likelihoods == pytest.approx([1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.5))], abs=1e-6)
     assert [les.id for les in scored.lesions] == [1, 2]
     # B is lesion 1 now, in the lesion list and in the label map (the SEG's segment numbers)
     assert scored.lesions[0].center_lps_mm == plain.lesions[1].center_lps_mm
@@ -157,6 +168,38 @@ def test_a_study_without_candidates_gets_the_scorers_probability_and_at_most_cat
     assert findings.lesions == [] and findings.cspca_probability == pytest.approx(0.04)
     assert findings.pirads_score == 2  # the network's highest score (4.6) lies outside any lesion
     assert sum(findings.pirads_distribution) == pytest.approx(1.0)
+
+
+def test_candidates_scored_below_the_reporting_floor_are_no_lesions_but_count_for_the_study() -> None:
+    """``CandidateSettings.min_scored_likelihood``: a candidate the scorer puts below it is not reported (findings,
+    label map, so neither SEG nor SR), the others keep their order and numbers; the study probability is still the
+    highest likelihood of all candidates."""
+    import dataclasses
+
+    from contract import DEFAULT_CANDIDATES
+
+    outputs, images = _two_blob_study()
+    scorer = _scorer(_stump("t2w_mean", 0.0, -2.0, -4.0))  # A (bright): 0.018, B (dark): 0.119
+    ones = np.ones(3, np.float32)
+    every = build_findings(
+        outputs,
+        GEOMETRY,
+        dataclasses.replace(DEFAULT_CANDIDATES, min_scored_likelihood=0.0),
+        scorer=scorer,
+        images=images,
+        availability=ones,
+    )
+    assert [round(les.likelihood, 3) for les in every.lesions] == [0.119, 0.018]
+    assert DEFAULT_CANDIDATES.min_scored_likelihood == 0.05
+    reported = build_findings(outputs, GEOMETRY, scorer=scorer, images=images, availability=ones)
+    assert [les.id for les in reported.lesions] == [1] and reported.lesions[0] == every.lesions[0]
+    assert np.array_equal(reported.labels, np.where(every.labels == 1, 1, 0).astype(reported.labels.dtype))
+    assert reported.cspca_probability == every.cspca_probability == pytest.approx(0.119, abs=1e-3)
+    below = _scorer(_stump("t2w_mean", 0.0, -4.0, -4.0))  # both 0.018
+    none = build_findings(outputs, GEOMETRY, scorer=below, images=images, availability=ones)
+    assert none.lesions == [] and not none.labels.any()
+    assert none.cspca_probability == pytest.approx(1 / (1 + np.exp(4.0)))
+    assert none.pirads_score <= 2
 
 
 def test_coherent_categories_and_distribution() -> None:
@@ -201,23 +244,67 @@ def test_fitting_refuses_too_few_candidates_of_a_class() -> None:
         fit_lesion_scorer(table)
 
 
-def test_fit_lesion_scorer_command_adds_a_scorer_and_keeps_the_weights(tmp_path: Path) -> None:
+def _with_recorded_contract(tmp_path: Path, name: str, **changes: Any) -> Path:
+    """The shipped checkpoint, written to ``tmp_path / name`` with its recorded contract changed (``key=value``;
+    ``candidates`` replaces the candidate settings wholesale)."""
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+
+    nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    meta["contract"] = {**meta["contract"], **changes}
+    save_checkpoint(tmp_path / name, nets, meta)
+    return tmp_path / name
+
+
+#: the candidate settings of the seventh release (before the DWI map's secondary candidates)
+RELEASE_7_CANDIDATES = {
+    k: v
+    for k, v in DEFAULT_CANDIDATES.to_dict().items()
+    if k not in ("secondary_sequence", "secondary_exclusion_voxels")
+}
+
+
+def test_fit_lesion_scorer_command_adds_a_scorer_keeps_the_weights_and_adopts_the_candidate_settings(
+    tmp_path: Path,
+) -> None:
+    """Refitting the scorer is how a checkpoint adopts new candidate settings (they shape the scorer's candidates,
+    not the weights): one recorded with the seventh release's settings comes out with the code's, the replaced
+    ones recorded, and loads; the weights are the input's."""
     import torch
 
-    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from networks.checkpoint import DEFAULT_CHECKPOINT, CheckpointContractError, load_checkpoint
     from training.cli import main
 
+    older = _with_recorded_contract(tmp_path, "release7.pt", candidates=RELEASE_7_CANDIDATES)
+    with pytest.raises(CheckpointContractError, match="candidates.secondary_sequence: '<absent>' -> 'dwi'"):
+        load_checkpoint(older)
     out = tmp_path / "scored.pt"
-    args = ["fit-lesion-scorer", "--checkpoint", str(DEFAULT_CHECKPOINT), "--out", str(out), "--no-progress"]
+    args = ["fit-lesion-scorer", "--checkpoint", str(older), "--out", str(out), "--no-progress"]
     assert main([*args, "--data-seed", "1", "--cases", "700-739", "--cache", str(tmp_path / "cache")]) == 0
     nets, meta = load_checkpoint(out)
     shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
     for name, module in nets.modules().items():
         for key, value in module.state_dict().items():
             assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+    assert meta["contract"]["candidates"] == DEFAULT_CANDIDATES.to_dict()
     scorer = scorer_from_metadata(meta)
     assert scorer is not None and scorer.fitted_on["data"] == "seed 1 cases 700-739"
     assert scorer.fitted_on["studies"] == 40 and scorer.fitted_on["cspca_candidates"] >= 5
+    assert scorer.fitted_on["candidate_settings_replaced"] == RELEASE_7_CANDIDATES
+
+
+def test_fit_lesion_scorer_command_refuses_other_contract_differences(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    other = _with_recorded_contract(
+        tmp_path, "other.pt", missing_channel_fill_value=-1.0, candidates=RELEASE_7_CANDIDATES
+    )
+    args = ["fit-lesion-scorer", "--checkpoint", str(other), "--out", str(tmp_path / "x.pt"), "--no-progress"]
+    assert main([*args, "--data-seed", "1", "--cases", "700-739", "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "missing_channel_fill_value: -1.0 -> " in err and "candidates.secondary_sequence" in err
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "cache").exists()
 
 
 def test_fit_lesion_scorer_command_refuses_the_networks_training_studies(

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 from service_harness import running_service
 
 from contract import GridGeometry
@@ -23,13 +24,21 @@ GEOMETRY = GridGeometry((-16.0, -16.0, -12.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (2.0
 
 
 def _outputs(
-    cspca: np.ndarray, score: np.ndarray | None = None, fused: np.ndarray | None = None
+    cspca: np.ndarray,
+    score: np.ndarray | None = None,
+    fused: np.ndarray | None = None,
+    dwi_map: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Ensemble outputs around a csPCa map; the score map defaults to 1 + 4 * map (0.5 -> 3, 0.9 -> 4.6), the
-    fused map (where the candidate blobs are) to 0.9 * map: the same blobs, other values than the likelihoods."""
+    fused map (where the candidate blobs are) to 0.9 * map: the same blobs, other values than the likelihoods.
+    The sequence maps are 0 but for the DWI one (``dwi_map``, default 0: no secondary candidate)."""
     score = 1.0 + 4.0 * cspca if score is None else score
     fused = cspca * 0.9 if fused is None else fused
+    sequence_maps = np.zeros((3, *cspca.shape), np.float32)
+    if dwi_map is not None:
+        sequence_maps[2] = dwi_map
     return {
+        "sequence_maps": sequence_maps[None],
         "fused_map": fused[None],
         "cspca_map": cspca[None],
         "score_map": score[None].astype(np.float32),
@@ -147,10 +156,79 @@ def test_a_candidate_below_the_first_cut_point_is_category_1_like_its_study() ->
 
 
 def test_findings_name_a_missing_or_misshapen_output() -> None:
-    with pytest.raises(ValueError, match="'fused_map' is missing"):
+    with pytest.raises(ValueError, match="'sequence_maps' is missing"):
         build_findings({"cspca_probability": np.zeros(1), "pirads_distribution": np.zeros(5)}, GEOMETRY)
+    outputs = _outputs(_two_blobs())
+    with pytest.raises(ValueError, match="'fused_map' is missing"):
+        build_findings({k: v for k, v in outputs.items() if k != "fused_map"}, GEOMETRY)
     with pytest.raises(ValueError, match=r"fused_map has shape \(1, 5, 16, 16\)"):
         build_findings(_outputs(np.zeros((5, 16, 16), np.float32)), GEOMETRY)
+    with pytest.raises(ValueError, match=r"sequence_maps has shape \(1, 2, 6, 16, 16\)"):
+        build_findings({**outputs, "sequence_maps": outputs["sequence_maps"][:, :2]}, GEOMETRY)
+
+
+def _secondary_study() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cspca, fused, dwi_map)``: one fused-map blob P; the DWI map sees P, its rim, a lesion S the fused map
+    misses (0.4 in the DWI map, 0.006 in the fused one) and a faint spot F below the floor."""
+    fused = np.full((6, 16, 16), 0.002, np.float32)
+    fused[2:4, 3:6, 3:6] = 0.9  # P
+    fused[2:4, 10:12, 10:12] = 0.006  # S, as the fused map sees it
+    dwi = np.zeros_like(fused)
+    dwi[2:4, 3:6, 3:6] = 0.95  # P
+    dwi[2:4, 6, 3:6] = 0.5  # P's rim: one voxel beyond it
+    dwi[1, 6, 6] = 0.6  # diagonal to P's corner voxel (2, 5, 5): would touch it as a blob of its own
+    dwi[2:4, 10:12, 10:12] = 0.4  # S
+    dwi[4, 14, 2] = 0.04  # F: below the floor (0.05)
+    cspca = np.where(fused > 0.5, 0.7, 0.2).astype(np.float32)
+    cspca[2:4, 10:12, 10:12] = 0.3
+    return cspca, fused, dwi
+
+
+def test_the_dwi_map_proposes_secondary_candidates_the_fused_map_misses() -> None:
+    """A small lesion the fused map leaves under the floor but the DWI map sees is a (secondary) candidate; the
+    rim of a fused-map blob and DWI voxels below the floor are not; candidates are numbered by likelihood across
+    both kinds, their blobs do not overlap, and the secondary centre is its own map's centroid."""
+    cspca, fused, dwi = _secondary_study()
+    findings = build_findings(_outputs(cspca, fused=fused, dwi_map=dwi), GEOMETRY)
+    assert [(les.id, les.source) for les in findings.lesions] == [(1, "fused_map"), (2, "dwi_map")]
+    assert [les.likelihood for les in findings.lesions] == [pytest.approx(0.7), pytest.approx(0.3)]
+    secondary = findings.lesions[1]
+    # S: d 2..3, h 10..11, w 10..11 -> index centre (2.5, 10.5, 10.5)
+    assert secondary.center_lps_mm == pytest.approx((-16 + 21, -16 + 21, -12 + 10), abs=1e-3)
+    assert secondary.volume_ml == pytest.approx(2 * 2 * 2 * 16 / 1000)
+    assert np.array_equal(findings.labels == 2, dwi == np.float32(0.4))
+    assert findings.labels[2, 6, 4] == 0 and findings.labels[4, 14, 2] == 0  # the rim; the faint spot
+    assert findings.labels[1, 6, 6] == 0
+    # no two candidates touch: the candidate map is a valid PI-CAI detection map (one 26-connected blob each)
+    assert ndimage.label(findings.labels > 0, structure=np.ones((3, 3, 3)))[1] == len(findings.lesions)
+    assert findings.to_dict()["lesions"][1]["source"] == "dwi_map"
+    # without the DWI map's proposals (or without DWI in the study) only the fused-map blob remains
+    without = build_findings(_outputs(cspca, fused=fused), GEOMETRY)
+    assert [les.source for les in without.lesions] == ["fused_map"]
+    absent = build_findings(_outputs(cspca, fused=fused, dwi_map=dwi), GEOMETRY, availability=np.array([1, 1, 0.0]))
+    assert [les.source for les in absent.lesions] == ["fused_map"]
+
+
+def test_secondary_candidates_follow_the_contract_settings() -> None:
+    import dataclasses
+
+    from contract import DEFAULT_CANDIDATES
+    from postprocessing.candidates import extract_study_candidates
+
+    cspca, fused, dwi = _secondary_study()
+    maps = np.stack([np.zeros_like(dwi), np.zeros_like(dwi), dwi])
+    assert DEFAULT_CANDIDATES.secondary_sequence == "dwi" and DEFAULT_CANDIDATES.secondary_exclusion_voxels == 1
+    none = dataclasses.replace(DEFAULT_CANDIDATES, secondary_sequence=None)
+    assert len(extract_study_candidates(fused, maps, GEOMETRY, none, likelihood_map=cspca)[0]) == 1
+    # without the exclusion zone the primary blob's rim becomes a candidate of its own
+    rim = dataclasses.replace(DEFAULT_CANDIDATES, secondary_exclusion_voxels=0)
+    candidates, labels = extract_study_candidates(fused, maps, GEOMETRY, rim, likelihood_map=cspca)
+    assert len(candidates) == 3 and labels[2, 6, 4] > 0
+    # the T2W map proposes nothing here
+    t2w = dataclasses.replace(DEFAULT_CANDIDATES, secondary_sequence="t2w")
+    assert len(extract_study_candidates(fused, maps, GEOMETRY, t2w, likelihood_map=cspca)[0]) == 1
+    with pytest.raises(ValueError, match="secondary_sequence must be one of"):
+        extract_study_candidates(fused, maps, GEOMETRY, dataclasses.replace(DEFAULT_CANDIDATES, secondary_sequence="x"))
 
 
 def _sources(drop: tuple[str, ...] = ()) -> list[pydicom.Dataset]:

@@ -501,6 +501,11 @@ def evaluate(
     located_nearest = nearest[nearest <= CENTRE_TOLERANCE_MM]
     n_lesions = int(nearest.size)
     n_located = int(sum(int(np.sum(~np.isnan(r.match.lesion_likelihood))) for r in results))
+    secondary = [
+        (c.source != DEFAULT_CANDIDATES.source_map, int(lesion) >= 0)
+        for r in results
+        for c, lesion in zip(r.candidates, r.match.candidate_lesion, strict=True)
+    ]
     seeds = sorted({r.data_seed for r in results if r.data_seed is not None})
 
     by_group: dict[str, dict[str, Any]] = {}
@@ -537,6 +542,9 @@ def evaluate(
         "lesions_located": n_located,
         "lesions_missed": n_lesions - n_located,
         "lesions_total": n_lesions,
+        "candidates_per_study": len(secondary) / max(len(results), 1),
+        "secondary_candidates_per_study": sum(s for s, _ in secondary) / max(len(results), 1),
+        "lesions_located_by_secondary_candidates": sum(s and hit for s, hit in secondary),
         "centre_error_mm_median": float(np.median(located_nearest)) if located_nearest.size else None,
         "centre_error_mm_p90": float(np.percentile(located_nearest, 90)) if located_nearest.size else None,
         "centre_error_mm_max": float(np.max(located_nearest)) if located_nearest.size else None,
@@ -639,7 +647,8 @@ def _write_cases_csv(path: Path, results: list[CaseResult], proto: _Protocol) ->
 
 
 def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
-    """One row per candidate (a lesion of the findings): LPS centre, csPCa likelihood, PI-RADS-like category."""
+    """One row per candidate (a lesion of the findings): LPS centre, csPCa likelihood, PI-RADS-like category, and the
+    map that proposed it (``fused_map``, or ``dwi_map`` for a secondary candidate)."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
@@ -655,6 +664,7 @@ def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
                 "volume_mm3",
                 "located_lesion_label",
                 "nearest_significant_lesion_mm",
+                "source",
             ]
         )
         for r in results:
@@ -673,6 +683,7 @@ def _write_candidates_csv(path: Path, results: list[CaseResult]) -> None:
                         f"{c.volume_ml * MM3_PER_ML:.1f}",
                         r.lesions[lesion]["label"] if lesion >= 0 else "",
                         f"{dist:.2f}" if math.isfinite(dist) else "",
+                        c.source,
                     ]
                 )
 

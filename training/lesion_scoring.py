@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from contract import DEFAULT_CANDIDATES
 from contract.errors import MpmriError
 from networks.models import MpmriNetworks
 from postprocessing.lesion_scoring import FEATURE_NAMES, LesionScorer, Tree, candidate_features, missing_as_nan
@@ -95,7 +96,7 @@ def candidate_table(
         images, availability = remove_sequences(record.images, record.availability, keep)
         out = nets(torch.from_numpy(images[None]), torch.from_numpy(availability[None]))
         outputs = {name: value[0].numpy() for name, value in out.items()}
-        findings = build_findings(outputs, record.geometry)
+        findings = build_findings(outputs, record.geometry, availability=availability)
         significant.append(bool(record.significant))
         if not findings.lesions:
             continue
@@ -108,6 +109,8 @@ def candidate_table(
             outputs["cspca_map"].reshape(shape),
             outputs["score_map"].reshape(shape),
             outputs["fused_map"].reshape(shape),
+            outputs["sequence_maps"].reshape((-1, *shape)),
+            [lesion.source != DEFAULT_CANDIDATES.source_map for lesion in findings.lesions],
         )
         rows.append(missing_as_nan(features, availability))
         for lesion_id in ids:
@@ -243,14 +246,20 @@ def fit_checkpoint_scorer(
     cases ``cases`` of ``data_seed`` (synthesized and preprocessed into ``cache_dir`` where missing), each also
     seen once with sequences removed (:func:`candidate_table`).
 
+    A checkpoint whose recorded contract differs from the code's only in its candidate settings
+    (``contract.CandidateSettings``: they shape the candidates the scorer is fitted on, not the networks' weights)
+    is accepted: it is written with the code's candidate settings, and ``fitted_on`` records the ones it replaced.
+    Any other difference is refused as by :func:`networks.checkpoint.load_checkpoint`.
+
     Raises:
         LesionScoringError: ``cases`` overlap the studies the networks trained on (names them), or too few
             candidates of either class.
+        CheckpointContractError: the recorded contract differs from the code's beyond the candidate settings.
     """
-    from networks.checkpoint import load_checkpoint, save_checkpoint
+    from networks.checkpoint import save_checkpoint
     from training.data import build_cache, load_cases
 
-    nets, metadata = load_checkpoint(checkpoint)
+    nets, metadata, replaced = _load_adopting_candidate_settings(checkpoint)
     data = metadata.get("training", {}).get("data", {})
     if data.get("data_seed") == data_seed and data.get("train_cases"):
         trained = range(int(data["train_cases"]))
@@ -262,9 +271,30 @@ def fit_checkpoint_scorer(
             )
     paths = build_cache(cache_dir, data_seed, cases, progress=progress, grid=nets.grid, workers=threads)
     table = candidate_table(nets, load_cases(paths, workers=threads), missing_sequences=True)
-    scorer = fit_lesion_scorer(
-        table, settings, fitted_on={"data": f"seed {data_seed} cases {cases.start}-{cases.stop - 1}"}
-    )
+    fitted_on: dict[str, Any] = {"data": f"seed {data_seed} cases {cases.start}-{cases.stop - 1}"}
+    if replaced is not None:
+        fitted_on["candidate_settings_replaced"] = replaced
+    scorer = fit_lesion_scorer(table, settings, fitted_on=fitted_on)
     metadata["lesion_scoring"] = scorer.to_dict()
     save_checkpoint(out, nets, metadata)
     return scorer
+
+
+def _load_adopting_candidate_settings(checkpoint: Path) -> tuple[MpmriNetworks, dict[str, Any], dict[str, Any] | None]:
+    """``(networks, metadata with the code's candidate settings, the recorded ones they replaced or None)``."""
+    from contract import DEFAULT_CANDIDATES
+    from networks.checkpoint import contract_problems, load_checkpoint, require_code_contract
+
+    nets, metadata = load_checkpoint(checkpoint, check_contract=False)
+    problems = contract_problems(metadata, nets.grid)
+    if not problems:
+        return nets, metadata, None
+    recorded = metadata.get("contract")
+    if not isinstance(recorded, dict) or any(not p.startswith("candidates.") for p in problems):
+        require_code_contract(metadata, nets.grid, checkpoint)  # raises, naming every difference
+    assert isinstance(recorded, dict)
+    replaced = dict(recorded.get("candidates") or {})
+    metadata["contract"] = {**recorded, "candidates": DEFAULT_CANDIDATES.to_dict()}
+    require_code_contract(metadata, nets.grid, checkpoint)
+    log.info("candidate settings of %s replaced by the code's: %s", checkpoint, "; ".join(problems))
+    return nets, metadata, replaced
