@@ -163,6 +163,16 @@ def _static_blobs(volume: np.ndarray, threshold: float, min_voxels_detection: in
     return peaks[index].astype(volume.dtype)
 
 
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The smallest box holding every ``True`` voxel of ``mask`` (which has one), grown by ``margin`` voxels
+    within the volume."""
+    where = np.nonzero(mask)
+    return tuple(
+        slice(max(int(axis.min()) - margin, 0), min(int(axis.max()) + margin + 1, n))
+        for axis, n in zip(where, mask.shape, strict=True)
+    )
+
+
 def _dynamic_blobs(
     volume: np.ndarray, settings: CandidateSettings, stop_likelihood: float
 ) -> tuple[list[tuple[int, float]], np.ndarray]:
@@ -184,10 +194,16 @@ def _dynamic_blobs(
         hard_blobs = _static_blobs(working, threshold, settings.min_voxels_detection)
         max_prob = float(hard_blobs.max())
         current = hard_blobs == max_prob  # version 1: with max_prob 0 this is the empty region (confidence 0)
-        labelled, _ = ndimage.label(current, structure=_CONNECTIVITY)
-        current = labelled == 1
+        # the first blob in raster order: labelling the bounding box keeps that order (and every blob whole)
+        box = _bounding_box(current, margin=0)
+        labelled, _ = ndimage.label(current[box], structure=_CONNECTIVITY)
+        current = np.zeros(volume.shape, dtype=bool)
+        current[box] = labelled == 1
         if not (current & grown).any():
-            grown |= ndimage.binary_dilation(current & (hard_blobs > 0), structure=_CONNECTIVITY)
+            seed = current & (hard_blobs > 0)
+            if seed.any():  # a one-voxel dilation stays within the seed's box grown by one voxel
+                box = _bounding_box(seed, margin=1)
+                grown[box] |= ndimage.binary_dilation(seed[box], structure=_CONNECTIVITY)
             confidences.append((tumor_index, max_prob))
             indexed += current * tumor_index
         working = working * ~current
