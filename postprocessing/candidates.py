@@ -131,12 +131,8 @@ def _active_window(volume: np.ndarray, settings: CandidateSettings) -> tuple[sli
         floor = max(float(settings.threshold), voxel_floor(settings))
     else:  # "dynamic-fast" and others: no floor known, the whole volume
         return tuple(slice(0, n) for n in volume.shape)
-    points = np.nonzero(volume >= floor)
-    if points[0].size == 0:
-        return None
-    return tuple(
-        slice(max(int(axis.min()) - 1, 0), min(int(axis.max()) + 2, n)) for axis, n in zip(points, volume.shape)
-    )
+    active = volume >= floor
+    return _bounding_box(active, margin=1) if active.any() else None
 
 
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -296,9 +292,17 @@ def extract_candidate_labels(
             source=source,
         )
         found.append((candidate, mask))
-    found.sort(key=lambda item: -item[0].likelihood)
-    candidate_map = np.zeros(volume.shape, dtype=np.float32)
-    labels = np.zeros(volume.shape, dtype=np.uint8)
+    return _numbered(found, volume.shape)
+
+
+def _numbered(
+    found: list[tuple[LesionCandidate, np.ndarray]], shape: tuple[int, ...]
+) -> tuple[list[LesionCandidate], np.ndarray, np.ndarray]:
+    """Candidates (each with its blob mask) numbered 1..N by decreasing likelihood (stable on ties), with the
+    candidate map and the uint8 label map ``shape`` they fill."""
+    found = sorted(found, key=lambda item: -item[0].likelihood)
+    candidate_map = np.zeros(shape, dtype=np.float32)
+    labels = np.zeros(shape, dtype=np.uint8)
     candidates: list[LesionCandidate] = []
     for number, (candidate, mask) in enumerate(found, start=1):
         candidate.label = number
@@ -379,12 +383,5 @@ def extract_study_candidates(
     if not secondary:
         return primary, labels
     found = [(c, labels == c.label) for c in primary] + [(c, secondary_labels == c.label) for c in secondary]
-    order = sorted(range(len(found)), key=lambda i: -found[i][0].likelihood)  # stable: primary first on ties
-    merged = np.zeros(labels.shape, dtype=np.uint8)
-    candidates: list[LesionCandidate] = []
-    for number, i in enumerate(order, start=1):
-        candidate, mask = found[i]
-        candidate.label = number
-        merged[mask] = number
-        candidates.append(candidate)
+    candidates, _, merged = _numbered(found, labels.shape)  # stable: primary first on ties
     return candidates, merged
