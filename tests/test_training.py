@@ -36,6 +36,7 @@ from training.train import (
     _batches,
     _forward,
     drop_fused_map,
+    lesion_balanced_recall,
     load_records,
     per_lesion_mean,
     score_loss,
@@ -201,6 +202,46 @@ def _gradients(nets: MpmriNetworks, loss: torch.Tensor) -> dict[str, torch.Tenso
         for name, module in nets.modules().items()
         for key, p in module.named_parameters()
     }
+
+
+def test_lesion_balanced_recall_weighs_each_cspca_lesion_the_same_and_skips_absent_sequences(
+    records: list[CaseRecord],
+) -> None:
+    """The per-lesion recall term: a one-voxel lesion weighs as much as a 36-voxel one, an absent sequence's map
+    does not count, a batch without csPCa gives 0 (with a graph), and the option adds exactly this term."""
+    logits = torch.full((2, NUM_SEQUENCES, 2, 8, 8), 5.0)
+    target = torch.zeros(2, 1, 2, 8, 8)
+    lesion_index = torch.zeros(2, 2, 8, 8, dtype=torch.int64)
+    target[0, 0, 0, :6, :6] = 1.0  # a large lesion the maps answer (logit 5: loss log(1 + e^-5))
+    lesion_index[0, 0, :6, :6] = 1
+    target[1, 0, 1, 7, 7] = 1.0  # a one-voxel lesion that every present map misses (logit -5)
+    lesion_index[1, 1, 7, 7] = 2
+    logits[1, :, 1, 7, 7] = -5.0
+    availability = torch.ones(2, NUM_SEQUENCES)
+    availability[1, 0] = 0.0
+    logits[1, 0, 1, 7, 7] = 50.0  # an absent sequence's answer is ignored
+    got = lesion_balanced_recall(logits, target, availability, lesion_index)
+    small, large = torch.nn.functional.softplus(torch.tensor(5.0)), torch.nn.functional.softplus(torch.tensor(-5.0))
+    assert float(got) == pytest.approx(float((small + large) / 2), rel=1e-5)  # a voxel mean would be about 0.14
+    none = lesion_balanced_recall(logits.requires_grad_(), torch.zeros_like(target), availability, lesion_index)
+    assert float(none.detach()) == 0.0 and none.requires_grad
+    torch.manual_seed(0)
+    nets = build_networks("cpu")
+    batch = next(iter(torch.utils.data.DataLoader(CaseDataset(records[:2]), batch_size=2)))
+    assert bool(batch["target"].any())
+    with torch.no_grad():
+        plain = _forward(nets, batch, "localization", LocalizationLoss(), fused_loss_trains_localization=False)
+        balanced = _forward(
+            nets, batch, "localization", LocalizationLoss(lesion_balanced=True), fused_loss_trains_localization=False
+        )
+        term = lesion_balanced_recall(
+            nets.localization.forward_logits(batch["images"]),
+            batch["target"],
+            batch["availability"],
+            batch["lesion_index"],
+        )
+    assert float(term) > 0
+    assert float(balanced) == pytest.approx(float(plain) + float(term), rel=1e-5)
 
 
 def test_with_fusion_only_the_fused_map_loss_trains_the_fusion_and_each_map_learns_from_its_own_sequence(

@@ -78,6 +78,17 @@ def register(subparsers: Any) -> None:
         default=defaults.map_dropout,
         help="probability that a training study's fused map reaches the classification network as zeros (default 0)",
     )
+    p.add_argument(
+        "--lesion-balanced-localization",
+        action="store_true",
+        help="add a per-lesion recall term to the localization loss (each csPCa lesion weighs the same)",
+    )
+    p.add_argument(
+        "--lesion-shell-voxels",
+        type=int,
+        default=defaults.lesion_shell_voxels,
+        help="with --lesion-balanced-localization: also a per-lesion term against 0 in a shell this wide (default 0)",
+    )
     p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     p.add_argument("--stop-after-epochs", type=int, default=None, help="stop early (continue later with --resume)")
     p.add_argument("--resume", type=Path, default=None, help="continue from a run's last.pt")
@@ -165,6 +176,8 @@ def _run_train(args: argparse.Namespace) -> int:
         loader_workers=args.loader_workers,
         fused_loss_trains_localization=not args.fused_loss_trains_fusion_only,
         map_dropout=args.map_dropout,
+        lesion_balanced_localization=args.lesion_balanced_localization,
+        lesion_shell_voxels=args.lesion_shell_voxels,
         max_steps_per_epoch=args.max_steps_per_epoch,
         stop_after_epochs=args.stop_after_epochs,
     )

@@ -114,6 +114,12 @@ class TrainConfig:
         map_dropout: probability that a training study's fused map reaches the classification network as zeros
             (classification and joint phases; ``0``: never, releases 1-6), so that the network learns to score
             lesions from the images and does not merely copy the map (see :func:`drop_fused_map`).
+        lesion_balanced_localization: add to the localization loss a per-lesion recall term: the binary
+            cross-entropy of each present sequence's map inside each csPCa lesion, averaged per lesion, then over
+            lesions (:func:`lesion_balanced_recall`), so that a 6 mm transition-zone cancer weighs as much as a 20 mm
+            one (the batch Dice and the per-voxel focal term weigh lesions by their volume). ``False``: releases 1-8.
+        lesion_shell_voxels: with ``lesion_balanced_localization``, also a per-lesion term against 0 in a shell of
+            this many voxels around each csPCa lesion (0: none).
         max_steps_per_epoch: cap on steps per epoch (smoke tests); ``None`` = full epochs.
         stop_after_epochs: stop this invocation after so many epochs (the run continues with
             ``--resume run_dir/last.pt``); ``None`` = run to the end.
@@ -142,6 +148,8 @@ class TrainConfig:
     loader_workers: int = 0
     fused_loss_trains_localization: bool = True
     map_dropout: float = 0.0
+    lesion_balanced_localization: bool = False
+    lesion_shell_voxels: int = 0
     max_steps_per_epoch: int | None = None
     stop_after_epochs: int | None = None
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -157,15 +165,23 @@ class TrainConfig:
 # Losses
 # --------------------------------------------------------------------------------------------------
 class LocalizationLoss(nn.Module):
-    """Per-sequence DiceFocal on present sequences + Dice/BCE on the fused map."""
+    """Per-sequence DiceFocal on present sequences + Dice/BCE on the fused map (+ optionally
+    :func:`lesion_balanced_recall` of the sequence maps)."""
 
-    def __init__(self) -> None:
+    def __init__(self, lesion_balanced: bool = False, shell_voxels: int = 0) -> None:
         super().__init__()
+        self.lesion_balanced = lesion_balanced
+        self.shell_voxels = shell_voxels
         self.per_sequence = DiceFocalLoss(sigmoid=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
         self.fused_dice = DiceLoss(sigmoid=False, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
     def forward(
-        self, seq_logits: torch.Tensor, fused_map: torch.Tensor, target: torch.Tensor, availability: torch.Tensor
+        self,
+        seq_logits: torch.Tensor,
+        fused_map: torch.Tensor,
+        target: torch.Tensor,
+        availability: torch.Tensor,
+        lesion_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         present = availability > 0.5  # [B, S]
         logits = seq_logits[present].unsqueeze(1)  # [N, 1, D, H, W]
@@ -175,7 +191,53 @@ class LocalizationLoss(nn.Module):
         # reproduced bit for bit only with the original order
         loss = self.per_sequence(logits, targets) + self.fused_dice(fused, target)
         with torch.autocast(fused.device.type, enabled=False):  # BCE on probabilities: fp32 (unsafe under autocast)
-            return loss + F.binary_cross_entropy(fused, target.float())
+            loss = loss + F.binary_cross_entropy(fused, target.float())
+        if self.lesion_balanced:
+            if lesion_index is None:
+                raise TrainingError("the lesion-balanced localization loss needs the batch's lesion_index")
+            loss = loss + lesion_balanced_recall(seq_logits, target, availability, lesion_index, self.shell_voxels)
+        return loss
+
+
+def lesion_balanced_recall(
+    seq_logits: torch.Tensor,
+    target: torch.Tensor,
+    availability: torch.Tensor,
+    lesion_index: torch.Tensor,
+    shell_voxels: int = 0,
+) -> torch.Tensor:
+    """Binary cross-entropy of the present sequences' maps against 1 inside the csPCa lesions, each lesion weighing
+    the same (0 for a batch without one); with ``shell_voxels`` > 0 also against 0 in each lesion's shell (the
+    voxels within that many voxels of it, 26-connected, outside every csPCa lesion), again per lesion: a blob loss
+    that asks each lesion, whatever its volume, to be answered *and* delimited (two lesions side by side must
+    not merge into one blob).
+
+    Args:
+        seq_logits: ``[B, S, D, H, W]`` the localization logits.
+        target: ``[B, 1, D, H, W]`` the csPCa lesion mask.
+        availability: ``[B, S]`` 1 where the sequence is present (absent ones do not count).
+        lesion_index: ``[B, D, H, W]`` int, lesion ``i`` of its study (0 outside lesions).
+        shell_voxels: the shell's width (0: no shell term).
+    """
+    inside = target[:, 0] > 0.5
+    if not bool(inside.any()):
+        return seq_logits.sum() * 0.0
+    present = (availability > 0.5).to(torch.float32)[:, :, None, None, None]
+    with torch.autocast(seq_logits.device.type, enabled=False):
+        logits = seq_logits.float()
+        ones = torch.ones_like(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, ones, reduction="none")
+        per_voxel = (bce * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)  # [B, D, H, W]
+        loss = per_lesion_mean(per_voxel, lesion_index.long(), inside)
+        if shell_voxels > 0:
+            labels = (lesion_index.long() * inside).to(torch.float32).unsqueeze(1)  # csPCa lesions only
+            grown = F.max_pool3d(labels, kernel_size=2 * shell_voxels + 1, stride=1, padding=shell_voxels)[:, 0]
+            shell = (grown > 0) & ~inside  # where two shells meet, the higher lesion number takes the voxel
+            if bool(shell.any()):
+                outside = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+                per_voxel = (outside * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
+                loss = loss + per_lesion_mean(per_voxel, grown.long(), shell)
+    return loss
 
 
 def score_loss(classification: Classification, score: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -251,10 +313,10 @@ def _forward(
     sequence_maps = torch.sigmoid(seq_logits)
     if fused_loss_trains_localization:
         fused = nets.fusion(sequence_maps, availability, images)
-        loss = loc_loss(seq_logits, fused, batch["target"], availability)
+        loss = loc_loss(seq_logits, fused, batch["target"], availability, batch.get("lesion_index"))
     else:  # the fused-map terms train the fusion only; the joint phase's classification reads the attached map
         fused_detached = nets.fusion(sequence_maps.detach(), availability, images)
-        loss = loc_loss(seq_logits, fused_detached, batch["target"], availability)
+        loss = loc_loss(seq_logits, fused_detached, batch["target"], availability, batch.get("lesion_index"))
         if phase == "joint":
             fused = nets.fusion(sequence_maps, availability, images)
     if phase == "joint":
@@ -497,7 +559,7 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         for module in nets.modules().values():
             module.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     dataset = CaseDataset(train_records, augment=config.augment, seed=config.seed)
-    loc_loss = LocalizationLoss().to(device)
+    loc_loss = LocalizationLoss(config.lesion_balanced_localization, config.lesion_shell_voxels).to(device)
     optimizer: torch.optim.Optimizer | None = None
     current_phase = None
     end = len(schedule) if config.stop_after_epochs is None else min(len(schedule), start + config.stop_after_epochs)
