@@ -177,6 +177,8 @@ def _dynamic_blobs(
     ``stop_likelihood`` (the package's ``max_prob_failsafe_stopping_threshold``, 0.01 by default): blobs peaking
     below the floor are dropped afterwards anyway, and each further pass costs a labelling of the volume.
     Returns ``(confidences, indexed)`` like the package (tested against it on random maps)."""
+    if settings.min_voxels_detection <= 0:
+        return _dynamic_blobs_by_region(volume, settings, stop_likelihood)
     working = volume.copy()
     grown = np.zeros(volume.shape, dtype=bool)  # the extracted blobs, dilated by one voxel
     indexed = np.zeros(volume.shape, dtype=int)
@@ -203,6 +205,68 @@ def _dynamic_blobs(
             confidences.append((tumor_index, max_prob))
             indexed += current * tumor_index
         working = working * ~current
+    return confidences, indexed
+
+
+def _dynamic_blobs_by_region(
+    volume: np.ndarray, settings: CandidateSettings, stop_likelihood: float
+) -> tuple[list[tuple[int, float]], np.ndarray]:
+    """:func:`_dynamic_blobs` when every blob is kept (``min_voxels_detection`` 0), labelling only where the blob
+    can be.
+
+    Each pass the package labels the whole map at ``max / factor`` to find the blob holding the maximum. Every such
+    blob lies inside one *region* (26-connected) of the map's nonzero voxels, since passes only zero voxels and the
+    threshold is positive; so the map is labelled into regions once, and each pass labels only the box of the
+    region(s) holding a voxel at the maximum. With every blob kept, the blobs that peak at the maximum are exactly
+    those holding such a voxel, and the package takes the one that comes first in raster order (the first label
+    of its box of them); so does this. Same ``(confidences, indexed)`` as :func:`_dynamic_blobs` (tested).
+    """
+    working = volume.copy()
+    flat = working.reshape(-1)
+    grown = np.zeros(volume.shape, dtype=bool)  # the extracted blobs, dilated by one voxel
+    indexed = np.zeros(volume.shape, dtype=int)
+    confidences: list[tuple[int, float]] = []
+    regions, _ = ndimage.label(volume > 0, structure=_CONNECTIVITY)
+    region_boxes = ndimage.find_objects(regions)
+    region_of = regions.reshape(-1)
+    while len(confidences) < settings.num_lesions_to_extract:
+        tumor_index = 1 + len(confidences)
+        max_prob = float(working.max())
+        if max_prob < stop_likelihood:
+            break
+        threshold = max_prob / settings.dynamic_threshold_factor
+        peaks = np.flatnonzero(flat == max_prob)
+        best: tuple[int, tuple[slice, ...], np.ndarray] | None = None  # (first raster index, box, blob in box)
+        for region in np.unique(region_of[peaks]):
+            box = region_boxes[int(region) - 1]
+            assert box is not None
+            labelled, _ = ndimage.label(~(working[box] < threshold), structure=_CONNECTIVITY)
+            inside = [np.unravel_index(i, volume.shape) for i in peaks[region_of[peaks] == region]]
+            local = {int(labelled[tuple(c - b.start for c, b in zip(i, box, strict=True))]) for i in inside}
+            for label in local:
+                blob = labelled == label
+                first_local = np.unravel_index(int(np.argmax(blob)), blob.shape)
+                first = int(
+                    np.ravel_multi_index(
+                        tuple(c + b.start for c, b in zip(first_local, box, strict=True)), volume.shape
+                    )
+                )
+                if best is None or first < best[0]:
+                    best = (first, box, blob)
+        assert best is not None
+        _, box, blob = best
+        if not (grown[box] & blob).any():
+            own = _bounding_box(blob, margin=0)  # the blob's own box, in ``box``
+            near = tuple(  # a one-voxel dilation stays within it grown by one voxel
+                slice(max(b.start + o.start - 1, 0), min(b.start + o.stop + 1, n))
+                for b, o, n in zip(box, own, volume.shape, strict=True)
+            )
+            current = np.zeros(volume.shape, dtype=bool)
+            current[box] = blob
+            grown[near] |= ndimage.binary_dilation(current[near], structure=_CONNECTIVITY)
+            confidences.append((tumor_index, max_prob))
+            indexed[box][blob] = tumor_index
+        working[box][blob] = 0.0
     return confidences, indexed
 
 
@@ -271,19 +335,25 @@ def extract_candidate_labels(
         indexed[window] = np.asarray(indexed_window)
     found: list[tuple[LesionCandidate, np.ndarray]] = []
     source = source_name or settings.source_map
-    grid_index = np.indices(volume.shape, dtype=np.float64).reshape(3, -1).T  # [N, 3] (d, h, w)
+    boxes = ndimage.find_objects(indexed) if confidences else []  # each blob's box: the work below stays in it
     for blob, confidence in confidences:
         if confidence <= 0:  # the "dynamic" (version 1) artefact described in the docstring
             continue
-        mask = indexed == blob
-        if not mask.any() or float(volume[mask].max()) < settings.floor_likelihood:  # peaks below the floor
+        box = boxes[blob - 1] if blob <= len(boxes) else None
+        if box is None:
             continue
-        likelihood = float(confidence) if scores is None else float(scores[mask].max())
+        local = indexed[box] == blob
+        values = volume[box][local]
+        if float(values.max()) < settings.floor_likelihood:  # peaks below the floor
+            continue
+        likelihood = float(confidence) if scores is None else float(scores[box][local].max())
         if likelihood <= settings.min_likelihood:
             continue
-        weights = volume[mask].astype(np.float64)
-        idx = grid_index[mask.reshape(-1)]
+        weights = values.astype(np.float64)
+        idx = np.argwhere(local).astype(np.float64) + np.array([b.start for b in box], dtype=np.float64)
         centre = (idx * weights[:, None]).sum(0) / max(weights.sum(), 1e-12)
+        mask = np.zeros(volume.shape, dtype=bool)
+        mask[box] = local
         candidate = LesionCandidate(
             center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
             volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
@@ -371,8 +441,10 @@ def extract_study_candidates(
     if aux.shape != labels.shape:
         raise ValueError(f"the {settings.secondary_sequence} map has shape {aux.shape}, fused_map {labels.shape}")
     taken = labels > 0
-    if taken.any() and settings.secondary_exclusion_voxels > 0:
-        taken = ndimage.binary_dilation(taken, structure=_CONNECTIVITY, iterations=settings.secondary_exclusion_voxels)
+    if taken.any() and settings.secondary_exclusion_voxels > 0:  # within the box it can reach (1/9 of the time)
+        grow = settings.secondary_exclusion_voxels
+        box = _bounding_box(taken, margin=grow)
+        taken[box] = ndimage.binary_dilation(taken[box], structure=_CONNECTIVITY, iterations=grow)
     secondary, _, secondary_labels = extract_candidate_labels(
         np.where(taken, np.float32(0.0), aux),
         geometry,

@@ -107,12 +107,16 @@ def candidate_features(
     if len(secondary) != len(lesion_ids):
         raise ValueError(f"secondary has {len(secondary)} flags for {len(lesion_ids)} candidates")
     rows = np.zeros((len(lesion_ids), len(FEATURE_NAMES)), dtype=np.float64)
+    label_map = np.asarray(labels)
+    if not np.issubdtype(label_map.dtype, np.integer):
+        label_map = label_map.astype(np.int64)
+    own_boxes = ndimage.find_objects(label_map)  # each candidate's own box (None: no voxel)
     for row, lesion_id in enumerate(lesion_ids):
-        where = np.nonzero(labels == lesion_id)
-        if where[0].size == 0:
+        own = own_boxes[lesion_id - 1] if 0 < lesion_id <= len(own_boxes) else None
+        if own is None:
             raise ValueError(f"candidate {lesion_id} has no voxel in the label map")
-        lo = [max(0, int(w.min()) - _MARGIN) for w in where]
-        hi = [min(n, int(w.max()) + _MARGIN + 1) for w, n in zip(where, shape, strict=True)]
+        lo = [max(0, o.start - _MARGIN) for o in own]
+        hi = [min(n, o.stop + _MARGIN) for o, n in zip(own, shape, strict=True)]
         box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
         blob = labels[box] == lesion_id
         ring = ndimage.binary_dilation(blob, iterations=_RING_VOXELS) & ~blob
@@ -141,7 +145,7 @@ def candidate_features(
                 float(inside.min()),
                 float(inside.max()),
             ]
-        values += [float(int(w.max()) - int(w.min()) + 1) for w in where]
+        values += [float(o.stop - o.start) for o in own]
         values += [float(maps[k][box][blob].max()) for k in range(len(SEQUENCES))]
         values.append(1.0 if secondary[row] else 0.0)
         rows[row] = values
