@@ -83,6 +83,7 @@ def candidate_table(
     their own in ``study`` / ``study_significant``.
     """
     nets.eval()
+    device = nets.device  # the GPU profile fits its scorer right after training on the GPU
     rows: list[np.ndarray] = []
     labels: list[bool] = []
     study: list[int] = []
@@ -94,8 +95,8 @@ def candidate_table(
             passes.append((record, np.asarray(MISSING_SEQUENCE_MASKS[index % len(MISSING_SEQUENCE_MASKS)])))
     for index, (record, keep) in enumerate(passes):
         images, availability = remove_sequences(record.images, record.availability, keep)
-        out = nets(torch.from_numpy(images[None]), torch.from_numpy(availability[None]))
-        outputs = {name: value[0].numpy() for name, value in out.items()}
+        out = nets(torch.from_numpy(images[None]).to(device), torch.from_numpy(availability[None]).to(device))
+        outputs = {name: value[0].cpu().numpy() for name, value in out.items()}
         findings = build_findings(outputs, record.geometry, availability=availability)
         significant.append(bool(record.significant))
         if not findings.lesions:
