@@ -208,7 +208,8 @@ def test_lesion_balanced_recall_weighs_each_cspca_lesion_the_same_and_skips_abse
     records: list[CaseRecord],
 ) -> None:
     """The per-lesion recall term: a one-voxel lesion weighs as much as a 36-voxel one, an absent sequence's map
-    does not count, a batch without csPCa gives 0 (with a graph), and the option adds exactly this term."""
+    does not count, the shell term is a per-lesion mean too, a batch without csPCa gives 0 (with a graph), and the
+    option adds exactly this term."""
     logits = torch.full((2, NUM_SEQUENCES, 2, 8, 8), 5.0)
     target = torch.zeros(2, 1, 2, 8, 8)
     lesion_index = torch.zeros(2, 2, 8, 8, dtype=torch.int64)
@@ -223,6 +224,9 @@ def test_lesion_balanced_recall_weighs_each_cspca_lesion_the_same_and_skips_abse
     got = lesion_balanced_recall(logits, target, availability, lesion_index)
     small, large = torch.nn.functional.softplus(torch.tensor(5.0)), torch.nn.functional.softplus(torch.tensor(-5.0))
     assert float(got) == pytest.approx(float((small + large) / 2), rel=1e-5)  # a voxel mean would be about 0.14
+    # with a one-voxel shell each lesion also answers for its neighbours, which every present map calls (logit 5)
+    shelled = lesion_balanced_recall(logits, target, availability, lesion_index, shell_voxels=1)
+    assert float(shelled) == pytest.approx(float((small + large) / 2 + small), rel=1e-5)
     none = lesion_balanced_recall(logits.requires_grad_(), torch.zeros_like(target), availability, lesion_index)
     assert float(none.detach()) == 0.0 and none.requires_grad
     torch.manual_seed(0)
