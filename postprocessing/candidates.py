@@ -173,101 +173,100 @@ def _dynamic_blobs(
     volume: np.ndarray, settings: CandidateSettings, stop_likelihood: float
 ) -> tuple[list[tuple[int, float]], np.ndarray]:
     """report_guided_annotation's ``"dynamic"`` extraction (its version 1, adjacent candidates removed), same
-    results, with the static step vectorized and the loop stopped once the map's maximum is below
-    ``stop_likelihood`` (the package's ``max_prob_failsafe_stopping_threshold``, 0.01 by default): blobs peaking
-    below the floor are dropped afterwards anyway, and each further pass costs a labelling of the volume.
+    results, with the loop stopped once the map's maximum is below ``stop_likelihood`` (the package's
+    ``max_prob_failsafe_stopping_threshold``, 0.01 by default): blobs peaking below the floor are dropped afterwards
+    anyway, and each further pass costs a labelling. Each pass takes the blob holding the map's maximum at the
+    threshold ``max / factor`` (:func:`_blob_by_region` when every blob is kept, as the contract does;
+    :func:`_blob_by_static_step` otherwise) and keeps it unless it touches an earlier one.
     Returns ``(confidences, indexed)`` like the package (tested against it on random maps)."""
-    if settings.min_voxels_detection <= 0:
-        return _dynamic_blobs_by_region(volume, settings, stop_likelihood)
     working = volume.copy()
     grown = np.zeros(volume.shape, dtype=bool)  # the extracted blobs, dilated by one voxel
     indexed = np.zeros(volume.shape, dtype=int)
     confidences: list[tuple[int, float]] = []
+    regions = _Regions(volume) if settings.min_voxels_detection <= 0 else None
     while len(confidences) < settings.num_lesions_to_extract:
         tumor_index = 1 + len(confidences)
         max_prob = float(working.max())
         if max_prob < stop_likelihood:
             break
         threshold = max_prob / settings.dynamic_threshold_factor
-        hard_blobs = _static_blobs(working, threshold, settings.min_voxels_detection)
-        max_prob = float(hard_blobs.max())
-        current = hard_blobs == max_prob  # version 1: with max_prob 0 this is the empty region (confidence 0)
-        # the first blob in raster order: labelling the bounding box keeps that order (and every blob whole)
-        box = _bounding_box(current, margin=0)
-        labelled, _ = ndimage.label(current[box], structure=_CONNECTIVITY)
-        current = np.zeros(volume.shape, dtype=bool)
-        current[box] = labelled == 1
-        if not (current & grown).any():
-            seed = current & (hard_blobs > 0)
-            if seed.any():  # a one-voxel dilation stays within the seed's box grown by one voxel
-                box = _bounding_box(seed, margin=1)
-                grown[box] |= ndimage.binary_dilation(seed[box], structure=_CONNECTIVITY)
+        if regions is not None:
+            box, blob = regions.blob(working, max_prob, threshold)
+            seed = blob
+        else:
+            max_prob, box, blob, seed = _blob_by_static_step(working, threshold, settings.min_voxels_detection)
+        if not (grown[box] & blob).any():
+            if seed.any():
+                _dilate_into(grown, box, seed)
             confidences.append((tumor_index, max_prob))
-            indexed += current * tumor_index
-        working = working * ~current
+            indexed[box] += blob * tumor_index
+        working[box] *= ~blob
     return confidences, indexed
 
 
-def _dynamic_blobs_by_region(
-    volume: np.ndarray, settings: CandidateSettings, stop_likelihood: float
-) -> tuple[list[tuple[int, float]], np.ndarray]:
-    """:func:`_dynamic_blobs` when every blob is kept (``min_voxels_detection`` 0), labelling only where the blob
-    can be.
+def _dilate_into(grown: np.ndarray, box: tuple[slice, ...], mask: np.ndarray) -> None:
+    """``grown |=`` the one-voxel (26-connected) dilation of ``mask`` (a mask of ``grown[box]``), computed within
+    the mask's own box grown by one voxel (all a one-voxel dilation can reach)."""
+    own = _bounding_box(mask, margin=0)
+    near = tuple(
+        slice(max(b.start + o.start - 1, 0), min(b.start + o.stop + 1, n))
+        for b, o, n in zip(box, own, grown.shape, strict=True)
+    )
+    full = np.zeros(grown.shape, dtype=bool)
+    full[box] = mask
+    grown[near] |= ndimage.binary_dilation(full[near], structure=_CONNECTIVITY)
 
-    Each pass the package labels the whole map at ``max / factor`` to find the blob holding the maximum. Every such
-    blob lies inside one *region* (26-connected) of the map's nonzero voxels, since passes only zero voxels and the
-    threshold is positive; so the map is labelled into regions once, and each pass labels only the box of the
-    region(s) holding a voxel at the maximum. With every blob kept, the blobs that peak at the maximum are exactly
-    those holding such a voxel, and the package takes the one that comes first in raster order (the first label
-    of its box of them); so does this. Same ``(confidences, indexed)`` as :func:`_dynamic_blobs` (tested).
+
+def _blob_by_static_step(
+    working: np.ndarray, threshold: float, min_voxels_detection: int
+) -> tuple[float, tuple[slice, ...], np.ndarray, np.ndarray]:
+    """The package's pass: its static step on the whole map, then the first (raster order) blob peaking at the
+    highest kept peak. Returns ``(that peak, box, blob in box, seed in box)``; with no blob kept the peak is 0
+    and the blob the empty region (version 1's artefact, confidence 0), whose seed is empty."""
+    hard_blobs = _static_blobs(working, threshold, min_voxels_detection)
+    max_prob = float(hard_blobs.max())
+    current = hard_blobs == max_prob
+    box = _bounding_box(current, margin=0)  # labelling the bounding box keeps raster order (and every blob whole)
+    labelled, _ = ndimage.label(current[box], structure=_CONNECTIVITY)
+    blob = labelled == 1
+    return max_prob, box, blob, blob & (hard_blobs[box] > 0)
+
+
+class _Regions:
+    """The 26-connected regions of a map's nonzero voxels, to find a pass's blob without labelling the whole map.
+
+    Every blob of a pass lies inside one region (passes only zero voxels, and the threshold is positive), so a pass
+    labels only the box of the region(s) holding a voxel at the maximum. With every blob kept, the blobs that peak
+    at the maximum are exactly those holding such a voxel, and the package takes the one that comes first in raster
+    order (the first label of its box of them); so does :meth:`blob`.
     """
-    working = volume.copy()
-    flat = working.reshape(-1)
-    grown = np.zeros(volume.shape, dtype=bool)  # the extracted blobs, dilated by one voxel
-    indexed = np.zeros(volume.shape, dtype=int)
-    confidences: list[tuple[int, float]] = []
-    regions, _ = ndimage.label(volume > 0, structure=_CONNECTIVITY)
-    region_boxes = ndimage.find_objects(regions)
-    region_of = regions.reshape(-1)
-    while len(confidences) < settings.num_lesions_to_extract:
-        tumor_index = 1 + len(confidences)
-        max_prob = float(working.max())
-        if max_prob < stop_likelihood:
-            break
-        threshold = max_prob / settings.dynamic_threshold_factor
-        peaks = np.flatnonzero(flat == max_prob)
+
+    def __init__(self, volume: np.ndarray) -> None:
+        self.shape = volume.shape
+        labels, _ = ndimage.label(volume > 0, structure=_CONNECTIVITY)
+        self.boxes = ndimage.find_objects(labels)
+        self.of = labels.reshape(-1)
+
+    def blob(self, working: np.ndarray, max_prob: float, threshold: float) -> tuple[tuple[slice, ...], np.ndarray]:
+        """``(box, blob in box)``: the first blob in raster order, at ``threshold``, holding a voxel at ``max_prob``."""
+        peaks = np.flatnonzero(working.reshape(-1) == max_prob)
         best: tuple[int, tuple[slice, ...], np.ndarray] | None = None  # (first raster index, box, blob in box)
-        for region in np.unique(region_of[peaks]):
-            box = region_boxes[int(region) - 1]
+        for region in np.unique(self.of[peaks]):
+            box = self.boxes[int(region) - 1]
             assert box is not None
             labelled, _ = ndimage.label(~(working[box] < threshold), structure=_CONNECTIVITY)
-            inside = [np.unravel_index(i, volume.shape) for i in peaks[region_of[peaks] == region]]
+            inside = [np.unravel_index(i, self.shape) for i in peaks[self.of[peaks] == region]]
             local = {int(labelled[tuple(c - b.start for c, b in zip(i, box, strict=True))]) for i in inside}
             for label in local:
                 blob = labelled == label
                 first_local = np.unravel_index(int(np.argmax(blob)), blob.shape)
                 first = int(
-                    np.ravel_multi_index(
-                        tuple(c + b.start for c, b in zip(first_local, box, strict=True)), volume.shape
-                    )
+                    np.ravel_multi_index(tuple(c + b.start for c, b in zip(first_local, box, strict=True)), self.shape)
                 )
                 if best is None or first < best[0]:
                     best = (first, box, blob)
         assert best is not None
-        _, box, blob = best
-        if not (grown[box] & blob).any():
-            own = _bounding_box(blob, margin=0)  # the blob's own box, in ``box``
-            near = tuple(  # a one-voxel dilation stays within it grown by one voxel
-                slice(max(b.start + o.start - 1, 0), min(b.start + o.stop + 1, n))
-                for b, o, n in zip(box, own, volume.shape, strict=True)
-            )
-            current = np.zeros(volume.shape, dtype=bool)
-            current[box] = blob
-            grown[near] |= ndimage.binary_dilation(current[near], structure=_CONNECTIVITY)
-            confidences.append((tumor_index, max_prob))
-            indexed[box][blob] = tumor_index
-        working[box][blob] = 0.0
-    return confidences, indexed
+        return best[1], best[2]
 
 
 def _as_volume(values: np.ndarray, name: str) -> np.ndarray:
