@@ -26,14 +26,15 @@ test: $(STAMP) system-packages
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 # Retrain the shipped CPU checkpoint from scratch (docs/networks.md, "The shipped default checkpoint"):
-# synthetic seed 1 (700 training + 100 validation + 300 calibration-only + 800 scorer-only cases), 3 phases, category
-# thresholds + Platt calibration on the validation and calibration-only cases; the fused-map loss trains the fusion
-# only (sixth release); the second-stage lesion scorer fitted on cases 700-1899 (seventh release), on the fused-map and
-# DWI-map candidates of the contract's candidate settings (eighth release). 15.2 min from an empty cache in a fresh
-# clone on a 2-core Zen 5 VM for the seventh release's recipe (6.1 of them the cache, 3.2 the scorer), 9.3 min with the
-# cache in place for the eighth's (BENCHMARKS "Training").
+# synthetic seed 1 (700 training + 100 validation + 300 calibration-only + 800 scorer-only + 1600 recalibration-only
+# cases), 3 phases, category thresholds + Platt calibration on the validation and calibration-only cases; the fused-map
+# loss trains the fusion only (sixth release); the second-stage lesion scorer fitted on cases 700-1899 (seventh
+# release), on the fused-map and DWI-map candidates of the contract's candidate settings (eighth release), with its
+# category-5 model, then recalibrated (study-level Platt) on cases 1900-3499 (ninth release). Wall clock: BENCHMARKS
+# "Training" (the seventh release's recipe took 15.2 min from an empty cache in a fresh clone on a 2-core Zen 5 VM).
 checkpoint: $(STAMP)
-	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --scorer-cases 800 --data-seed 1 \
+	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --scorer-cases 800 \
+	  --recalibration-cases 1600 --data-seed 1 \
 	  --epochs-localization 4 --epochs-classification 4 --epochs-joint 3 --fused-loss-trains-fusion-only --seed 0 --threads 2 \
 	  --cache .cache/train --out build/runs/cpu_default --checkpoint-out checkpoints/cpu_default.pt --no-progress
 

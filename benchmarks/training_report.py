@@ -80,8 +80,11 @@ def _fused_loss_flag(config: dict[str, Any]) -> str:
 def _calibration_flag(config: dict[str, Any]) -> str:
     extra = int(config.get("calibration_cases", 0))
     scorer = config.get("scorer_cases")
-    return (f" --calibration-cases {extra}" if extra else "") + (
-        "" if scorer is None else f" --scorer-cases {int(scorer)}"
+    recalibration = int(config.get("recalibration_cases", 0))
+    return (
+        (f" --calibration-cases {extra}" if extra else "")
+        + ("" if scorer is None else f" --scorer-cases {int(scorer)}")
+        + (f" --recalibration-cases {recalibration}" if recalibration else "")
     )
 
 
@@ -98,6 +101,13 @@ def _data_words(config: dict[str, Any], data: dict[str, Any]) -> str:
     if scorer:
         first = config["cases"] + extra
         text += f"; cases {first}–{first + int(scorer) - 1}: {scorer} scorer-only (the lesion scorer's fit alone)"
+    recalibration = int(config.get("recalibration_cases", 0))
+    if recalibration:
+        first = config["cases"] + extra + int(scorer or 0)
+        text += (
+            f"; cases {first}–{first + recalibration - 1}: {recalibration} recalibration-only (the scorer's"
+            " study-level Platt map alone)"
+        )
     return text + "."
 
 
@@ -183,8 +193,10 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
             f" {scorer.get('candidates')} candidates ({scorer.get('cspca_candidates')} on csPCa lesions) of"
             f" {scorer.get('studies')} studies in {scorer.get('study_passes')} passes with all and with fewer"
             " sequences"
+            + _scorer_models(scorer)
             + (
-                f", fitted in {invocation['lesion_scorer_seconds'] / 60:.1f} min of the wall clock"
+                f", {'fitted and recalibrated' if scorer.get('recalibration') else 'fitted'} in"
+                f" {invocation['lesion_scorer_seconds'] / 60:.1f} min of the wall clock"
                 if invocation.get("lesion_scorer_seconds")
                 else ""
             )
@@ -192,6 +204,22 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
         ]
     lines.append(end)
     return "\n".join(lines)
+
+
+def _scorer_models(record: dict[str, Any]) -> str:
+    """The category-5 and lesion models and the recalibration of a lesion scorer's ``fitted_on`` record, in words."""
+    words = ""
+    for key, what in (("category5", "category-5 model (5 against 4)"), ("lesion", "lesion model (any lesion)")):
+        model = record.get(key)
+        if isinstance(model, dict) and "skipped" not in model:
+            words += f"; {what} on {model.get('candidates')} candidates ({model.get('positives')} positive)"
+    recalibration = record.get("recalibration")
+    if isinstance(recalibration, dict):
+        words += (
+            f"; recalibrated on {recalibration.get('data')} ({recalibration.get('studies')} studies): study-level Platt"
+            f" slope {float(recalibration['slope']):.3f}, intercept {float(recalibration['intercept']):.3f}"
+        )
+    return words
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,6 +171,7 @@ def export_repository(
             else {
                 "sha256": hashlib.sha256(scorer.to_json().encode()).hexdigest(),
                 "trees": len(scorer.trees),
+                "category5_trees": 0 if scorer.category5 is None else len(scorer.category5.trees),
                 "fitted_on": scorer.fitted_on,
             },
             "versions": _versions(trt_version),

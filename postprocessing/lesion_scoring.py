@@ -9,15 +9,18 @@ preprocessed tensors inside and around a lesion separate transition-zone cancers
 (docs/networks.md, "Candidate rescoring"). The scorer reads such statistics of each candidate
 blob plus the network's own evidence (peak csPCa logit, highest score, fused-map peak, volume): a
 small ensemble of gradient-boosted trees, fitted with the log-loss on studies the networks never trained on
-(``training.lesion_scoring``), so its output is directly a calibrated probability. It travels in the checkpoint
-(``metadata["lesion_scoring"]``) and in the model repository (the ensemble's ``mpmri_lesion_scoring`` config
-parameter, which the service reads from Triton).
+(``training.lesion_scoring``), then recalibrated (study-level Platt, folded into the trees) on studies neither the
+networks nor the scorer saw. Two more ensembles on the same features give each lesion its category: category 5
+against 4 for a csPCa lesion, and "a lesion of any kind" against none below csPCa (:func:`coherent_category`;
+docs/networks.md, "Ninth release"). It travels in the checkpoint (``metadata["lesion_scoring"]``) and in the model
+repository (the ensemble's ``mpmri_lesion_scoring`` config parameter, which the service reads from Triton).
 
 Missing sequences: every feature of an absent sequence is missing (NaN), which the trees route as fitted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Sequence
@@ -33,6 +36,10 @@ from contract import CSPCA_MIN_PIRADS, PIRADS_CATEGORIES, SEQUENCES
 LESION_SCORING_PARAMETER = "mpmri_lesion_scoring"
 #: a lesion at or above this csPCa likelihood is reported as category >= 4 (csPCa), below it as <= 3
 CSPCA_LIKELIHOOD_THRESHOLD = 0.5
+#: a csPCa lesion at or above this P(category 5 | csPCa) is reported as category 5, below it as 4
+CATEGORY5_PROBABILITY_THRESHOLD = 0.5
+#: below csPCa, a candidate at or above this P(a lesion of any kind) is category 2-3 (a benign lesion), below it 1
+LESION_PROBABILITY_THRESHOLD = 0.5
 #: features of the network's evidence in a blob
 NETWORK_FEATURES: tuple[str, ...] = ("cspca_logit", "score_max", "fused_peak", "log_voxels")
 #: statistics of each preprocessed sequence in a blob (``<sequence>_<name>``)
@@ -209,53 +216,19 @@ class Tree:
 
 
 @dataclass(frozen=True)
-class LesionScorer:
-    """Gradient-boosted trees (binary log-loss) for "this candidate is a csPCa lesion" on :data:`FEATURE_NAMES`.
-
-    ``P = sigmoid(baseline + sum_t tree_t(x))``: the trees of scikit-learn's ``HistGradientBoostingClassifier``
-    (``training.lesion_scoring``), evaluated here with numpy alone so the service needs no scikit-learn (a test
-    checks the two agree). The features of sequences that are absent from a study are missing (NaN); each node
-    sends a missing value the way the fit learned, or to its larger child.
+class BoostedTrees:
+    """The log-odds ``baseline + sum_t tree_t(x)`` of a boosted-tree ensemble (binary log-loss), numpy only.
 
     Attributes:
-        feature_names: the features, in order (must equal :data:`FEATURE_NAMES` of the code that applies it).
         baseline: the ensemble's initial log-odds.
         trees: the boosted trees (leaf values include the learning rate).
-        no_candidate_probability: the study csPCa probability of a study without any candidate (the share of
-            csPCa among such studies of the fitting data, smoothed).
-        fitted_on: where and how it was fitted (for the record: seeds, cases, counts, settings).
     """
 
-    feature_names: tuple[str, ...]
     baseline: float
     trees: tuple[Tree, ...]
-    no_candidate_probability: float
-    fitted_on: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        n = len(self.feature_names)
-        for tree in self.trees:
-            if max(tree.feature) >= n:
-                raise ValueError(f"lesion scorer: a tree splits on feature {max(tree.feature)} of {n}")
-        if not 0.0 <= self.no_candidate_probability <= 1.0:
-            raise ValueError(f"lesion scorer: no_candidate_probability {self.no_candidate_probability} not in [0, 1]")
-
-    def check_features(self, names: Sequence[str] = FEATURE_NAMES) -> None:
-        """Raise ``ValueError`` naming the difference when the scorer's features are not ``names``."""
-        if tuple(self.feature_names) != tuple(names):
-            missing = [n for n in names if n not in self.feature_names]
-            extra = [n for n in self.feature_names if n not in names]
-            raise ValueError(
-                "the lesion scorer was fitted on other features than this code computes"
-                f" (missing {missing}, unknown {extra}, or another order): refit it (`mpmri fit-lesion-scorer`)"
-            )
-
-    def logits(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
-        """Log-odds ``[N]`` of feature rows ``[N, F]``; the features of sequences absent in ``availability [S]``
-        are treated as missing."""
-        x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
-        if availability is not None:
-            x = missing_as_nan(x, availability, self.feature_names)
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Log-odds ``[N]`` of feature rows ``x [N, F]`` (NaN = missing)."""
         feature, threshold, left, right, value, missing_left = self._packed
         rows = np.arange(x.shape[0])[:, None]
         trees = np.arange(feature.shape[0])[None, :]
@@ -273,7 +246,7 @@ class LesionScorer:
     @functools.cached_property
     def _packed(self) -> tuple[np.ndarray, ...]:
         """The trees as ``[T, max nodes]`` arrays (feature, threshold, left, right, value, missing_left), padded
-        with leaves; built once per scorer."""
+        with leaves; built once per ensemble."""
         width = max((len(tree.feature) for tree in self.trees), default=1)
         shape = (len(self.trees), width)
         feature = np.full(shape, -1, dtype=np.int64)
@@ -286,9 +259,137 @@ class LesionScorer:
             left[t, :n], right[t, :n], missing_left[t, :n] = tree.left, tree.right, tree.missing_left
         return feature, threshold, left, right, value, missing_left
 
+    def max_feature(self) -> int:
+        return max((max(tree.feature) for tree in self.trees), default=-1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "trees": [tree.to_dict() for tree in self.trees]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BoostedTrees:
+        return cls(baseline=float(data["baseline"]), trees=tuple(Tree.from_dict(t) for t in data["trees"]))
+
+
+@dataclass(frozen=True)
+class LesionScorer:
+    """Gradient-boosted trees (binary log-loss) for "this candidate is a csPCa lesion" on :data:`FEATURE_NAMES`,
+    and optionally for "this csPCa lesion is category 5" (PI-RADS' >= 15 mm).
+
+    ``P = sigmoid(baseline + sum_t tree_t(x))``: the trees of scikit-learn's ``HistGradientBoostingClassifier``
+    (``training.lesion_scoring``), evaluated here with numpy alone so the service needs no scikit-learn (a test
+    checks the two agree). The features of sequences that are absent from a study are missing (NaN); each node
+    sends a missing value the way the fit learned, or to its larger child.
+
+    Together the two models are an ordinal (continuation-ratio) formulation of a lesion's category:
+    ``P(category >= 4)`` is the csPCa likelihood, ``P(category 5 | category >= 4)`` the category-5 model's
+    probability (:func:`coherent_category`).
+
+    Attributes:
+        feature_names: the features, in order (must equal :data:`FEATURE_NAMES` of the code that applies it).
+        baseline: the csPCa ensemble's initial log-odds.
+        trees: the csPCa ensemble's boosted trees (leaf values include the learning rate).
+        no_candidate_probability: the study csPCa probability of a study without any candidate (the share of
+            csPCa among such studies of the fitting data, smoothed).
+        fitted_on: where and how it was fitted (for the record: seeds, cases, counts, settings, recalibration).
+        category5: the category-5 ensemble (fitted on the candidates that overlap a csPCa lesion: category 5
+            against 4), or ``None``: the network's score decides 4 against 5 (releases 7-8).
+        lesion: the lesion ensemble (fitted on every candidate: it overlaps a lesion of any kind, benign ones
+            included, against none), or ``None`` (releases 7-8): below csPCa, it separates category 2 (a benign
+            lesion) from 1 (no lesion) (:func:`coherent_category`).
+    """
+
+    feature_names: tuple[str, ...]
+    baseline: float
+    trees: tuple[Tree, ...]
+    no_candidate_probability: float
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    category5: BoostedTrees | None = None
+    lesion: BoostedTrees | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.feature_names)
+        for ensemble in (self._ensemble, self.category5, self.lesion):
+            if ensemble is not None and ensemble.max_feature() >= n:
+                raise ValueError(f"lesion scorer: a tree splits on feature {ensemble.max_feature()} of {n}")
+        if not 0.0 <= self.no_candidate_probability <= 1.0:
+            raise ValueError(f"lesion scorer: no_candidate_probability {self.no_candidate_probability} not in [0, 1]")
+
+    @functools.cached_property
+    def _ensemble(self) -> BoostedTrees:
+        return BoostedTrees(self.baseline, self.trees)
+
+    def check_features(self, names: Sequence[str] = FEATURE_NAMES) -> None:
+        """Raise ``ValueError`` naming the difference when the scorer's features are not ``names``."""
+        if tuple(self.feature_names) != tuple(names):
+            missing = [n for n in names if n not in self.feature_names]
+            extra = [n for n in self.feature_names if n not in names]
+            raise ValueError(
+                "the lesion scorer was fitted on other features than this code computes"
+                f" (missing {missing}, unknown {extra}, or another order): refit it (`mpmri fit-lesion-scorer`)"
+            )
+
+    def _rows(self, features: np.ndarray, availability: np.ndarray | None) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float64).reshape(-1, len(self.feature_names))
+        return x if availability is None else missing_as_nan(x, availability, self.feature_names)
+
+    def logits(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
+        """csPCa log-odds ``[N]`` of feature rows ``[N, F]``; the features of sequences absent in
+        ``availability [S]`` are treated as missing."""
+        return self._ensemble.logits(self._rows(features, availability))
+
+    def category5_probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray | None:
+        """``P(category 5 | csPCa)`` ``[N]`` of feature rows ``[N, F]``, or ``None`` without a category-5 model."""
+        return _probability(self.category5, self._rows(features, availability))
+
+    def lesion_probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray | None:
+        """``P(a lesion of any kind)`` ``[N]`` of feature rows ``[N, F]``, or ``None`` without a lesion model."""
+        return _probability(self.lesion, self._rows(features, availability))
+
     def probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
         """csPCa probabilities ``[N]`` in (0, 1) of feature rows ``[N, F]`` (see :meth:`logits`)."""
         return np.asarray(1.0 / (1.0 + np.exp(-self.logits(features, availability))), dtype=np.float64)
+
+    @property
+    def recalibration(self) -> dict[str, Any] | None:
+        """The study-level Platt map folded into this scorer (:meth:`recalibrated`), or ``None``."""
+        record = self.fitted_on.get("recalibration")
+        return dict(record) if isinstance(record, dict) else None
+
+    def recalibrated(self, slope: float, intercept: float, record: dict[str, Any] | None = None) -> LesionScorer:
+        """This scorer with the Platt map ``logit -> slope * logit + intercept`` folded into it.
+
+        Exactly representable: every leaf value is multiplied by ``slope`` and the baseline becomes
+        ``slope * baseline + intercept``, so the served evaluator and the model repository need no change and
+        the candidates keep their order. ``no_candidate_probability`` (an observed share) stays. ``record`` (where
+        and how the map was fitted) is stored as ``fitted_on["recalibration"]`` with the slope and intercept.
+
+        Raises:
+            ValueError: ``slope`` is not positive and finite (the map would reorder the candidates) or
+                ``intercept`` is not finite, or this scorer is already recalibrated (names on what).
+        """
+        if not (np.isfinite(slope) and slope > 0.0 and np.isfinite(intercept)):
+            raise ValueError(
+                f"a recalibration needs a positive finite slope and a finite intercept, got {slope}, {intercept}"
+            )
+        if self.recalibration is not None:
+            raise ValueError(
+                f"the lesion scorer is already recalibrated ({self.recalibration.get('data', 'unknown data')}):"
+                " recalibrate a scorer as fitted (`mpmri fit-lesion-scorer`)"
+            )
+        trees = tuple(dataclasses.replace(t, value=tuple(float(v) * slope for v in t.value)) for t in self.trees)
+        fitted_on = {
+            **self.fitted_on,
+            "recalibration": {**(record or {}), "slope": float(slope), "intercept": float(intercept)},
+        }
+        return LesionScorer(
+            feature_names=self.feature_names,
+            baseline=float(self.baseline) * slope + intercept,
+            trees=trees,
+            no_candidate_probability=self.no_candidate_probability,
+            fitted_on=fitted_on,
+            category5=self.category5,
+            lesion=self.lesion,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -298,6 +399,8 @@ class LesionScorer:
             "trees": [tree.to_dict() for tree in self.trees],
             "no_candidate_probability": self.no_candidate_probability,
             "fitted_on": dict(self.fitted_on),
+            **({} if self.category5 is None else {"category5": self.category5.to_dict()}),
+            **({} if self.lesion is None else {"lesion": self.lesion.to_dict()}),
         }
 
     def to_json(self) -> str:
@@ -313,6 +416,8 @@ class LesionScorer:
                 trees=tuple(Tree.from_dict(t) for t in data["trees"]),
                 no_candidate_probability=float(data["no_candidate_probability"]),
                 fitted_on=dict(data.get("fitted_on", {})),
+                category5=BoostedTrees.from_dict(data["category5"]) if data.get("category5") else None,
+                lesion=BoostedTrees.from_dict(data["lesion"]) if data.get("lesion") else None,
             )
         except KeyError as err:
             raise ValueError(f"the lesion scorer lacks {err.args[0]!r}") from err
@@ -330,6 +435,12 @@ class LesionScorer:
         return cls.from_dict(data)
 
 
+def _probability(ensemble: BoostedTrees | None, x: np.ndarray) -> np.ndarray | None:
+    if ensemble is None:
+        return None
+    return np.asarray(1.0 / (1.0 + np.exp(-ensemble.logits(x))), dtype=np.float64)
+
+
 def scorer_from_metadata(metadata: dict[str, Any]) -> LesionScorer | None:
     """The lesion scorer a checkpoint's metadata carries (``metadata["lesion_scoring"]``), or ``None``.
 
@@ -344,24 +455,42 @@ def scorer_from_metadata(metadata: dict[str, Any]) -> LesionScorer | None:
     return scorer
 
 
-def coherent_category(category: int, likelihood: float) -> int:
+def coherent_category(
+    category: int,
+    likelihood: float,
+    category5_probability: float | None = None,
+    lesion_probability: float | None = None,
+) -> int:
     """A lesion's PI-RADS-like category brought into agreement with its csPCa likelihood.
 
     csPCa means category ``>= CSPCA_MIN_PIRADS`` (4) in this contract, so a lesion the scorer calls more likely
     csPCa than not (``likelihood >= 0.5``) is at least category 4, and one it calls less likely is at most 3; the
-    network's own category (:func:`contract.pirads_category` of its score) stands where it already agrees.
+    network's own category (:func:`contract.pirads_category` of its score) stands where it already agrees. With a
+    ``category5_probability`` (the scorer's ``P(5 | csPCa)``), a csPCa lesion is 5 when it is ``>= 0.5``, else 4.
+    With a ``lesion_probability`` (the scorer's ``P(a lesion of any kind)``), a lesion below csPCa is 1 when that
+    is ``< 0.5`` (no lesion there), else the network's category held between 2 and 3 (a benign lesion).
     """
     if likelihood >= CSPCA_LIKELIHOOD_THRESHOLD:
+        if category5_probability is not None:
+            five = category5_probability >= CATEGORY5_PROBABILITY_THRESHOLD
+            return CSPCA_MIN_PIRADS + 1 if five else CSPCA_MIN_PIRADS
         return max(int(category), CSPCA_MIN_PIRADS)
+    if lesion_probability is not None:
+        if lesion_probability < LESION_PROBABILITY_THRESHOLD:
+            return 1
+        return min(max(int(category), 2), CSPCA_MIN_PIRADS - 1)
     return min(int(category), CSPCA_MIN_PIRADS - 1)
 
 
-def coherent_distribution(distribution: Sequence[float], cspca_probability: float) -> list[float]:
+def coherent_distribution(
+    distribution: Sequence[float], cspca_probability: float, category5_probability: float | None = None
+) -> list[float]:
     """The categories' distribution ``[5]`` rescaled so that ``P(category >= 4)`` is ``cspca_probability``.
 
     Within the csPCa categories (4-5) and within the others (1-3) the network's proportions stay; where the
     network puts no mass on a side, that side's mass goes to category 4, or 2 (the categories the contract
-    reports for a csPCa lesion and for a study without one).
+    reports for a csPCa lesion and for a study without one). With ``category5_probability`` (``P(5 | csPCa)`` of
+    the study's most likely lesion) the csPCa mass splits by it instead: ``P(5) = cspca_probability x`` it.
     """
     dist = np.clip(np.asarray(distribution, dtype=np.float64).reshape(-1), 0.0, None)
     if dist.size != len(PIRADS_CATEGORIES):
@@ -375,4 +504,7 @@ def coherent_distribution(distribution: Sequence[float], cspca_probability: floa
             out[side] = dist[side] / total * mass
         else:
             out[fallback] = mass
+    if category5_probability is not None:
+        q = min(max(float(category5_probability), 0.0), 1.0)
+        out[split], out[split + 1] = p * (1.0 - q), p * q
     return [float(v) for v in out]

@@ -29,6 +29,7 @@ from contract import (
 )
 from postprocessing.candidates import extract_study_candidates
 from postprocessing.lesion_scoring import (
+    LESION_PROBABILITY_THRESHOLD,
     LesionScorer,
     candidate_features,
     coherent_category,
@@ -161,8 +162,12 @@ def build_findings(
             ``settings.min_scored_likelihood`` are not reported as lesions (the study probability still counts
             them). Each lesion's category is its score's, brought into
             agreement with its likelihood (:func:`~postprocessing.lesion_scoring.coherent_category`: >= 4 exactly
-            when the likelihood is >= 0.5); the study category is the highest lesion category (1-2 outside
-            lesions), and the distribution is rescaled so that ``P(>= 4)`` is the study probability.
+            when the likelihood is >= 0.5; a csPCa lesion is 5 or 4 by the scorer's category-5 model where it has
+            one; below csPCa, 1 or 2-3 by its lesion model where it has one); the study category is the highest
+            lesion category (1-2 outside lesions: 2 when the lesion model finds a lesion among all candidates), and the
+            distribution is
+            rescaled so that ``P(>= 4)`` is the study probability (and ``P(5)`` that times the category-5
+            probability of the most likely candidate, with that model).
         images: the preprocessed study ``[S, D, H, W]`` the ensemble read (required with ``scorer``).
         availability: ``[S]`` sequence availability of that study (absent sequences do not count in the scorer, and
             an absent secondary sequence proposes no candidate); ``None``: every sequence present.
@@ -204,6 +209,10 @@ def build_findings(
     )
     likelihoods = [float(c.likelihood) for c in candidates]
     study_probability = float(prob[0])
+    category5: list[float | None] = [None] * len(candidates)  # P(5 | csPCa) per candidate, with such a model
+    lesion: list[float | None] = [None] * len(candidates)  # P(a lesion of any kind) per candidate, likewise
+    top_category5: float | None = None  # that of the study's most likely candidate
+    any_lesion: bool | None = None  # with a lesion model: does any candidate (reported or not) reach its threshold
     if scorer is not None:
         if images is None:
             raise ValueError("a lesion scorer needs the preprocessed images of the study")
@@ -212,7 +221,15 @@ def build_findings(
         features = candidate_features(images, labels, ids, cspca_map, score_map, fused, sequence_maps, secondary)
         likelihoods = [float(p) for p in scorer.probability(features, availability)]
         study_probability = max(likelihoods, default=float(scorer.no_candidate_probability))
+        five = scorer.category5_probability(features, availability)
+        if five is not None:
+            category5 = [float(q) for q in five]
+        anything = scorer.lesion_probability(features, availability)
+        if anything is not None:
+            lesion = [float(q) for q in anything]
+            any_lesion = bool(np.any(anything >= LESION_PROBABILITY_THRESHOLD))
         order = sorted(range(len(candidates)), key=lambda i: -likelihoods[i])
+        top_category5 = category5[order[0]] if order else None
         order = [i for i in order if likelihoods[i] >= settings.min_scored_likelihood]  # the reported lesions
         relabel = np.zeros(len(candidates) + 1, dtype=labels.dtype)
         for new_id, i in enumerate(order, start=1):
@@ -220,12 +237,16 @@ def build_findings(
         labels = relabel[labels]
         candidates = [dataclasses.replace(candidates[i], label=new_id) for new_id, i in enumerate(order, start=1)]
         likelihoods = [likelihoods[i] for i in order]
+        category5 = [category5[i] for i in order]
+        lesion = [lesion[i] for i in order]
     lesions = []
-    for c, lesion_likelihood in zip(candidates, likelihoods, strict=True):
+    for c, lesion_likelihood, lesion_category5, lesion_any in zip(
+        candidates, likelihoods, category5, lesion, strict=True
+    ):
         score = float(score_map[labels == c.label].max())
         category = pirads_category(score)
         if scorer is not None:
-            category = coherent_category(category, lesion_likelihood)
+            category = coherent_category(category, lesion_likelihood, lesion_category5, lesion_any)
         lesions.append(
             Lesion(
                 id=c.label,
@@ -241,9 +262,11 @@ def build_findings(
     study_category = pirads_category(float(score_map.max()))
     distribution = [float(v) for v in dist]
     if scorer is not None:
-        # the highest lesion category; outside the lesions the network's reading counts up to 2 (no lesion)
-        study_category = max([les.pirads for les in lesions] + [min(study_category, CSPCA_MIN_PIRADS - 2)])
-        distribution = coherent_distribution(distribution, study_probability)
+        # the highest lesion category; outside the reported lesions the lesion model decides 2 (a benign lesion
+        # among the candidates, reported or not) against 1, or without one the network's reading counts up to 2
+        outside = min(study_category, CSPCA_MIN_PIRADS - 2) if any_lesion is None else (2 if any_lesion else 1)
+        study_category = max([les.pirads for les in lesions] + [outside])
+        distribution = coherent_distribution(distribution, study_probability, top_category5)
     return Findings(
         cspca_probability=study_probability,
         pirads_distribution=distribution,

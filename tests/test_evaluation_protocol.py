@@ -136,3 +136,22 @@ def test_a_candidate_checkpoint_gets_its_own_section_and_leaves_the_shipped_figu
     assert "shipped 0.953" in text and text.count(CANDIDATE_BEGIN) == 1
     assert text.index(TEST_END) < text.index(CANDIDATE_BEGIN) < text.index(CANDIDATE_END)
     assert "| 0.750 |" in text and "| 0.700 |" not in text and "profile gpu" in text
+
+
+def test_the_section_header_names_the_scorers_category_models_and_recalibration_and_no_skipped_model() -> None:
+    from training.report import _scorer_text
+
+    fitted_on = {
+        "data": "seed 1 cases 700-1899",
+        "studies": 1200,
+        "candidates": 7450,
+        "study_passes": 2400,
+        "category5": {"candidates": 1166, "positives": 381},
+        "lesion": {"candidates": 3, "skipped": "too few"},
+        "recalibration": {"data": "seed 1 cases 1900-3499", "slope": 1.10354, "intercept": 0.0944},
+    }
+    text = _scorer_text(fitted_on)
+    assert "fitted on seed 1 cases 700-1899: 1200 studies, 7450 candidates in 2400 passes" in text
+    assert "ordinal models (category 5 against 4)" in text and "any lesion" not in text
+    assert "recalibrated on seed 1 cases 1900-3499 (study-level Platt, slope 1.104, intercept 0.094)" in text
+    assert "recalibrated" not in _scorer_text({k: v for k, v in fitted_on.items() if k != "recalibration"})

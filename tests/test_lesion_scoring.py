@@ -211,6 +211,114 @@ def test_coherent_categories_and_distribution() -> None:
     assert coherent_distribution([0.0, 0.0, 0.0, 0.0, 1.0], 0.1) == pytest.approx([0.0, 0.9, 0.0, 0.0, 0.1])
 
 
+def test_with_a_category5_model_cspca_lesions_are_5_or_4_by_it_and_the_distribution_splits_by_it() -> None:
+    """The ordinal pair: P(>= 4) is the csPCa likelihood, P(5 | >= 4) the category-5 model's; lesions under 0.5
+    keep the network's category (at most 3)."""
+    import dataclasses
+
+    from postprocessing.lesion_scoring import BoostedTrees
+
+    assert [coherent_category(c, 0.5, 0.5) for c in range(1, 6)] == [5, 5, 5, 5, 5]
+    assert [coherent_category(c, 0.9, 0.49) for c in range(1, 6)] == [4, 4, 4, 4, 4]
+    assert [coherent_category(c, 0.49, 0.99) for c in range(1, 6)] == [1, 2, 3, 3, 3]
+    assert coherent_distribution([0.1, 0.2, 0.1, 0.4, 0.2], 0.3, 0.9) == pytest.approx([0.175, 0.35, 0.175, 0.03, 0.27])
+    outputs, images = _two_blob_study()
+    ones = np.ones(3, np.float32)
+    # both blobs csPCa (logit +2 and +1); category 5 for the bright T2W blob A (P5 0.88), 4 for the dark B (0.12)
+    both = _stump("t2w_mean", 0.0, 1.0, 2.0)
+    five = BoostedTrees(0.0, (_stump("t2w_mean", 0.0, -2.0, 2.0),))
+    plain = build_findings(outputs, GEOMETRY, scorer=_scorer(both), images=images, availability=ones)
+    assert [les.pirads for les in plain.lesions] == [5, 4]  # the network's scores: A 4.6 (5), B 3.0 (3 -> 4)
+    scorer = dataclasses.replace(_scorer(both), category5=five)
+    scored = build_findings(outputs, GEOMETRY, scorer=scorer, images=images, availability=ones)
+    assert [les.likelihood for les in scored.lesions] == [les.likelihood for les in plain.lesions]
+    assert [les.pirads for les in scored.lesions] == [5, 4] and scored.pirads_score == 5
+    p5 = 1 / (1 + np.exp(-2.0))
+    assert scored.pirads_distribution[4] == pytest.approx(scored.cspca_probability * p5)
+    assert scored.pirads_distribution[3] == pytest.approx(scored.cspca_probability * (1 - p5))
+    flipped = dataclasses.replace(scorer, category5=BoostedTrees(0.0, (_stump("t2w_mean", 0.0, 2.0, -2.0),)))
+    assert [les.pirads for les in build_findings(outputs, GEOMETRY, scorer=flipped, images=images).lesions] == [4, 5]
+    # it travels with the scorer (checkpoint, model repository) and survives a recalibration
+    again = LesionScorer.from_json(scorer.to_json())
+    assert again.category5 == five and scorer.recalibrated(1.2, 0.1).category5 == five
+    with pytest.raises(ValueError, match="splits on feature"):
+        dataclasses.replace(
+            scorer,
+            category5=BoostedTrees(
+                0.0, (Tree((999, -1, -1), (0.0,) * 3, (1, 0, 0), (2, 0, 0), (0.0,) * 3, (False,) * 3),)
+            ),
+        )
+
+
+def test_with_a_lesion_model_a_candidate_below_cspca_is_1_or_2_to_3_and_a_study_is_2_if_any_candidate_is_one() -> None:
+    """Below csPCa the lesion model decides 1 (no lesion) against 2-3 (a benign lesion, the network's score deciding
+    between them); the study is 2 outside its reported lesions when any candidate, reported or not, is a lesion."""
+    import dataclasses
+
+    from postprocessing.lesion_scoring import BoostedTrees
+
+    assert [coherent_category(c, 0.3, None, 0.49) for c in range(1, 6)] == [1, 1, 1, 1, 1]
+    assert [coherent_category(c, 0.3, None, 0.5) for c in range(1, 6)] == [2, 2, 3, 3, 3]
+    assert [coherent_category(c, 0.7, None, 0.0) for c in range(1, 6)] == [4, 4, 4, 4, 5]  # csPCa: not its say
+    outputs, images = _two_blob_study()
+    ones = np.ones(3, np.float32)
+    # neither blob csPCa (A 0.018, B 0.119: A below the reporting floor); the lesion model calls A (bright) a lesion
+    low = _scorer(_stump("t2w_mean", 0.0, -2.0, -4.0))
+    lesion_a = BoostedTrees(0.0, (_stump("t2w_mean", 0.0, -3.0, 3.0),))
+    plain = build_findings(outputs, GEOMETRY, scorer=low, images=images, availability=ones)
+    assert [les.pirads for les in plain.lesions] == [3]  # B: the network's 3 (score 3.0), at most 3
+    with_model = build_findings(
+        outputs, GEOMETRY, scorer=dataclasses.replace(low, lesion=lesion_a), images=images, availability=ones
+    )
+    assert [les.pirads for les in with_model.lesions] == [1]  # B: no lesion by the model
+    assert with_model.pirads_score == 2  # A, unreported, is a lesion: a benign finding somewhere, category 2
+    lesion_b = BoostedTrees(0.0, (_stump("t2w_mean", 0.0, 3.0, -3.0),))
+    only_b = build_findings(
+        outputs, GEOMETRY, scorer=dataclasses.replace(low, lesion=lesion_b), images=images, availability=ones
+    )
+    assert [les.pirads for les in only_b.lesions] == [3] and only_b.pirads_score == 3
+    nothing = dataclasses.replace(low, lesion=BoostedTrees(-5.0, ()))
+    none = build_findings(outputs, GEOMETRY, scorer=nothing, images=images, availability=ones)
+    assert [les.pirads for les in none.lesions] == [1] and none.pirads_score == 1
+    assert LesionScorer.from_json(dataclasses.replace(low, lesion=lesion_a).to_json()).lesion == lesion_a
+
+
+def test_the_category5_model_is_fitted_on_the_candidates_over_cspca_lesions_and_skipped_when_too_few() -> None:
+    from training.lesion_scoring import CandidateTable, ScorerSettings, fit_lesion_scorer
+
+    small = ScorerSettings(iterations=60)
+    rng = np.random.default_rng(5)
+    n = 600
+    x = rng.normal(size=(n, len(FEATURE_NAMES)))
+    is_cspca = x[:, FEATURE_NAMES.index("cspca_logit")] > 0.0
+    size = x[:, FEATURE_NAMES.index("log_voxels")]
+    category = np.where(is_cspca, np.where(size > 0.3, 5, 4), 0)
+    table = CandidateTable(x, is_cspca, np.arange(n) // 2, np.zeros(n // 2, bool), lesion_category=category)
+    scorer = fit_lesion_scorer(table, small)
+    assert scorer.category5 is not None
+    record = scorer.fitted_on["category5"]
+    assert record == {"candidates": int(is_cspca.sum()), "positives": int(np.sum(category == 5))}
+    # the lesion model reads every candidate: here the lesions are the csPCa ones
+    assert scorer.lesion is not None and scorer.fitted_on["lesion"] == {
+        "candidates": n,
+        "positives": int(is_cspca.sum()),
+    }
+    test = rng.normal(size=(400, len(FEATURE_NAMES)))
+    p5 = scorer.category5_probability(test)
+    assert p5 is not None
+    truth = test[:, FEATURE_NAMES.index("log_voxels")] > 0.3
+    assert np.mean((p5 >= 0.5) == truth) > 0.9  # it learned the size rule from the csPCa candidates alone
+    few = CandidateTable(
+        x, is_cspca, np.arange(n) // 2, np.zeros(n // 2, bool), lesion_category=np.where(is_cspca, 4, 0)
+    )
+    skipped = fit_lesion_scorer(few, small)
+    assert skipped.category5 is None and "0 category-5 and " in skipped.fitted_on["category5"]["skipped"]
+    unrecorded = fit_lesion_scorer(CandidateTable(x, is_cspca, np.arange(n) // 2, np.zeros(n // 2, bool)), small)
+    assert unrecorded.category5 is None and unrecorded.lesion is None
+    assert "records no lesion categories" in unrecorded.fitted_on["category5"]["skipped"]
+    assert "records no lesion categories" in unrecorded.fitted_on["lesion"]["skipped"]
+
+
 def test_served_tree_evaluation_equals_scikit_learn(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -319,3 +427,129 @@ def test_fit_lesion_scorer_command_refuses_the_networks_training_studies(
     assert main([*args, "--cases", "709-690"]) == 2
     assert "FIRST-LAST with 0 <= FIRST <= LAST" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def _random_scorer(seed: int = 0, trees: int = 6) -> LesionScorer:
+    """A scorer of random stumps over the network features (for the exactness of the recalibration)."""
+    rng = np.random.default_rng(seed)
+    stumps = tuple(
+        _stump(str(rng.choice(["cspca_logit", "score_max", "fused_peak"])), float(rng.normal()), *rng.normal(size=2))
+        for _ in range(trees)
+    )
+    return LesionScorer(FEATURE_NAMES, -0.7, stumps, 0.03, {"data": "seed 1 cases 700-1899"})
+
+
+def test_a_recalibrated_scorer_applies_the_platt_map_to_every_log_odds_and_keeps_the_order() -> None:
+    scorer = _random_scorer()
+    x = np.random.default_rng(1).normal(size=(200, len(FEATURE_NAMES)))
+    recalibrated = scorer.recalibrated(1.3, -0.25, {"data": "seed 1 cases 1900-2899"})
+    np.testing.assert_allclose(recalibrated.logits(x), 1.3 * scorer.logits(x) - 0.25, rtol=0, atol=1e-12)
+    assert np.array_equal(np.argsort(recalibrated.logits(x)), np.argsort(scorer.logits(x)))
+    assert recalibrated.no_candidate_probability == scorer.no_candidate_probability
+    assert recalibrated.recalibration == {"data": "seed 1 cases 1900-2899", "slope": 1.3, "intercept": -0.25}
+    assert scorer.recalibration is None and recalibrated.fitted_on["data"] == "seed 1 cases 700-1899"
+    # it travels in the checkpoint / model repository as JSON, map included
+    assert LesionScorer.from_json(recalibrated.to_json()).recalibration == recalibrated.recalibration
+    np.testing.assert_array_equal(LesionScorer.from_json(recalibrated.to_json()).logits(x), recalibrated.logits(x))
+    with pytest.raises(ValueError, match="already recalibrated \\(seed 1 cases 1900-2899\\)"):
+        recalibrated.recalibrated(1.1, 0.0)
+    for slope, intercept in ((0.0, 0.0), (-1.0, 0.0), (float("nan"), 0.0), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="positive finite slope and a finite intercept"):
+            scorer.recalibrated(slope, intercept)
+
+
+def test_the_platt_fit_recovers_the_map_of_miscalibrated_study_scores_and_ignores_studies_without_candidate() -> None:
+    from training.lesion_scoring import StudyScores, fit_platt
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 2.0, 20000)
+    significant = rng.random(20000) < 1.0 / (1.0 + np.exp(-(1.5 * logits - 0.4)))
+    logits[:500] = np.nan  # no candidate: left to no_candidate_probability
+    slope, intercept = fit_platt(StudyScores(logits, significant))
+    assert abs(slope - 1.5) < 0.06 and abs(intercept + 0.4) < 0.06
+
+
+def test_the_platt_fit_refuses_too_few_studies_and_perfectly_separated_ones() -> None:
+    from training.lesion_scoring import LesionScoringError, StudyScores, fit_platt
+
+    few = StudyScores(
+        np.array([0.1, 0.2, 0.3, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, np.nan]), np.array([0] * 3 + [1] * 7, bool)
+    )
+    with pytest.raises(LesionScoringError, match="at least 5 studies of each class with a candidate, got 6 csPCa"):
+        fit_platt(few)
+    separated = StudyScores(np.arange(12.0), np.arange(12) >= 6)
+    with pytest.raises(LesionScoringError, match="separated perfectly"):
+        fit_platt(separated)
+
+
+def _with_scorer_as_fitted(tmp_path: Path) -> Path:
+    """The shipped checkpoint with its lesion scorer as fitted (the shipped recalibration undone), at
+    ``tmp_path / "as_fitted.pt"``."""
+    import dataclasses
+
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, save_checkpoint
+
+    nets, meta = load_checkpoint(DEFAULT_CHECKPOINT)
+    scorer = scorer_from_metadata(meta)
+    assert scorer is not None and scorer.recalibration is not None
+    a, b = scorer.recalibration["slope"], scorer.recalibration["intercept"]
+    trees = tuple(dataclasses.replace(t, value=tuple(v / a for v in t.value)) for t in scorer.trees)
+    fitted_on = {k: v for k, v in scorer.fitted_on.items() if k != "recalibration"}
+    as_fitted = LesionScorer(
+        scorer.feature_names, (scorer.baseline - b) / a, trees, scorer.no_candidate_probability, fitted_on
+    )
+    meta["lesion_scoring"] = as_fitted.to_dict()
+    save_checkpoint(tmp_path / "as_fitted.pt", nets, meta)
+    return tmp_path / "as_fitted.pt"
+
+
+def test_recalibrate_command_folds_a_platt_map_fitted_on_unseen_studies_into_the_scorer_and_keeps_the_weights(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from training.cli import main
+
+    as_fitted = _with_scorer_as_fitted(tmp_path)
+    out = tmp_path / "recalibrated.pt"
+    args = ["recalibrate-lesion-scorer", "--checkpoint", str(as_fitted), "--out", str(out), "--no-progress"]
+    assert main([*args, "--data-seed", "1", "--cases", "3500-3559", "--cache", str(tmp_path / "cache")]) == 0
+    nets, meta = load_checkpoint(out)
+    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    for name, module in nets.modules().items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+    before, after = scorer_from_metadata(load_checkpoint(as_fitted)[1]), scorer_from_metadata(meta)
+    assert before is not None and after is not None and after.recalibration is not None
+    record = after.recalibration
+    assert record["data"] == "seed 1 cases 3500-3559" and record["studies"] == 60
+    assert 0 < record["studies_with_candidate"] <= 60 and record["slope"] > 0
+    x = np.random.default_rng(0).normal(size=(50, len(FEATURE_NAMES)))
+    np.testing.assert_allclose(
+        after.logits(x), record["slope"] * before.logits(x) + record["intercept"], rtol=0, atol=1e-9
+    )
+
+
+def test_recalibrate_command_refuses_seen_studies_and_a_scorer_already_recalibrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from training.cli import main
+    from training.lesion_scoring import scorer_case_range
+
+    as_fitted = _with_scorer_as_fitted(tmp_path)
+    fitted = scorer_from_metadata(load_checkpoint(as_fitted)[1])
+    assert fitted is not None
+    seed_and_cases = scorer_case_range(fitted)  # read from fitted_on["data"], "seed 1 cases 700-1899 (...)"
+    assert seed_and_cases is not None and seed_and_cases[0] == 1
+    first = seed_and_cases[1].start
+    out = tmp_path / "x.pt"
+    args = ["recalibrate-lesion-scorer", "--out", str(out), "--data-seed", "1", "--cache", str(tmp_path / "cache")]
+    assert main([*args, "--checkpoint", str(as_fitted), "--cases", "690-709"]) == 2
+    assert "cases 690-699 of seed 1 are training studies" in capsys.readouterr().err
+    assert main([*args, "--checkpoint", str(as_fitted), "--cases", f"{first + 10}-{first + 20}"]) == 2
+    assert f"cases {first + 10}-{first + 20} of seed 1 are lesion scorer's fitting studies" in capsys.readouterr().err
+    assert main([*args, "--checkpoint", str(DEFAULT_CHECKPOINT), "--cases", "3500-3509"]) == 2
+    assert "is already recalibrated (seed 1 cases" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "cache").exists()

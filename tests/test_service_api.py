@@ -90,10 +90,13 @@ def test_analyze_answers_study_findings_series_and_timings(
     assert min(np.linalg.norm(top - c) for c in significant) < 5.0
     assert [les.id for les in r.lesions] == list(range(1, len(r.lesions) + 1))
     assert all(0 < les.volume_ml < 50 and 0 < les.likelihood <= 1 for les in r.lesions)
-    # every lesion carries its own category, the network's brought into agreement with the lesion's likelihood
-    # (the shipped checkpoint has a lesion scorer); the study category is the highest, the probability too
+    # every lesion carries its own category, brought into agreement with the lesion's likelihood (the shipped
+    # checkpoint has a lesion scorer, whose category-5 model decides 4 against 5 for a csPCa lesion and whose lesion
+    # model decides 1 against 2-3 below it, the network's score between 2 and 3); the study category is the highest
     assert all(
-        1 <= les.pirads <= 5 and les.pirads == coherent_category(pirads_category(les.score), les.likelihood)
+        les.pirads in (4, 5)
+        if les.likelihood >= 0.5
+        else les.pirads in (1, coherent_category(pirads_category(les.score), les.likelihood, None, 1.0))
         for les in r.lesions
     )
     assert all((les.pirads >= 4) == (les.likelihood >= 0.5) for les in r.lesions)

@@ -385,19 +385,45 @@ def test_training_report_writes_the_run_and_a_named_reproduction_into_their_own_
     assert "; CPU " in text and "preprocessing kernels compiled for " in text
 
 
-def test_scorer_only_cases_follow_the_calibration_only_ones_and_nothing_trains_on_them(
+def test_training_report_names_the_scorers_models_and_recalibration_and_the_recipe_flag() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "training_report.py"
+    spec = importlib.util.spec_from_file_location("training_report", script)
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    record = {
+        "category5": {"candidates": 1159, "positives": 374},
+        "lesion": {"candidates": 20, "skipped": "too few"},
+        "recalibration": {"data": "seed 1 cases 1900-3499", "studies": 1600, "slope": 1.17337, "intercept": 0.072},
+    }
+    words = report._scorer_models(record)
+    assert "category-5 model (5 against 4) on 1159 candidates (374 positive)" in words
+    assert "lesion model" not in words  # skipped: not claimed
+    assert "recalibrated on seed 1 cases 1900-3499 (1600 studies): study-level Platt slope 1.173" in words
+    flags = report._calibration_flag({"calibration_cases": 300, "scorer_cases": 800, "recalibration_cases": 1600})
+    assert flags == " --calibration-cases 300 --scorer-cases 800 --recalibration-cases 1600"
+
+
+def test_scorer_only_and_recalibration_only_cases_follow_the_calibration_only_ones_and_nothing_trains_on_them(
     cache_dir: Path, tmp_path: Path
 ) -> None:
     from training.train import _scorer_data
 
-    config = _config(cache_dir, tmp_path / "run", calibration_cases=1, scorer_cases=2)
-    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=False)
-    assert [r.case_id for r in calibration_records] == [f"seed{DATA_SEED}_0006"]
-    assert [r.case_id for r in scorer_records] == [f"seed{DATA_SEED}_0007", f"seed{DATA_SEED}_0008"]
-    assert len(train_records) == 4 and len(val_records) == 2
-    assert _scorer_data(config, len(train_records)).startswith(f"seed {DATA_SEED} cases 4-8 ")
+    config = _config(cache_dir, tmp_path / "run", calibration_cases=1, scorer_cases=2, recalibration_cases=1)
+    splits = load_records(config, progress=False)
+    assert [r.case_id for r in splits.calibration] == [f"seed{DATA_SEED}_0006"]
+    assert [r.case_id for r in splits.scorer] == [f"seed{DATA_SEED}_0007", f"seed{DATA_SEED}_0008"]
+    assert [r.case_id for r in splits.recalibration] == [f"seed{DATA_SEED}_0009"]  # seen by nothing else
+    assert len(splits.training) == 4 and len(splits.validation) == 2
+    assert _scorer_data(config, len(splits.training)).startswith(f"seed {DATA_SEED} cases 4-8 ")
     with pytest.raises(TrainingError, match="scorer_cases must be >= 0"):
         load_records(dataclasses.replace(config, scorer_cases=-1), progress=False)
+    with pytest.raises(TrainingError, match="recalibration_cases must be >= 0"):
+        load_records(dataclasses.replace(config, recalibration_cases=-1), progress=False)
+    with pytest.raises(TrainingError, match="recalibrate the lesion scorer: they need scorer_cases"):
+        load_records(dataclasses.replace(config, scorer_cases=None), progress=False)
 
 
 def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_validated(
@@ -410,7 +436,7 @@ def test_calibration_only_cases_are_calibrated_on_but_never_trained_on_or_valida
         epochs={"localization": 1, "classification": 0, "joint": 0},
         max_steps_per_epoch=1,
     )
-    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=False)
+    train_records, val_records, calibration_records, scorer_records, _ = load_records(config, progress=False)
     # cases 6 and 7 of the seed: after the training and validation cases
     assert [r.case_id for r in calibration_records] == [f"seed{DATA_SEED}_0006", f"seed{DATA_SEED}_0007"]
     assert len(train_records) == 4 and len(val_records) == 2 and scorer_records == []

@@ -46,6 +46,13 @@ def register(subparsers: Any) -> None:
         help="fit the second-stage lesion scorer on the validation, calibration-only and this many further cases "
         "(after the calibration-only ones); default: no lesion scorer",
     )
+    p.add_argument(
+        "--recalibration-cases",
+        type=int,
+        default=defaults.recalibration_cases,
+        help="with --scorer-cases: recalibrate the lesion scorer (study-level Platt) on this many further cases "
+        "(after the scorer-only ones) that nothing else sees (default 0: none)",
+    )
     p.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
     p.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
     p.add_argument("--out", type=Path, default=defaults.run_dir, help="run folder (history.csv, curves.png, *.pt)")
@@ -140,6 +147,22 @@ def register(subparsers: Any) -> None:
     f.add_argument("--no-progress", action="store_true")
     f.set_defaults(func=_run_fit_scorer)
 
+    r = subparsers.add_parser(
+        "recalibrate-lesion-scorer",
+        help="fold a study-level Platt map, fitted on studies nothing else saw, into a checkpoint's lesion scorer",
+        description="Run the checkpoint's chain (networks + lesion scorer) on synthetic studies FIRST..LAST of "
+        "--data-seed, which neither its networks nor its scorer have seen; fit the study-level Platt map of the "
+        "highest candidate log-odds and write the checkpoint with that map folded into the scorer (weights unchanged).",
+    )
+    r.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    r.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
+    r.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
+    r.add_argument("--cases", required=True, help="FIRST-LAST case indices (inclusive), e.g. 1900-2899")
+    r.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_run_recalibrate_scorer)
+
 
 def _train_defaults() -> Any:
     from training.train import TrainConfig
@@ -159,6 +182,7 @@ def _run_train(args: argparse.Namespace) -> int:
         val_cases=args.val_cases,
         calibration_cases=args.calibration_cases,
         scorer_cases=args.scorer_cases,
+        recalibration_cases=args.recalibration_cases,
         cache_dir=args.cache,
         run_dir=args.out,
         checkpoint_out=args.checkpoint_out,
@@ -257,6 +281,23 @@ def _run_fit_scorer(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(json.dumps(scorer.fitted_on, indent=2))
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def _run_recalibrate_scorer(args: argparse.Namespace) -> int:
+    from training.lesion_scoring import recalibrate_checkpoint_scorer
+
+    scorer = recalibrate_checkpoint_scorer(
+        args.checkpoint,
+        args.out,
+        args.data_seed,
+        _case_range(args.cases),
+        args.cache,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(scorer.recalibration, indent=2))
     print(f"checkpoint: {args.out}")
     return 0
 

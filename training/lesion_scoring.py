@@ -2,8 +2,9 @@
 
 The scorer must be fitted on studies the networks never trained on: the networks' maps of their own training
 studies are cleaner than on new ones (docs/networks.md), so a scorer fitted there would trust the network's
-evidence too much. ``make checkpoint`` fits it on the run's validation split and calibration-only studies,
-after the calibration (whose ``cspca_map`` is one of its features).
+evidence too much. ``make checkpoint`` fits it on the run's validation split, calibration-only and scorer-only
+studies, after the calibration (whose ``cspca_map`` is one of its features), with its category-5 and lesion models,
+then recalibrates it (:func:`recalibrate_scorer`) on recalibration-only studies that nothing else sees.
 
 Every study here is synthetic (``mpmri synth``).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from contract import DEFAULT_CANDIDATES
+from contract import CSPCA_MIN_PIRADS, DEFAULT_CANDIDATES
 from contract.errors import MpmriError
 from networks.models import MpmriNetworks
-from postprocessing.lesion_scoring import FEATURE_NAMES, LesionScorer, Tree, candidate_features, missing_as_nan
+from postprocessing.lesion_scoring import (
+    FEATURE_NAMES,
+    BoostedTrees,
+    LesionScorer,
+    Tree,
+    candidate_features,
+    missing_as_nan,
+)
 from postprocessing.report import build_findings
 from training.data import CaseRecord, remove_sequences
 
@@ -45,6 +54,9 @@ class CandidateTable:
         study_significant: ``[M]`` bool per study pass.
         all_sequences: ``[M]`` bool per study pass: run with every sequence the study has (not a
             missing-sequence pass); ``None``: all of them.
+        lesion_category: ``[N]`` int: the highest PI-RADS-like category of the truth lesions the candidate's blob
+            overlaps (benign 2-3, csPCa 4-5), 0 where it overlaps none; ``None``: not recorded (then neither the
+            lesion model nor the category-5 model is fitted).
     """
 
     features: np.ndarray
@@ -52,6 +64,7 @@ class CandidateTable:
     study: np.ndarray
     study_significant: np.ndarray
     all_sequences: np.ndarray | None = None
+    lesion_category: np.ndarray | None = None
 
     @property
     def studies_without_candidate(self) -> np.ndarray:
@@ -87,6 +100,7 @@ def candidate_table(
     rows: list[np.ndarray] = []
     labels: list[bool] = []
     study: list[int] = []
+    categories: list[int] = []
     significant: list[bool] = []
     passes: list[tuple[CaseRecord, np.ndarray | None]] = []
     for index, record in enumerate(records):
@@ -115,7 +129,9 @@ def candidate_table(
         )
         rows.append(missing_as_nan(features, availability))
         for lesion_id in ids:
-            labels.append(bool((record.target[findings.labels == lesion_id] > 0).any()))
+            blob = findings.labels == lesion_id
+            labels.append(bool((record.target[blob] > 0).any()))
+            categories.append(_lesion_category(record, blob))
             study.append(index)
     return CandidateTable(
         features=np.concatenate(rows) if rows else np.zeros((0, len(FEATURE_NAMES))),
@@ -123,7 +139,16 @@ def candidate_table(
         study=np.asarray(study, dtype=np.int64),
         study_significant=np.asarray(significant, dtype=bool),
         all_sequences=np.asarray([keep is None for _, keep in passes], dtype=bool),
+        lesion_category=np.asarray(categories, dtype=np.int64),
     )
+
+
+def _lesion_category(record: CaseRecord, blob: np.ndarray) -> int:
+    """The highest category of the truth lesions of ``record`` that ``blob [D, H, W]`` overlaps, 0 for none."""
+    lesions = record.truth.get("lesions", [])
+    inside = np.unique(record.lesion_index[blob])
+    found = [int(lesions[i - 1].get("pirads", 0)) for i in inside if 0 < i <= len(lesions)]
+    return max(found, default=0)
 
 
 @dataclass(frozen=True)
@@ -185,22 +210,15 @@ def fit_lesion_scorer(
     Raises:
         LesionScoringError: fewer than 5 candidates of either class.
     """
-    from sklearn.ensemble import HistGradientBoostingClassifier
-
     positives, negatives = int(table.is_cspca.sum()), int((~table.is_cspca).sum())
     if min(positives, negatives) < 5:
         raise LesionScoringError(
             f"the lesion scorer needs at least 5 csPCa and 5 other candidates, got {positives} and {negatives}"
         )
-    model = HistGradientBoostingClassifier(
-        max_iter=settings.iterations,
-        learning_rate=settings.learning_rate,
-        max_depth=settings.max_depth,
-        min_samples_leaf=settings.min_samples_leaf,
-        early_stopping=False,
-        random_state=settings.random_state,
-    )
+    model = _boosted_trees(settings)
     model.fit(table.features, table.is_cspca.astype(int))
+    category5, category5_record = _fit_category5(table, settings)
+    lesion, lesion_record = _fit_lesion(table, settings)
     empty = table.studies_without_candidate
     if table.all_sequences is not None:
         empty = empty & table.all_sequences
@@ -213,6 +231,8 @@ def fit_lesion_scorer(
         "cspca_candidates": positives,
         "settings": settings.to_dict(),
         "scikit_learn": _sklearn_version(),
+        "category5": category5_record,
+        "lesion": lesion_record,
         **(fitted_on or {}),
     }
     log.info("lesion scorer fitted: %s", record)
@@ -222,7 +242,53 @@ def fit_lesion_scorer(
         trees=_trees_of(model),
         no_candidate_probability=no_candidate,
         fitted_on=record,
+        category5=category5,
+        lesion=lesion,
     )
+
+
+def _boosted_trees(settings: ScorerSettings) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier(
+        max_iter=settings.iterations,
+        learning_rate=settings.learning_rate,
+        max_depth=settings.max_depth,
+        min_samples_leaf=settings.min_samples_leaf,
+        early_stopping=False,
+        random_state=settings.random_state,
+    )
+
+
+def _fit_category5(table: CandidateTable, settings: ScorerSettings) -> tuple[BoostedTrees | None, dict[str, Any]]:
+    """The category-5 model (category 5 against 4, on the candidates that overlap a csPCa lesion; same settings as
+    the csPCa model) and its record; ``None`` with the reason recorded where the table has no categories or fewer
+    than 5 candidates of either category."""
+    if table.lesion_category is None:
+        return None, {"skipped": "the candidate table records no lesion categories"}
+    cspca = table.lesion_category >= CSPCA_MIN_PIRADS
+    fives = table.lesion_category[cspca] == CSPCA_MIN_PIRADS + 1
+    return _fit_binary(table.features[cspca], fives, settings, "category-5")
+
+
+def _fit_lesion(table: CandidateTable, settings: ScorerSettings) -> tuple[BoostedTrees | None, dict[str, Any]]:
+    """The lesion model (the candidate overlaps a truth lesion of any kind, benign included, against none; on every
+    candidate) and its record; ``None`` with the reason recorded as by :func:`_fit_category5`."""
+    if table.lesion_category is None:
+        return None, {"skipped": "the candidate table records no lesion categories"}
+    return _fit_binary(table.features, table.lesion_category > 0, settings, "lesion")
+
+
+def _fit_binary(
+    x: np.ndarray, y: np.ndarray, settings: ScorerSettings, what: str
+) -> tuple[BoostedTrees | None, dict[str, Any]]:
+    positives, negatives = int(np.sum(y)), int(np.sum(~y))
+    record: dict[str, Any] = {"candidates": int(len(y)), "positives": positives}
+    if min(positives, negatives) < 5:
+        return None, {**record, "skipped": f"{positives} {what} and {negatives} other candidates (fewer than 5)"}
+    model = _boosted_trees(settings).fit(x, y.astype(int))
+    baseline = float(np.asarray(model._baseline_prediction).reshape(-1)[0])  # noqa: SLF001
+    return BoostedTrees(baseline, _trees_of(model)), record
 
 
 def _sklearn_version() -> str:
@@ -299,3 +365,146 @@ def _load_adopting_candidate_settings(checkpoint: Path) -> tuple[MpmriNetworks, 
     require_code_contract(metadata, nets.grid, checkpoint)
     log.info("candidate settings of %s replaced by the code's: %s", checkpoint, "; ".join(problems))
     return nets, metadata, replaced
+
+
+@dataclass(frozen=True)
+class StudyScores:
+    """The study csPCa log-odds a scorer gives a set of studies (all their sequences), and their truth.
+
+    Attributes:
+        logits: ``[M]`` the highest candidate log-odds of each study (``nan``: no candidate; such a study gets
+            the scorer's ``no_candidate_probability``, which the recalibration leaves alone).
+        significant: ``[M]`` bool, the study has a csPCa lesion.
+    """
+
+    logits: np.ndarray
+    significant: np.ndarray
+
+    @property
+    def with_candidate(self) -> np.ndarray:
+        return ~np.isnan(self.logits)
+
+
+def study_scores(nets: MpmriNetworks, scorer: LesionScorer, records: Sequence[CaseRecord]) -> StudyScores:
+    """:class:`StudyScores` of ``records`` under the chain ``nets`` + ``scorer`` (the served candidates)."""
+    table = candidate_table(nets, records, missing_sequences=False)
+    logits = np.full(len(table.study_significant), np.nan)
+    if len(table.is_cspca):
+        candidate_logits = scorer.logits(table.features)  # absent sequences are NaN in the table already
+        for study in np.unique(table.study):
+            logits[study] = float(candidate_logits[table.study == study].max())
+    return StudyScores(logits=logits, significant=np.asarray(table.study_significant, dtype=bool))
+
+
+def fit_platt(scores: StudyScores) -> tuple[float, float]:
+    """``(slope, intercept)`` of the unpenalized logistic fit of ``significant`` on the log-odds of the studies
+    with a candidate: the map that makes the study probabilities calibrated on these studies.
+
+    Raises:
+        LesionScoringError: fewer than 5 studies of either class have a candidate, or the classes are separated
+            perfectly (the slope would be infinite).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    keep = scores.with_candidate
+    x, y = scores.logits[keep], scores.significant[keep]
+    positives, negatives = int(y.sum()), int((~y).sum())
+    if min(positives, negatives) < 5:
+        raise LesionScoringError(
+            f"a recalibration needs at least 5 studies of each class with a candidate, got {positives} csPCa"
+            f" and {negatives} other"
+        )
+    if x[y].min() > x[~y].max():
+        raise LesionScoringError("the studies are separated perfectly: the recalibration slope would be infinite")
+    model = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(x[:, None], y.astype(int))
+    return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
+def recalibrate_scorer(
+    nets: MpmriNetworks, scorer: LesionScorer, records: Sequence[CaseRecord], data: str
+) -> LesionScorer:
+    """``scorer`` with a study-level Platt map fitted on ``records`` folded into it (:meth:`LesionScorer.recalibrated`).
+
+    Why: a scorer fitted with the log-loss on its own studies is calibrated there, yet on new studies its study
+    probabilities are too moderate (docs/networks.md, "Recalibrating the lesion scorer"); ``records`` must be
+    studies neither the networks nor the scorer have seen. ``data`` says which (recorded).
+    """
+    scores = study_scores(nets, scorer, records)
+    slope, intercept = fit_platt(scores)
+    record = {
+        "method": "study-level Platt scaling of the highest candidate log-odds (leaf values and baseline rescaled)",
+        "data": data,
+        "studies": int(len(scores.significant)),
+        "studies_with_candidate": int(scores.with_candidate.sum()),
+    }
+    log.info("lesion scorer recalibrated on %s: slope %.4f intercept %.4f", data, slope, intercept)
+    try:
+        return scorer.recalibrated(slope, intercept, record)
+    except ValueError as err:
+        raise LesionScoringError(str(err)) from err
+
+
+def scorer_case_range(scorer: LesionScorer) -> tuple[int, range] | None:
+    """``(data_seed, cases)`` the scorer was fitted on, from its ``fitted_on`` record, or ``None`` if unknown."""
+    match = re.match(r"seed (\d+) cases (\d+)-(\d+)", str(scorer.fitted_on.get("data", "")))
+    if match is None:
+        return None
+    seed, first, last = (int(g) for g in match.groups())
+    return seed, range(first, last + 1)
+
+
+def recalibrate_checkpoint_scorer(
+    checkpoint: Path,
+    out: Path,
+    data_seed: int,
+    cases: range,
+    cache_dir: Path,
+    threads: int = 2,
+    progress: bool = True,
+) -> LesionScorer:
+    """Recalibrate the lesion scorer of ``checkpoint`` on cases ``cases`` of ``data_seed`` and write the checkpoint
+    with it to ``out`` (weights and the rest of the metadata unchanged; the checkpoint's candidate settings may be
+    replaced by the code's, as by :func:`fit_checkpoint_scorer`).
+
+    Raises:
+        LesionScoringError: the checkpoint has no lesion scorer, or it is already recalibrated, or ``cases``
+            overlap the studies its networks trained on or its scorer was fitted on (names them).
+    """
+    from networks.checkpoint import save_checkpoint
+    from postprocessing.lesion_scoring import scorer_from_metadata
+    from training.data import build_cache, load_cases
+
+    nets, metadata, replaced = _load_adopting_candidate_settings(checkpoint)
+    scorer = scorer_from_metadata(metadata)
+    if scorer is None:
+        raise LesionScoringError(f"{checkpoint} has no lesion scorer to recalibrate (`mpmri fit-lesion-scorer`)")
+    if scorer.recalibration is not None:
+        raise LesionScoringError(
+            f"the lesion scorer of {checkpoint} is already recalibrated ({scorer.recalibration.get('data')})"
+        )
+    data = metadata.get("training", {}).get("data", {})
+    used: list[tuple[str, range]] = []
+    if data.get("data_seed") == data_seed and data.get("train_cases"):
+        used.append(("training studies", range(int(data["train_cases"]))))
+    fitted = scorer_case_range(scorer)
+    if fitted is not None and fitted[0] == data_seed:
+        used.append(("lesion scorer's fitting studies", fitted[1]))
+    for what, seen in used:
+        overlap = range(max(cases.start, seen.start), min(cases.stop, seen.stop))
+        if len(overlap):
+            raise LesionScoringError(
+                f"cases {overlap.start}-{overlap.stop - 1} of seed {data_seed} are {what} of {checkpoint}:"
+                " recalibrate on studies neither the networks nor the scorer have seen"
+            )
+    paths = build_cache(cache_dir, data_seed, cases, progress=progress, grid=nets.grid, workers=threads)
+    torch.set_num_threads(threads)
+    recalibrated = recalibrate_scorer(
+        nets, scorer, load_cases(paths, workers=threads), f"seed {data_seed} cases {cases.start}-{cases.stop - 1}"
+    )
+    if replaced is not None:
+        recalibrated = dataclasses.replace(
+            recalibrated, fitted_on={**recalibrated.fitted_on, "candidate_settings_replaced_at_recalibration": replaced}
+        )
+    metadata["lesion_scoring"] = recalibrated.to_dict()
+    save_checkpoint(out, nets, metadata)
+    return recalibrated

@@ -193,11 +193,25 @@ def _scorer_text(fitted_on: dict[str, Any] | None) -> str:
     """How the checkpoint's lesion scorer was fitted, for the section header."""
     if not fitted_on:
         return "no lesion scorer: lesion likelihoods are the peaks of `cspca_map`"
-    return (
+    text = (
         f"lesion likelihoods from its lesion scorer, fitted on {fitted_on.get('data')}:"
         f" {fitted_on.get('studies')} studies, {fitted_on.get('candidates')} candidates in"
         f" {fitted_on.get('study_passes')} passes with all and with fewer sequences"
     )
+    models = [
+        what
+        for key, what in (("category5", "category 5 against 4"), ("lesion", "any lesion below csPCa"))
+        if isinstance(fitted_on.get(key), dict) and "skipped" not in fitted_on[key]
+    ]
+    if models:
+        text += f"; lesion categories from its ordinal models ({', '.join(models)})"
+    recalibration = fitted_on.get("recalibration")
+    if isinstance(recalibration, dict):
+        text += (
+            f"; recalibrated on {recalibration.get('data')} (study-level Platt, slope"
+            f" {float(recalibration['slope']):.3f}, intercept {float(recalibration['intercept']):.3f})"
+        )
+    return text
 
 
 def write_benchmarks_section(path: Path, metrics: dict[str, Any], command: str, role: str = "validation") -> None:

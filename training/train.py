@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from networks.models import PROFILES, Classification, MpmriNetworks, build_netwo
 from preprocessing import numba_target
 from training.calibration import calibrate
 from training.data import AugmentSettings, CaseDataset, CaseRecord, build_cache, load_cases, missing_cases
-from training.lesion_scoring import candidate_table, fit_lesion_scorer
+from training.lesion_scoring import candidate_table, fit_lesion_scorer, recalibrate_scorer
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class TrainConfig:
         scorer_cases: ``None``: no second-stage lesion scorer. ``N >= 0``: after the calibration, fit the lesion
             scorer (:mod:`training.lesion_scoring`) on the validation split, the calibration-only cases and ``N``
             further cases of ``data_seed`` that only the scorer sees (``cases + calibration_cases ..``).
+        recalibration_cases: with a lesion scorer, further cases after the scorer-only ones that only the
+            recalibration sees: the study-level Platt map of the scorer's log-odds fitted there is folded into the
+            scorer (:func:`training.lesion_scoring.recalibrate_scorer`). 0: none (releases 7-8).
         cache_dir: npz cache of preprocessed cases.
         run_dir: run folder (history.csv, curves.png, last.pt, final.pt).
         checkpoint_out: optional extra copy of the final checkpoint (e.g. checkpoints/cpu_default.pt).
@@ -134,6 +137,7 @@ class TrainConfig:
     val_cases: int = 20
     calibration_cases: int = 0
     scorer_cases: int | None = None
+    recalibration_cases: int = 0
     cache_dir: Path = Path(".cache/train")
     run_dir: Path = Path("build/runs/cpu_default")
     checkpoint_out: Path | None = None
@@ -451,22 +455,39 @@ def _lr(config: TrainConfig, phase: str, epoch: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * epoch / total)))
 
 
+def _scorer_end(config: TrainConfig) -> int:
+    """One past the last scorer-only case index."""
+    return config.cases + config.calibration_cases + (config.scorer_cases or 0)
+
+
 def _case_indices(config: TrainConfig) -> range:
-    """Every case index of ``config.data_seed`` the run reads (training, validation, calibration-only, scorer-only)."""
-    return range(config.cases + config.calibration_cases + (config.scorer_cases or 0))
+    """Every case index of ``config.data_seed`` the run reads (training, validation, calibration-only, scorer-only,
+    recalibration-only)."""
+    return range(_scorer_end(config) + config.recalibration_cases)
 
 
-def load_records(
-    config: TrainConfig, progress: bool = True
-) -> tuple[list[CaseRecord], list[CaseRecord], list[CaseRecord], list[CaseRecord]]:
-    """Cached ``(training, validation, calibration-only, scorer-only)`` records of ``config`` (building the cache
-    where needed)."""
+class RecordSplits(NamedTuple):
+    """The cached records of a run, by role (case indices in this order, contiguous)."""
+
+    training: list[CaseRecord]
+    validation: list[CaseRecord]
+    calibration: list[CaseRecord]
+    scorer: list[CaseRecord]
+    recalibration: list[CaseRecord]
+
+
+def load_records(config: TrainConfig, progress: bool = True) -> RecordSplits:
+    """Cached records of ``config`` by role (building the cache where needed)."""
     if config.cases <= config.val_cases:
         raise TrainingError(f"cases ({config.cases}) must exceed val_cases ({config.val_cases})")
     if config.calibration_cases < 0:
         raise TrainingError(f"calibration_cases must be >= 0, not {config.calibration_cases}")
     if config.scorer_cases is not None and config.scorer_cases < 0:
         raise TrainingError(f"scorer_cases must be >= 0 (or None: no lesion scorer), not {config.scorer_cases}")
+    if config.recalibration_cases < 0:
+        raise TrainingError(f"recalibration_cases must be >= 0, not {config.recalibration_cases}")
+    if config.recalibration_cases and config.scorer_cases is None:
+        raise TrainingError("recalibration_cases recalibrate the lesion scorer: they need scorer_cases")
     grid = NAMED_GRIDS[config.grid]
     paths = build_cache(
         config.cache_dir, config.data_seed, _case_indices(config), progress=progress, grid=grid, workers=config.threads
@@ -474,11 +495,13 @@ def load_records(
     records = load_cases(paths, workers=config.threads)
     split = config.cases - config.val_cases
     calibration_end = config.cases + config.calibration_cases
-    return (
+    scorer_end = _scorer_end(config)
+    return RecordSplits(
         records[:split],
         records[split : config.cases],
         records[config.cases : calibration_end],
-        records[calibration_end:],
+        records[calibration_end:scorer_end],
+        records[scorer_end:],
     )
 
 
@@ -532,7 +555,9 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         raise TrainingError("no epochs to run (all --epochs-* are 0)")
     to_build = len(missing_cases(config.cache_dir, config.data_seed, _case_indices(config), NAMED_GRIDS[config.grid]))
     cache_started = time.monotonic()
-    train_records, val_records, calibration_records, scorer_records = load_records(config, progress=progress)
+    train_records, val_records, calibration_records, scorer_records, recalibration_records = load_records(
+        config, progress=progress
+    )
     cache_seconds = time.monotonic() - cache_started
     if len(train_records) < config.batch_size:
         raise TrainingError(f"{len(train_records)} training cases are fewer than one batch ({config.batch_size})")
@@ -651,6 +676,14 @@ def train(config: TrainConfig, resume: Path | None = None, progress: bool = True
         scorer_started = time.monotonic()
         table = candidate_table(nets, [*val_records, *calibration_records, *scorer_records], missing_sequences=True)
         scorer = fit_lesion_scorer(table, fitted_on={"data": _scorer_data(config, len(train_records))})
+        if recalibration_records:
+            first = _scorer_end(config)
+            scorer = recalibrate_scorer(
+                nets,
+                scorer,
+                recalibration_records,
+                f"seed {config.data_seed} cases {first}-{first + len(recalibration_records) - 1} (recalibration-only)",
+            )
         meta["lesion_scoring"] = scorer.to_dict()
         scorer_seconds = round(time.monotonic() - scorer_started, 1)
         log.info("lesion scorer fitted in %.1f s", scorer_seconds)
@@ -691,7 +724,7 @@ def _calibration_data(config: TrainConfig, n_train: int) -> str:
 
 def _scorer_data(config: TrainConfig, n_train: int) -> str:
     """Which studies the lesion scorer was fitted on (recorded in the checkpoint)."""
-    first, last = n_train, config.cases + config.calibration_cases + (config.scorer_cases or 0) - 1
+    first, last = n_train, _scorer_end(config) - 1
     return f"seed {config.data_seed} cases {first}-{last} (validation, calibration-only and scorer-only cases)"
 
 
@@ -708,7 +741,8 @@ def _metadata(config: TrainConfig, history: Sequence[dict[str, Any]], n_train: i
                 "val_cases": n_val,
                 "calibration_cases": config.calibration_cases,
                 "scorer_cases": config.scorer_cases,
-                "case_indices": [0, config.cases + config.calibration_cases + (config.scorer_cases or 0) - 1],
+                "recalibration_cases": config.recalibration_cases,
+                "case_indices": [0, _case_indices(config).stop - 1],
             },
             "epochs_done": len(history),
             "final_validation": {k: last.get(k) for k in ("val_loss", "val_dice", "val_auroc", "val_pirads_accuracy")},
