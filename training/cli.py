@@ -136,7 +136,8 @@ def register(subparsers: Any) -> None:
         "fit-lesion-scorer",
         help="fit the second-stage lesion scorer of a checkpoint on studies its networks never trained on",
         description="Run the checkpoint's chain on synthetic studies FIRST..LAST of --data-seed, fit the lesion "
-        "scorer on their candidates and write the checkpoint with it (weights unchanged).",
+        "scorer (csPCa likelihood, category 5 against 4, any lesion) on their candidates and write the checkpoint "
+        "with it (weights unchanged; a recalibration is not kept: run recalibrate-lesion-scorer after).",
     )
     f.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
     f.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
