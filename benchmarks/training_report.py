@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from networks.checkpoint import load_checkpoint
+from training.report import scorer_model_words
 from training.train import PHASES
 
 MARK_BEGIN, MARK_END = "<!-- training:begin -->", "<!-- training:end -->"
@@ -193,7 +194,7 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
             f" {scorer.get('candidates')} candidates ({scorer.get('cspca_candidates')} on csPCa lesions) of"
             f" {scorer.get('studies')} studies in {scorer.get('study_passes')} passes with all and with fewer"
             " sequences"
-            + _scorer_models(scorer)
+            + scorer_model_words(scorer)
             + (
                 f", {'fitted and recalibrated' if scorer.get('recalibration') else 'fitted'} in"
                 f" {invocation['lesion_scorer_seconds'] / 60:.1f} min of the wall clock"
@@ -204,22 +205,6 @@ def render(run_dir: Path, section: str | None = None, label: str | None = None) 
         ]
     lines.append(end)
     return "\n".join(lines)
-
-
-def _scorer_models(record: dict[str, Any]) -> str:
-    """The category-5 and lesion models and the recalibration of a lesion scorer's ``fitted_on`` record, in words."""
-    words = ""
-    for key, what in (("category5", "category-5 model (5 against 4)"), ("lesion", "lesion model (any lesion)")):
-        model = record.get(key)
-        if isinstance(model, dict) and "skipped" not in model:
-            words += f"; {what} on {model.get('candidates')} candidates ({model.get('positives')} positive)"
-    recalibration = record.get("recalibration")
-    if isinstance(recalibration, dict):
-        words += (
-            f"; recalibrated on {recalibration.get('data')} ({recalibration.get('studies')} studies): study-level Platt"
-            f" slope {float(recalibration['slope']):.3f}, intercept {float(recalibration['intercept']):.3f}"
-        )
-    return words
 
 
 def main(argv: list[str] | None = None) -> int:

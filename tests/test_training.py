@@ -398,10 +398,10 @@ def test_training_report_names_the_scorers_models_and_recalibration_and_the_reci
         "lesion": {"candidates": 20, "skipped": "too few"},
         "recalibration": {"data": "seed 1 cases 1900-3499", "studies": 1600, "slope": 1.17337, "intercept": 0.072},
     }
-    words = report._scorer_models(record)
-    assert "category-5 model (5 against 4) on 1159 candidates (374 positive)" in words
-    assert "lesion model" not in words  # skipped: not claimed
-    assert "recalibrated on seed 1 cases 1900-3499 (1600 studies): study-level Platt slope 1.173" in words
+    words = report.scorer_model_words(record)
+    assert "ordinal models (category 5 against 4)" in words
+    assert "any lesion" not in words  # skipped: not claimed
+    assert "recalibrated on seed 1 cases 1900-3499 (study-level Platt, slope 1.173, intercept 0.072)" in words
     flags = report._calibration_flag({"calibration_cases": 300, "scorer_cases": 800, "recalibration_cases": 1600})
     assert flags == " --calibration-cases 300 --scorer-cases 800 --recalibration-cases 1600"
 

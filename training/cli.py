@@ -272,15 +272,7 @@ def _case_range(text: str) -> range:
 def _run_fit_scorer(args: argparse.Namespace) -> int:
     from training.lesion_scoring import fit_checkpoint_scorer
 
-    scorer = fit_checkpoint_scorer(
-        args.checkpoint,
-        args.out,
-        args.data_seed,
-        _case_range(args.cases),
-        args.cache,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    scorer = _run_on_checkpoint(fit_checkpoint_scorer, args)
     print(json.dumps(scorer.fitted_on, indent=2))
     print(f"checkpoint: {args.out}")
     return 0
@@ -289,7 +281,15 @@ def _run_fit_scorer(args: argparse.Namespace) -> int:
 def _run_recalibrate_scorer(args: argparse.Namespace) -> int:
     from training.lesion_scoring import recalibrate_checkpoint_scorer
 
-    scorer = recalibrate_checkpoint_scorer(
+    scorer = _run_on_checkpoint(recalibrate_checkpoint_scorer, args)
+    print(json.dumps(scorer.recalibration, indent=2))
+    print(f"checkpoint: {args.out}")
+    return 0
+
+
+def _run_on_checkpoint(command: Any, args: argparse.Namespace) -> Any:
+    """``command(checkpoint, out, data_seed, cases, cache, threads=, progress=)`` from the parsed arguments."""
+    return command(
         args.checkpoint,
         args.out,
         args.data_seed,
@@ -298,9 +298,6 @@ def _run_recalibrate_scorer(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
     )
-    print(json.dumps(scorer.recalibration, indent=2))
-    print(f"checkpoint: {args.out}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,15 +327,12 @@ def fit_checkpoint_scorer(
     from training.data import build_cache, load_cases
 
     nets, metadata, replaced = _load_adopting_candidate_settings(checkpoint)
-    data = metadata.get("training", {}).get("data", {})
-    if data.get("data_seed") == data_seed and data.get("train_cases"):
-        trained = range(int(data["train_cases"]))
-        overlap = range(max(cases.start, trained.start), min(cases.stop, trained.stop))
-        if len(overlap):
-            raise LesionScoringError(
-                f"cases {overlap.start}-{overlap.stop - 1} of seed {data_seed} are training studies of {checkpoint}:"
-                " fit the lesion scorer on studies the networks never trained on"
-            )
+    _refuse_seen(
+        cases,
+        data_seed,
+        _training_studies(metadata, data_seed),
+        f"{checkpoint}: fit the lesion scorer on studies the networks never trained on",
+    )
     paths = build_cache(cache_dir, data_seed, cases, progress=progress, grid=nets.grid, workers=threads)
     table = candidate_table(nets, load_cases(paths, workers=threads), missing_sequences=True)
     fitted_on: dict[str, Any] = {"data": f"seed {data_seed} cases {cases.start}-{cases.stop - 1}"}
@@ -453,6 +450,24 @@ def scorer_case_range(scorer: LesionScorer) -> tuple[int, range] | None:
     return seed, range(first, last + 1)
 
 
+def _training_studies(metadata: dict[str, Any], data_seed: int) -> list[tuple[str, range]]:
+    """``[("training studies", cases)]`` of a checkpoint's networks when they trained on ``data_seed``, else ``[]``."""
+    data = metadata.get("training", {}).get("data", {})
+    if data.get("data_seed") == data_seed and data.get("train_cases"):
+        return [("training studies", range(int(data["train_cases"])))]
+    return []
+
+
+def _refuse_seen(cases: range, data_seed: int, seen: list[tuple[str, range]], advice: str) -> None:
+    """Raise :class:`LesionScoringError` naming the first overlap of ``cases`` with a ``(what, cases)`` of ``seen``."""
+    for what, studies in seen:
+        overlap = range(max(cases.start, studies.start), min(cases.stop, studies.stop))
+        if len(overlap):
+            raise LesionScoringError(
+                f"cases {overlap.start}-{overlap.stop - 1} of seed {data_seed} are {what} of {advice}"
+            )
+
+
 def recalibrate_checkpoint_scorer(
     checkpoint: Path,
     out: Path,
@@ -482,20 +497,13 @@ def recalibrate_checkpoint_scorer(
         raise LesionScoringError(
             f"the lesion scorer of {checkpoint} is already recalibrated ({scorer.recalibration.get('data')})"
         )
-    data = metadata.get("training", {}).get("data", {})
-    used: list[tuple[str, range]] = []
-    if data.get("data_seed") == data_seed and data.get("train_cases"):
-        used.append(("training studies", range(int(data["train_cases"]))))
+    seen = _training_studies(metadata, data_seed)
     fitted = scorer_case_range(scorer)
     if fitted is not None and fitted[0] == data_seed:
-        used.append(("lesion scorer's fitting studies", fitted[1]))
-    for what, seen in used:
-        overlap = range(max(cases.start, seen.start), min(cases.stop, seen.stop))
-        if len(overlap):
-            raise LesionScoringError(
-                f"cases {overlap.start}-{overlap.stop - 1} of seed {data_seed} are {what} of {checkpoint}:"
-                " recalibrate on studies neither the networks nor the scorer have seen"
-            )
+        seen.append(("lesion scorer's fitting studies", fitted[1]))
+    _refuse_seen(
+        cases, data_seed, seen, f"{checkpoint}: recalibrate on studies neither the networks nor the scorer have seen"
+    )
     paths = build_cache(cache_dir, data_seed, cases, progress=progress, grid=nets.grid, workers=threads)
     torch.set_num_threads(threads)
     recalibrated = recalibrate_scorer(

@@ -189,15 +189,10 @@ def render_section(metrics: dict[str, Any], command: str, role: str = "validatio
     return "\n".join(lines)
 
 
-def _scorer_text(fitted_on: dict[str, Any] | None) -> str:
-    """How the checkpoint's lesion scorer was fitted, for the section header."""
-    if not fitted_on:
-        return "no lesion scorer: lesion likelihoods are the peaks of `cspca_map`"
-    text = (
-        f"lesion likelihoods from its lesion scorer, fitted on {fitted_on.get('data')}:"
-        f" {fitted_on.get('studies')} studies, {fitted_on.get('candidates')} candidates in"
-        f" {fitted_on.get('study_passes')} passes with all and with fewer sequences"
-    )
+def scorer_model_words(fitted_on: dict[str, Any]) -> str:
+    """The category models (those fitted, not skipped) and the recalibration of a lesion scorer's ``fitted_on``
+    record, in words (``"; ..."`` clauses; empty without them)."""
+    text = ""
     models = [
         what
         for key, what in (("category5", "category 5 against 4"), ("lesion", "any lesion below csPCa"))
@@ -211,6 +206,19 @@ def _scorer_text(fitted_on: dict[str, Any] | None) -> str:
             f"; recalibrated on {recalibration.get('data')} (study-level Platt, slope"
             f" {float(recalibration['slope']):.3f}, intercept {float(recalibration['intercept']):.3f})"
         )
+    return text
+
+
+def _scorer_text(fitted_on: dict[str, Any] | None) -> str:
+    """How the checkpoint's lesion scorer was fitted, for the section header."""
+    if not fitted_on:
+        return "no lesion scorer: lesion likelihoods are the peaks of `cspca_map`"
+    text = (
+        f"lesion likelihoods from its lesion scorer, fitted on {fitted_on.get('data')}:"
+        f" {fitted_on.get('studies')} studies, {fitted_on.get('candidates')} candidates in"
+        f" {fitted_on.get('study_passes')} passes with all and with fewer sequences"
+    )
+    text += scorer_model_words(fitted_on)
     return text
 
 
