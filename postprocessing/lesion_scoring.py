@@ -259,6 +259,12 @@ class BoostedTrees:
             left[t, :n], right[t, :n], missing_left[t, :n] = tree.left, tree.right, tree.missing_left
         return feature, threshold, left, right, value, missing_left
 
+    def affine(self, slope: float, intercept: float) -> BoostedTrees:
+        """The ensemble whose log-odds are ``slope * logits + intercept`` (leaf values x slope, baseline x slope +
+        intercept): exactly representable."""
+        trees = tuple(dataclasses.replace(t, value=tuple(float(v) * slope for v in t.value)) for t in self.trees)
+        return BoostedTrees(float(self.baseline) * slope + intercept, trees)
+
     def max_feature(self) -> int:
         return max((max(tree.feature) for tree in self.trees), default=-1)
 
@@ -347,7 +353,7 @@ class LesionScorer:
 
     def probability(self, features: np.ndarray, availability: np.ndarray | None = None) -> np.ndarray:
         """csPCa probabilities ``[N]`` in (0, 1) of feature rows ``[N, F]`` (see :meth:`logits`)."""
-        return np.asarray(1.0 / (1.0 + np.exp(-self.logits(features, availability))), dtype=np.float64)
+        return _sigmoid(self.logits(features, availability))
 
     @property
     def recalibration(self) -> dict[str, Any] | None:
@@ -376,15 +382,15 @@ class LesionScorer:
                 f"the lesion scorer is already recalibrated ({self.recalibration.get('data', 'unknown data')}):"
                 " recalibrate a scorer as fitted (`mpmri fit-lesion-scorer`)"
             )
-        trees = tuple(dataclasses.replace(t, value=tuple(float(v) * slope for v in t.value)) for t in self.trees)
+        mapped = self._ensemble.affine(slope, intercept)
         fitted_on = {
             **self.fitted_on,
             "recalibration": {**(record or {}), "slope": float(slope), "intercept": float(intercept)},
         }
         return LesionScorer(
             feature_names=self.feature_names,
-            baseline=float(self.baseline) * slope + intercept,
-            trees=trees,
+            baseline=mapped.baseline,
+            trees=mapped.trees,
             no_candidate_probability=self.no_candidate_probability,
             fitted_on=fitted_on,
             category5=self.category5,
@@ -435,10 +441,12 @@ class LesionScorer:
         return cls.from_dict(data)
 
 
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
+
+
 def _probability(ensemble: BoostedTrees | None, x: np.ndarray) -> np.ndarray | None:
-    if ensemble is None:
-        return None
-    return np.asarray(1.0 / (1.0 + np.exp(-ensemble.logits(x))), dtype=np.float64)
+    return None if ensemble is None else _sigmoid(ensemble.logits(x))
 
 
 def scorer_from_metadata(metadata: dict[str, Any]) -> LesionScorer | None:

@@ -139,13 +139,7 @@ def register(subparsers: Any) -> None:
         "scorer (csPCa likelihood, category 5 against 4, any lesion) on their candidates and write the checkpoint "
         "with it (weights unchanged; a recalibration is not kept: run recalibrate-lesion-scorer after).",
     )
-    f.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
-    f.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
-    f.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
-    f.add_argument("--cases", required=True, help="FIRST-LAST case indices (inclusive), e.g. 700-1899")
-    f.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
-    f.add_argument("--threads", type=int, default=2)
-    f.add_argument("--no-progress", action="store_true")
+    _checkpoint_scorer_arguments(f, defaults, "700-1899")
     f.set_defaults(func=_run_fit_scorer)
 
     r = subparsers.add_parser(
@@ -155,14 +149,19 @@ def register(subparsers: Any) -> None:
         "--data-seed, which neither its networks nor its scorer have seen; fit the study-level Platt map of the "
         "highest candidate log-odds and write the checkpoint with that map folded into the scorer (weights unchanged).",
     )
-    r.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
-    r.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
-    r.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
-    r.add_argument("--cases", required=True, help="FIRST-LAST case indices (inclusive), e.g. 1900-2899")
-    r.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
-    r.add_argument("--threads", type=int, default=2)
-    r.add_argument("--no-progress", action="store_true")
+    _checkpoint_scorer_arguments(r, defaults, "1900-3499")
     r.set_defaults(func=_run_recalibrate_scorer)
+
+
+def _checkpoint_scorer_arguments(parser: Any, defaults: Any, example_cases: str) -> None:
+    """The arguments of the commands that rewrite a checkpoint's lesion scorer (:func:`_run_on_checkpoint`)."""
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help=f"default: {DEFAULT_CHECKPOINT}")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write (may be --checkpoint itself)")
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed, help="synthetic data seed")
+    parser.add_argument("--cases", required=True, help=f"FIRST-LAST case indices (inclusive), e.g. {example_cases}")
+    parser.add_argument("--cache", type=Path, default=defaults.cache_dir, help="npz cache of preprocessed cases")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _train_defaults() -> Any:

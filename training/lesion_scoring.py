@@ -215,10 +215,8 @@ def fit_lesion_scorer(
         raise LesionScoringError(
             f"the lesion scorer needs at least 5 csPCa and 5 other candidates, got {positives} and {negatives}"
         )
-    model = _boosted_trees(settings)
-    model.fit(table.features, table.is_cspca.astype(int))
-    category5, category5_record = _fit_category5(table, settings)
-    lesion, lesion_record = _fit_lesion(table, settings)
+    cspca = _ensemble_of(_boosted_trees(settings).fit(table.features, table.is_cspca.astype(int)))
+    (category5, category5_record), (lesion, lesion_record) = _fit_category_models(table, settings)
     empty = table.studies_without_candidate
     if table.all_sequences is not None:
         empty = empty & table.all_sequences
@@ -238,8 +236,8 @@ def fit_lesion_scorer(
     log.info("lesion scorer fitted: %s", record)
     return LesionScorer(
         feature_names=FEATURE_NAMES,
-        baseline=float(np.asarray(model._baseline_prediction).reshape(-1)[0]),  # noqa: SLF001
-        trees=_trees_of(model),
+        baseline=cspca.baseline,
+        trees=cspca.trees,
         no_candidate_probability=no_candidate,
         fitted_on=record,
         category5=category5,
@@ -260,35 +258,37 @@ def _boosted_trees(settings: ScorerSettings) -> Any:
     )
 
 
-def _fit_category5(table: CandidateTable, settings: ScorerSettings) -> tuple[BoostedTrees | None, dict[str, Any]]:
-    """The category-5 model (category 5 against 4, on the candidates that overlap a csPCa lesion; same settings as
-    the csPCa model) and its record; ``None`` with the reason recorded where the table has no categories or fewer
-    than 5 candidates of either category."""
+def _ensemble_of(model: Any) -> BoostedTrees:
+    """A fitted binary ``HistGradientBoostingClassifier`` as :class:`BoostedTrees` (initial log-odds + trees)."""
+    baseline = float(np.asarray(model._baseline_prediction).reshape(-1)[0])  # noqa: SLF001
+    return BoostedTrees(baseline, _trees_of(model))
+
+
+_Fitted = tuple[BoostedTrees | None, dict[str, Any]]
+
+
+def _fit_category_models(table: CandidateTable, settings: ScorerSettings) -> tuple[_Fitted, _Fitted]:
+    """The category-5 model (category 5 against 4, on the candidates that overlap a csPCa lesion) and the lesion
+    model (a truth lesion of any kind, benign included, against none, on every candidate), each with its record;
+    same settings as the csPCa model. A model is ``None``, with the reason recorded, where the table records no
+    categories or has fewer than 5 candidates of either class for it."""
     if table.lesion_category is None:
-        return None, {"skipped": "the candidate table records no lesion categories"}
+        skipped: _Fitted = (None, {"skipped": "the candidate table records no lesion categories"})
+        return skipped, skipped
     cspca = table.lesion_category >= CSPCA_MIN_PIRADS
     fives = table.lesion_category[cspca] == CSPCA_MIN_PIRADS + 1
-    return _fit_binary(table.features[cspca], fives, settings, "category-5")
+    return (
+        _fit_binary(table.features[cspca], fives, settings, "category-5"),
+        _fit_binary(table.features, table.lesion_category > 0, settings, "lesion"),
+    )
 
 
-def _fit_lesion(table: CandidateTable, settings: ScorerSettings) -> tuple[BoostedTrees | None, dict[str, Any]]:
-    """The lesion model (the candidate overlaps a truth lesion of any kind, benign included, against none; on every
-    candidate) and its record; ``None`` with the reason recorded as by :func:`_fit_category5`."""
-    if table.lesion_category is None:
-        return None, {"skipped": "the candidate table records no lesion categories"}
-    return _fit_binary(table.features, table.lesion_category > 0, settings, "lesion")
-
-
-def _fit_binary(
-    x: np.ndarray, y: np.ndarray, settings: ScorerSettings, what: str
-) -> tuple[BoostedTrees | None, dict[str, Any]]:
+def _fit_binary(x: np.ndarray, y: np.ndarray, settings: ScorerSettings, what: str) -> _Fitted:
     positives, negatives = int(np.sum(y)), int(np.sum(~y))
     record: dict[str, Any] = {"candidates": int(len(y)), "positives": positives}
     if min(positives, negatives) < 5:
         return None, {**record, "skipped": f"{positives} {what} and {negatives} other candidates (fewer than 5)"}
-    model = _boosted_trees(settings).fit(x, y.astype(int))
-    baseline = float(np.asarray(model._baseline_prediction).reshape(-1)[0])  # noqa: SLF001
-    return BoostedTrees(baseline, _trees_of(model)), record
+    return _ensemble_of(_boosted_trees(settings).fit(x, y.astype(int))), record
 
 
 def _sklearn_version() -> str:
@@ -385,11 +385,10 @@ class StudyScores:
 def study_scores(nets: MpmriNetworks, scorer: LesionScorer, records: Sequence[CaseRecord]) -> StudyScores:
     """:class:`StudyScores` of ``records`` under the chain ``nets`` + ``scorer`` (the served candidates)."""
     table = candidate_table(nets, records, missing_sequences=False)
-    logits = np.full(len(table.study_significant), np.nan)
-    if len(table.is_cspca):
-        candidate_logits = scorer.logits(table.features)  # absent sequences are NaN in the table already
-        for study in np.unique(table.study):
-            logits[study] = float(candidate_logits[table.study == study].max())
+    logits = np.full(len(table.study_significant), -np.inf)
+    # the highest candidate log-odds per study (absent sequences are NaN in the table already)
+    np.maximum.at(logits, table.study, scorer.logits(table.features))
+    logits[np.isneginf(logits)] = np.nan  # no candidate
     return StudyScores(logits=logits, significant=np.asarray(table.study_significant, dtype=bool))
 
 
