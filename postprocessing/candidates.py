@@ -19,6 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from contract import DEFAULT_CANDIDATES, SEQUENCES, CandidateSettings, GridGeometry
+from postprocessing.blob_split import split_at_saddles
 
 with contextlib.redirect_stdout(io.StringIO()):  # the package prints a citation banner on import
     from report_guided_annotation import extract_lesion_candidates
@@ -342,25 +343,35 @@ def extract_candidate_labels(
         if box is None:
             continue
         local = indexed[box] == blob
-        values = volume[box][local]
-        if float(values.max()) < settings.floor_likelihood:  # peaks below the floor
-            continue
-        likelihood = float(confidence) if scores is None else float(scores[box][local].max())
-        if likelihood <= settings.min_likelihood:
-            continue
-        weights = values.astype(np.float64)
-        idx = np.argwhere(local).astype(np.float64) + np.array([b.start for b in box], dtype=np.float64)
-        centre = (idx * weights[:, None]).sum(0) / max(weights.sum(), 1e-12)
-        mask = np.zeros(volume.shape, dtype=bool)
-        mask[box] = local
-        candidate = LesionCandidate(
-            center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
-            volume_mm3=float(mask.sum()) * geometry.voxel_volume_mm3,
-            likelihood=likelihood,
-            center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
-            source=source,
-        )
-        found.append((candidate, mask))
+        if settings.split_min_depth_logit is None:
+            parts = [local]
+        else:
+            parts = split_at_saddles(volume[box], local, settings.split_min_depth_logit, settings.split_ceiling_logit)
+        for part in parts:
+            values = volume[box][part]
+            if float(values.max()) < settings.floor_likelihood:  # peaks below the floor
+                continue
+            if scores is not None:
+                likelihood = float(scores[box][part].max())
+            else:  # the blob's peak (a part's own peak when the blob was cut)
+                likelihood = float(confidence) if len(parts) == 1 else float(values.max())
+            if likelihood <= settings.min_likelihood:
+                continue
+            weights = values.astype(np.float64)
+            idx = np.argwhere(part).astype(np.float64) + np.array([b.start for b in box], dtype=np.float64)
+            centre = (idx * weights[:, None]).sum(0) / max(weights.sum(), 1e-12)
+            mask = np.zeros(volume.shape, dtype=bool)
+            mask[box] = part
+            candidate = LesionCandidate(
+                center_lps_mm=tuple(float(v) for v in geometry.index_to_lps(centre)),  # type: ignore[arg-type]
+                volume_mm3=float(part.sum()) * geometry.voxel_volume_mm3,
+                likelihood=likelihood,
+                center_index_dhw=tuple(float(v) for v in centre),  # type: ignore[arg-type]
+                source=source,
+            )
+            found.append((candidate, mask))
+    if len(found) > settings.num_lesions_to_extract:  # cut blobs can outnumber the limit: keep the likeliest
+        found = sorted(found, key=lambda item: -item[0].likelihood)[: settings.num_lesions_to_extract]
     return _numbered(found, volume.shape)
 
 
