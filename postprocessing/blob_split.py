@@ -162,7 +162,7 @@ def split_at_saddles(
     if count < 2:
         return [mask]
     basins = flood_from_markers(logits, markers, mask)
-    peaks = [float(logits[basins == k].max()) if (basins == k).any() else -np.inf for k in range(1, count + 1)]
+    peaks = ndimage.maximum(logits, basins, index=np.arange(1, count + 1))  # each marker lies in its own basin
     parts: list[np.ndarray] = []
     taken = np.zeros(mask.shape, dtype=bool)  # the higher parts, grown by one voxel
     for k in sorted(range(1, count + 1), key=lambda k: -peaks[k - 1]):

@@ -302,6 +302,10 @@ def extract_candidate_labels(
             centroid of the blob.
         source_name: what the candidates record as their ``source`` (default ``settings.source_map``).
 
+    With ``settings.split_min_depth_logit`` a blob holding two or more domes of the map's log-odds is cut into one
+    candidate per dome (:func:`postprocessing.blob_split.split_at_saddles`), each with its own centroid and peak;
+    the likeliest ``settings.num_lesions_to_extract`` are kept.
+
     report_guided_annotation's ``"dynamic"`` extraction (its version 1, PI-CAI's default) records a blob of
     confidence 0 covering the *empty* region when the map's maximum lies in a blob of at most
     ``min_voxels_detection`` voxels; PI-CAI never sees it (its detection map holds 0 there), but scored by a
