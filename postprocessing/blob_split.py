@@ -73,9 +73,9 @@ def flood_from_markers(values: np.ndarray, markers: np.ndarray, mask: np.ndarray
     """The watershed of ``values`` from ``markers`` within ``mask``: a priority flood, highest value first.
 
     Each voxel of ``mask`` joins the marker from which it is reached along the path whose lowest value is highest
-    (26-connectivity; ties: first come). ``scipy.ndimage.watershed_ift`` left a marker at a high peak with its own
-    voxel only when a lower marker was flooded (scipy 1.17), hence this loop; it runs only on blobs that hold two
-    or more domes.
+    (26-connectivity; ties: first come). On log-odds costs ``scipy.ndimage.watershed_ift`` (scipy 1.17) let one
+    marker take the whole blob and left the other with its own voxels, hence this loop; it runs only on blobs that
+    hold two or more domes.
 
     Args:
         values: ``[D, H, W]`` float.
