@@ -352,6 +352,18 @@ def test_fitting_refuses_too_few_candidates_of_a_class() -> None:
         fit_lesion_scorer(table)
 
 
+def _assert_weights_are_the_shipped_ones(nets: Any) -> None:
+    """Every tensor of ``nets`` equals the shipped checkpoint's (the scorer commands leave the weights alone)."""
+    import torch
+
+    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+
+    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    for name, module in nets.modules().items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+
+
 def _with_recorded_contract(tmp_path: Path, name: str, **changes: Any) -> Path:
     """The shipped checkpoint, written to ``tmp_path / name`` with its recorded contract changed (``key=value``;
     ``candidates`` replaces the candidate settings wholesale)."""
@@ -377,9 +389,8 @@ def test_fit_lesion_scorer_command_adds_a_scorer_keeps_the_weights_and_adopts_th
     """Refitting the scorer is how a checkpoint adopts new candidate settings (they shape the scorer's candidates,
     not the weights): one recorded with the seventh release's settings comes out with the code's, the replaced
     ones recorded, and loads; the weights are the input's."""
-    import torch
 
-    from networks.checkpoint import DEFAULT_CHECKPOINT, CheckpointContractError, load_checkpoint
+    from networks.checkpoint import CheckpointContractError, load_checkpoint
     from training.cli import main
 
     older = _with_recorded_contract(tmp_path, "release7.pt", candidates=RELEASE_7_CANDIDATES)
@@ -389,10 +400,7 @@ def test_fit_lesion_scorer_command_adds_a_scorer_keeps_the_weights_and_adopts_th
     args = ["fit-lesion-scorer", "--checkpoint", str(older), "--out", str(out), "--no-progress"]
     assert main([*args, "--data-seed", "1", "--cases", "700-739", "--cache", str(tmp_path / "cache")]) == 0
     nets, meta = load_checkpoint(out)
-    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
-    for name, module in nets.modules().items():
-        for key, value in module.state_dict().items():
-            assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+    _assert_weights_are_the_shipped_ones(nets)
     assert meta["contract"]["candidates"] == DEFAULT_CANDIDATES.to_dict()
     scorer = scorer_from_metadata(meta)
     assert scorer is not None and scorer.fitted_on["data"] == "seed 1 cases 700-739"
@@ -506,9 +514,8 @@ def _with_scorer_as_fitted(tmp_path: Path) -> Path:
 def test_recalibrate_command_folds_a_platt_map_fitted_on_unseen_studies_into_the_scorer_and_keeps_the_weights(
     tmp_path: Path,
 ) -> None:
-    import torch
 
-    from networks.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+    from networks.checkpoint import load_checkpoint
     from training.cli import main
 
     as_fitted = _with_scorer_as_fitted(tmp_path)
@@ -516,10 +523,7 @@ def test_recalibrate_command_folds_a_platt_map_fitted_on_unseen_studies_into_the
     args = ["recalibrate-lesion-scorer", "--checkpoint", str(as_fitted), "--out", str(out), "--no-progress"]
     assert main([*args, "--data-seed", "1", "--cases", "3500-3559", "--cache", str(tmp_path / "cache")]) == 0
     nets, meta = load_checkpoint(out)
-    shipped, _ = load_checkpoint(DEFAULT_CHECKPOINT)
-    for name, module in nets.modules().items():
-        for key, value in module.state_dict().items():
-            assert torch.equal(value, shipped.modules()[name].state_dict()[key]), f"{name}.{key} changed"
+    _assert_weights_are_the_shipped_ones(nets)
     before, after = scorer_from_metadata(load_checkpoint(as_fitted)[1]), scorer_from_metadata(meta)
     assert before is not None and after is not None and after.recalibration is not None
     record = after.recalibration
