@@ -325,6 +325,12 @@ class CandidateSettings:
             synthetic studies), moving their centres up to 5 mm from the lesion's. With depth 3 and ceilings 4-6
             (or depth 4, ceiling 8) exactly two studies change there: two csPCa lesions merged with a neighbour are
             located (365 of 376 against 363), nothing else moves (docs/networks.md, "Tenth release").
+        min_region_mm3: a reported lesion's region (label map, PI-CAI detection map, SEG segment, volume) smaller
+            than this is grown to it, one voxel at a time, 6-connected, the voxel of highest value of the map the
+            candidate came from first, never touching another lesion. Its centre, likelihood and category are the
+            blob's. Where a map answers a lesion with a narrow peak the blob is a few voxels (2-8, 13-54 mm^3)
+            centred on a lesion of 7-13 mm, too small to overlap it by PI-CAI's IoU 0.1; 65 mm^3 is a sphere of
+            5 mm, the smallest lesion reported (docs/networks.md, "Eleventh release"). ``None``: no growth.
     """
 
     source_map: str = "fused_map"
@@ -341,6 +347,7 @@ class CandidateSettings:
     min_scored_likelihood: float = 0.05
     split_min_depth_logit: float | None = 3.0
     split_ceiling_logit: float = 5.0
+    min_region_mm3: float | None = 65.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

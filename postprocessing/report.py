@@ -27,7 +27,7 @@ from contract import (
     GridGeometry,
     pirads_category,
 )
-from postprocessing.candidates import extract_study_candidates
+from postprocessing.candidates import LesionCandidate, extract_study_candidates, secondary_map
 from postprocessing.lesion_scoring import (
     LESION_PROBABILITY_THRESHOLD,
     LesionScorer,
@@ -35,6 +35,7 @@ from postprocessing.lesion_scoring import (
     coherent_category,
     coherent_distribution,
 )
+from postprocessing.regions import grow_small_regions, min_region_voxels
 
 MM3_PER_ML = 1000.0
 
@@ -239,11 +240,12 @@ def build_findings(
         likelihoods = [likelihoods[i] for i in order]
         category5 = [category5[i] for i in order]
         lesion = [lesion[i] for i in order]
+    scores = [float(score_map[labels == c.label].max()) for c in candidates]  # the blob's, before its growth
+    labels, candidates = _grown_regions(labels, candidates, source, sequence_maps, geometry, settings, availability)
     lesions = []
-    for c, lesion_likelihood, lesion_category5, lesion_any in zip(
-        candidates, likelihoods, category5, lesion, strict=True
+    for c, score, lesion_likelihood, lesion_category5, lesion_any in zip(
+        candidates, scores, likelihoods, category5, lesion, strict=True
     ):
-        score = float(score_map[labels == c.label].max())
         category = pirads_category(score)
         if scorer is not None:
             category = coherent_category(category, lesion_likelihood, lesion_category5, lesion_any)
@@ -277,3 +279,31 @@ def build_findings(
         cspca_map=cspca_map,
         geometry=geometry,
     )
+
+
+def _grown_regions(
+    labels: np.ndarray,
+    candidates: list[LesionCandidate],
+    source: np.ndarray,
+    sequence_maps: np.ndarray,
+    geometry: GridGeometry,
+    settings: CandidateSettings,
+    availability: np.ndarray | None,
+) -> tuple[np.ndarray, list[LesionCandidate]]:
+    """The reported regions: each lesion's blob grown to ``settings.min_region_mm3`` where smaller
+    (:func:`postprocessing.regions.grow_small_regions`, along the map it came from), volumes updated."""
+    min_voxels = min_region_voxels(settings.min_region_mm3, geometry.voxel_volume_mm3)
+    if min_voxels <= 0 or not candidates:
+        return labels, candidates
+    order = sorted(candidates, key=lambda c: c.label)
+    if [c.label for c in order] != list(range(1, len(order) + 1)):
+        raise ValueError(f"lesion labels must be 1..{len(order)}, got {[c.label for c in order]}")
+    aux = secondary_map(sequence_maps, availability, settings)
+    maps = [source if c.source == settings.source_map or aux is None else aux for c in order]
+    grown = grow_small_regions(labels, maps, min_voxels)
+    if grown is labels or np.array_equal(grown, labels):
+        return labels, candidates
+    counts = np.bincount(grown.ravel().astype(np.int64), minlength=len(order) + 1)
+    return grown, [
+        dataclasses.replace(c, volume_mm3=float(counts[c.label]) * geometry.voxel_volume_mm3) for c in candidates
+    ]

@@ -84,11 +84,17 @@ MISSING_SEQUENCE_MASKS: tuple[tuple[float, ...], ...] = (
 )
 
 
+#: the candidate settings whose label map holds the blobs the served scorer reads: the served ones without the
+#: growth of small regions, which :func:`postprocessing.report.build_findings` applies after scoring
+SCORED_BLOBS = dataclasses.replace(DEFAULT_CANDIDATES, min_region_mm3=None)
+
+
 @torch.no_grad()
 def candidate_table(
     nets: MpmriNetworks, records: Sequence[CaseRecord], missing_sequences: bool = False
 ) -> CandidateTable:
-    """Run the chain on ``records`` and describe every candidate (the served extraction, no scorer).
+    """Run the chain on ``records`` and describe every candidate (the served extraction, no scorer; each
+    candidate's blob as the served scorer reads it, before the growth of small regions: :data:`SCORED_BLOBS`).
 
     ``missing_sequences``: each study is also run once with sequences removed (study ``i`` with
     ``MISSING_SEQUENCE_MASKS[i % 4]``; removed channels get the contract's fill value and their features are
@@ -111,7 +117,7 @@ def candidate_table(
         images, availability = remove_sequences(record.images, record.availability, keep)
         out = nets(torch.from_numpy(images[None]).to(device), torch.from_numpy(availability[None]).to(device))
         outputs = {name: value[0].cpu().numpy() for name, value in out.items()}
-        findings = build_findings(outputs, record.geometry, availability=availability)
+        findings = build_findings(outputs, record.geometry, settings=SCORED_BLOBS, availability=availability)
         significant.append(bool(record.significant))
         if not findings.lesions:
             continue
