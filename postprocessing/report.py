@@ -301,8 +301,6 @@ def _grown_regions(
     aux = secondary_map(sequence_maps, availability, settings)
     maps = [source if c.source == settings.source_map or aux is None else aux for c in order]
     grown = grow_small_regions(labels, maps, min_voxels)
-    if grown is labels or np.array_equal(grown, labels):
-        return labels, candidates
     counts = np.bincount(grown.ravel().astype(np.int64), minlength=len(order) + 1)
     return grown, [
         dataclasses.replace(c, volume_mm3=float(counts[c.label]) * geometry.voxel_volume_mm3) for c in candidates
