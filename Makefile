@@ -30,9 +30,10 @@ test: $(STAMP) system-packages
 # cases), 3 phases, category thresholds + Platt calibration on the validation and calibration-only cases; the fused-map
 # loss trains the fusion only (sixth release); the second-stage lesion scorer fitted on cases 700-1899 (seventh
 # release), on the fused-map and DWI-map candidates of the contract's candidate settings (eighth release; blobs cut at
-# valleys of the map's log-odds since the tenth; reported regions grown to 65 mm^3 after scoring since the eleventh), with its category-5 and lesion models, then recalibrated
-# (study-level Platt) on cases 1900-3499 (ninth release). 21.0 min from
-# an empty cache in a fresh clone on a 2-core Zen 5 VM (10.6 of them the cache), 11.0 with it (BENCHMARKS "Training").
+# valleys of the map's log-odds since the tenth; the scorer reads the blobs, not the regions grown to 65 mm^3 after
+# scoring since the eleventh), with its category-5 and lesion models, then recalibrated (study-level Platt) on cases
+# 1900-3499 (ninth release). 21.0 min from an empty cache in a fresh clone on a 2-core Zen 5 VM (10.6 of them the
+# cache), 11.0-11.9 with it (BENCHMARKS "Training").
 checkpoint: $(STAMP)
 	$(BIN)/mpmri train --profile cpu --grid default --cases 800 --val-cases 100 --calibration-cases 300 --scorer-cases 800 \
 	  --recalibration-cases 1600 --data-seed 1 \

@@ -328,7 +328,7 @@ class CandidateSettings:
         min_region_mm3: a reported lesion's region (label map, PI-CAI detection map, SEG segment, volume) smaller
             than this is grown to it, one voxel at a time, 6-connected, the voxel of highest value of the map the
             candidate came from first, never touching another lesion. Its centre, likelihood and category are the
-            blob's. Where a map answers a lesion with a narrow peak the blob is a few voxels (2-8, 13-54 mm^3)
+            blob's. Where a map answers a lesion with a narrow peak the blob is a few voxels (2-17, 13-115 mm^3)
             centred on a lesion of 7-13 mm, too small to overlap it by PI-CAI's IoU 0.1; 65 mm^3 is a sphere of
             5 mm, the smallest lesion reported (docs/networks.md, "Eleventh release"). ``None``: no growth.
     """

@@ -1,7 +1,7 @@
 """The reported region of each lesion: a blob smaller than the smallest reportable lesion is grown to it.
 
-A map that answers a lesion with a narrow peak gives a blob of a few voxels (on the default grid 2-8 voxels,
-13-54 mm^3) centred on a lesion of 7-13 mm: its centre is right, but its region is too small to show the lesion
+A map that answers a lesion with a narrow peak gives a blob of a few voxels (on the default grid 2-17 voxels,
+13-115 mm^3) centred on a lesion of 7-13 mm: its centre is right, but its region is too small to show the lesion
 in a SEG or to overlap it by PI-CAI's IoU of 0.1. :func:`grow_small_regions` grows such a region, one voxel at a
 time, along the map the candidate came from (the highest neighbouring voxel first), to
 ``CandidateSettings.min_region_mm3``; the candidate's centre, likelihood and category stay the blob's.
