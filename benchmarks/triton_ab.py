@@ -32,7 +32,7 @@ from export.repository import (  # noqa: E402
     RepositorySettings,
     write_configs,
 )
-from serving.embedded import PYTHON_SHM_BYTE_SIZE, EmbeddedTriton, free_port  # noqa: E402
+from serving.embedded import PYTHON_SHM_BYTE_SIZE, EmbeddedTriton, free_ports  # noqa: E402
 from serving.perf import (  # noqa: E402
     BenchSettings,
     InprocessChainSampler,
@@ -110,8 +110,9 @@ def main() -> int:
         for name in names:
             variant = VARIANTS[name]()
             repo = variant_repository(args.repository, work / "repos" / name, variant.settings)
+            http_port, grpc_port, metrics_port = free_ports(3)
             server = EmbeddedTriton(
-                repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                 build_dir=work / "triton", python_shm_byte_size=variant.python_shm_byte_size,
                 extra_args=variant.extra_args, extra_env=dict(variant.extra_env),
             )  # fmt: skip

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocess_service.server import BackgroundServer
     from preprocess_service.settings import ServiceSettings
     from preprocessing.pipeline import preprocess_study
-    from serving.embedded import EmbeddedTriton, free_port
+    from serving.embedded import EmbeddedTriton, free_ports
     from synth.generator import synthesize_study, write_study
 
     out: Path = args.out
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     analysis = out / "analysis"
     # free ports: the demo must not collide with a Triton or a service already running
-    with EmbeddedTriton(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as triton:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with EmbeddedTriton(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as triton:
         t = _stage(f"Triton ready (grpc {triton.grpc_url})", t)
         settings = ServiceSettings(port=0, metrics_port=-1, triton_url=triton.grpc_url, log_format="text")
         with BackgroundServer(settings) as service:

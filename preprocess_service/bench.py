@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from preprocess_service.launcher import start_service
     from preprocess_service.triton import load_served_model
     from preprocessing import PreprocessSettings, preprocess_study
-    from serving.embedded import EmbeddedTriton, free_port
+    from serving.embedded import EmbeddedTriton, free_ports
     from serving.perf import machine_description, update_benchmarks_md
     from serving.triton_client import EnsembleClient
     from synth.generator import synthesize_study, write_study
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     print(f"study: {len(instances)} instances, {sum(map(len, instances)) / 1e6:.1f} MB (synthetic)", flush=True)
 
-    with EmbeddedTriton(args.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()) as tr:
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with EmbeddedTriton(args.repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port) as tr:
         import asyncio
 
         import tritonclient.grpc.aio as triton_aio

@@ -17,16 +17,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.embedded import free_ports
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port free on this host right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 SERVICE_NAME = "mpmri.v1.AnalysisService"
@@ -155,7 +148,7 @@ def start_service(
     command: Sequence[str] | None = None,
 ) -> ServiceProcess:
     """Start ``mpmri-service`` (settings through ``MPMRI_*`` environment variables, as in a container)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     service = ServiceProcess(
         process=Process(
             list(command or [str(BIN / "mpmri-service")]),

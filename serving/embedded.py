@@ -47,11 +47,22 @@ class TritonStartError(MpmriError):
     """The server did not become ready (message carries the log tail) or could not be started."""
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on localhost that are free right now (for tests and ad-hoc servers).
+
+    Every socket stays bound until all are picked: ports picked one at a time can repeat, because the kernel hands
+    a port just released out again (Triton then refuses its HTTP and metrics ports being the same one).
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 def free_port() -> int:
-    """A TCP port on localhost that is free right now (for tests and ad-hoc servers)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on localhost that is free right now; pick several at once with :func:`free_ports`."""
+    return free_ports(1)[0]
 
 
 def _accepts_connections(host: str, port: int, timeout_s: float = 2.0) -> bool:

@@ -49,13 +49,14 @@ def exported_repository(random_checkpoint: Path, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def triton_server(exported_repository: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """The real embedded Triton (CPU) serving :func:`exported_repository` on free ports, started once."""
-    from serving.embedded import EmbeddedTriton, free_port
+    from serving.embedded import EmbeddedTriton, free_ports
 
+    http_port, grpc_port, metrics_port = free_ports(3)
     server = EmbeddedTriton(
         exported_repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
         log_level="warning",
         build_dir=tmp_path_factory.mktemp("triton_build"),
     )

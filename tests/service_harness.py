@@ -15,7 +15,7 @@ from preprocess_service.launcher import (
     SERVICE_NAME,
     Process,
     ServiceProcess,
-    free_port,
+    free_ports,
     health_status,
     running_service,
     start_service,
@@ -64,7 +64,7 @@ class ServeStack:
 
 
 def start_serve(repository: Path, log_dir: Path, extra: Sequence[str] = (), timeout_s: float = 240.0) -> ServeStack:
-    ports = [free_port() for _ in range(5)]
+    ports = free_ports(5)
     stack = ServeStack(
         process=Process(
             [

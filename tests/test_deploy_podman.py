@@ -58,10 +58,14 @@ def timed(step: str) -> Iterator[None]:
     TIMINGS[step] = round(time.monotonic() - start, 1)
 
 
-def free_port() -> int:
-    from serving.embedded import free_port as _free_port
+def free_ports(count: int) -> list[int]:
+    from serving.embedded import free_ports as _free_ports
 
-    return _free_port()
+    return _free_ports(count)
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def wait_for(check: Any, timeout_s: float, what: str, logs: Any = None) -> None:
@@ -280,7 +284,7 @@ def test_gpu_dockerfile_builds_on_a_stand_in_base(images: dict[str, str]) -> Non
 @pytest.fixture(scope="module")
 def triton_container(images: dict[str, str], model_repository: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The CPU Triton image running with the model repository mounted read-only, on 127.0.0.1 only."""
-    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
     name = f"mpmri-test-triton-{uuid.uuid4().hex[:8]}"
     cmd = [
         "podman",
@@ -366,7 +370,7 @@ def test_triton_cpu_image_serves_and_exports_hpa_metrics(triton_container: dict[
 def test_service_image_analyzes_through_triton_image(
     images: dict[str, str], triton_container: dict[str, Any], synthetic_study: Path, tmp_path: Path
 ) -> None:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     name = f"mpmri-test-service-{uuid.uuid4().hex[:8]}"
     token = uuid.uuid4().hex
     secrets = tmp_path / "secrets"
@@ -575,7 +579,8 @@ def test_chart_cpu_variant_pods_start_and_analyze(
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
     release = f"t{suffix}"  # unique pod, container, secret names: other runs may share this podman
-    ports = {k: free_port() for k in ("http", "grpc", "metrics", "analysis", "analysis_metrics")}
+    names = ("http", "grpc", "metrics", "analysis", "analysis_metrics")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     claim = f"mpmri-test-models-{suffix}"
     values = kube_play_values(ports, claim, token=f"token-{suffix}")
     manifest = tmp_path / "kube.yaml"

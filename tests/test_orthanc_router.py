@@ -28,7 +28,7 @@ from service_harness import Process, wait_for
 from test_service_api import assert_seg_centres_match
 
 from mpmri_client import AnalysisClient, ChannelOptions, read_instances
-from serving.embedded import free_port
+from serving.embedded import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTER = ROOT / "deploy" / "orthanc" / "mpmri_router.py"
@@ -44,7 +44,7 @@ pytestmark = [
 
 class Orthanc:
     def __init__(self, root: Path, service_target: str, mode: str) -> None:
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http_port}"
         config = {
             "Name": f"mpmri-test-{mode}",

@@ -30,7 +30,7 @@ from contract import (
 from export.repository import CONTRACT_PARAMETER
 from mpmri_client import AnalysisClient, ChannelOptions, read_instances
 from mpmri_client.results import grid_volume_array
-from serving.embedded import EmbeddedTriton, free_port
+from serving.embedded import EmbeddedTriton, free_ports
 
 SECOND_GRID = GridSpec(size_dhw=(12, 48, 48), spacing_mm_dhw=(3.5, 2.0, 2.0))
 
@@ -123,8 +123,9 @@ def _repository_with_parameter(source: Path, dest: Path, parameter: str, change:
 
 def _refusal(repository: Path, tmp_path: Path) -> str:
     """Start ``mpmri-service`` against a real Triton serving ``repository``; it must refuse: its last stderr line."""
+    http_port, grpc_port, metrics_port = free_ports(3)
     with EmbeddedTriton(
-        repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), build_dir=tmp_path / "b"
+        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, build_dir=tmp_path / "b"
     ) as triton:
         run = subprocess.run(
             [str(BIN / "mpmri-service"), "--triton-url", triton.grpc_url, "--port", "0", "--metrics-port", "-1"],
@@ -171,7 +172,7 @@ def test_service_refuses_to_start_on_a_lesion_scorer_fitted_on_other_features(
 def test_health_follows_triton_not_serving_while_down_serving_once_up(
     shipped_repository: Path, service_studies: dict[str, Path], tmp_path: Path
 ) -> None:
-    grpc_port = free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     service = start_service(f"127.0.0.1:{grpc_port}", tmp_path, wait_serving=False)
     try:
         wait_for(lambda: health_status(service.target) == "NOT_SERVING", 60, "NOT_SERVING without Triton")
@@ -181,9 +182,9 @@ def test_health_follows_triton_not_serving_while_down_serving_once_up(
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
             with EmbeddedTriton(
                 shipped_repository,
-                http_port=free_port(),
+                http_port=http_port,
                 grpc_port=grpc_port,
-                metrics_port=free_port(),
+                metrics_port=metrics_port,
                 build_dir=tmp_path / "b",
             ):
                 wait_for(lambda: health_status(service.target) == "SERVING", 60, "SERVING once Triton is up")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from contract import ENSEMBLE_MODEL, MODEL_IO
 from export.onnx_export import max_abs_diffs, ort_chain, ort_session, parity_inputs, torch_chain
 from export.repository import NETWORK_MODELS
 from networks import load_checkpoint
-from serving.embedded import EmbeddedTriton, TritonStartError, free_port
+from serving.embedded import EmbeddedTriton, TritonStartError, free_port, free_ports
 from serving.triton_client import EnsembleClient, TritonClientError
 from serving.triton_env import TritonEnvironmentError, check_stub_python, find_installation, server_environment
 
@@ -118,14 +119,14 @@ def test_start_fails_clearly_when_weights_are_missing(tmp_path: Path) -> None:
 
     write_configs(tmp_path)
     with pytest.raises(TritonStartError, match=r"model\.onnx is missing: run mpmri export"):
-        EmbeddedTriton(tmp_path, free_port(), free_port(), free_port()).start()
+        EmbeddedTriton(tmp_path, *free_ports(3)).start()
 
 
 def test_start_failure_reports_server_log_tail(exported_repository: Path, tmp_path: Path) -> None:
     broken = tmp_path / "repo"
     shutil.copytree(exported_repository, broken)
     (broken / "map_fusion" / "1" / "model.onnx").write_bytes(b"not an onnx model")
-    server = EmbeddedTriton(broken, free_port(), free_port(), free_port(), build_dir=tmp_path / "build")
+    server = EmbeddedTriton(broken, *free_ports(3), build_dir=tmp_path / "build")
     with pytest.raises(TritonStartError, match="exited with code") as info:
         server.start()
     assert "map_fusion" in str(info.value)  # the log tail names the model that failed to load
@@ -210,3 +211,13 @@ def test_embedded_server_listens_on_loopback_only_by_default(triton_server: Embe
         addresses = _listening_addresses(port)
         assert addresses, f"nothing listens on port {port}"
         assert addresses == {"127.0.0.1"}, f"port {port} bound to {addresses}"
+
+
+def test_ports_picked_together_are_distinct_and_free() -> None:
+    """Ports picked one at a time can repeat (the kernel reuses a released port at once; a fresh clone's suite once
+    gave Triton the same HTTP and metrics port); :func:`free_ports` holds each until all are picked."""
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports[:8]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))  # still free
